@@ -1,0 +1,227 @@
+"""Checkpoints: an architecture spec plus tensors, written atomically, read with weights_only.
+
+A checkpoint holds no pickled modules or classes, only what ``torch.load(weights_only=True)``
+accepts: the architecture spec as a JSON string (see :mod:`svdgrow.models`), the model's
+``state_dict``, optionally the optimizer's ``state_dict`` with the names of its parameters in
+order (so it can be re-attached to a rebuilt model), the LR scheduler's and the grad scaler's
+state, the step and epoch, RNG states as tensors, and a JSON string of free-form extras.
+
+Writes go to a temporary file in the same folder, are flushed and fsynced, and then renamed
+over the target with ``os.replace``: a crash or exception while writing leaves the previous
+checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import build_model, spec_of
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "optimizer_param_names",
+    "rng_state",
+    "set_rng_state",
+    "atomic_torch_save",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "svdgrow-checkpoint-v1"
+"""Value of the ``format`` field of every checkpoint this module writes."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, corrupt or not an svdgrow checkpoint."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` through a temp file in the same folder and ``os.replace``.
+
+    If anything fails before the rename, the temp file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable where the platform allows it
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        pass
+
+
+def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Names (in ``model``) of every parameter of every optimizer param group, in order.
+
+    Raises:
+        ValueError: when the optimizer holds a parameter that is not in the model.
+    """
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names: list[list[str]] = []
+    for gi, group in enumerate(optimizer.param_groups):
+        row = []
+        for p in group["params"]:
+            if id(p) not in by_id:
+                raise ValueError(
+                    f"optimizer param group {gi} holds a tensor of shape {tuple(p.shape)} that is "
+                    "not a parameter of the model; build the optimizer over model.parameters()"
+                )
+            row.append(by_id[id(p)])
+        names.append(row)
+    return names
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every RNG state as tensors: torch's CPU and CUDA generators and any named extra ones."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    for name, gen in (generators or {}).items():
+        state[f"gen:{name}"] = gen.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore the states saved by :func:`rng_state` (missing entries are left as they are)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:
+            logger.warning("checkpoint has %d CUDA RNG states, this machine %d GPUs: not restored",
+                           len(cuda), torch.cuda.device_count())
+    for name, gen in (generators or {}).items():
+        key = f"gen:{name}"
+        if key in state:
+            gen.set_state(state[key].cpu())
+
+
+def _state(obj: Any) -> Any:
+    return None if obj is None else obj.state_dict()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    step: int = 0,
+    epoch: int = 0,
+    rng: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    spec: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically.
+
+    Args:
+        path: the file to write (its folder is created).
+        model: the network; its spec is read with :func:`spec_of` unless ``spec`` is given.
+        optimizer: saved with its parameters' names so it can be re-attached after a rebuild.
+        scheduler, scaler: anything with ``state_dict()`` (LR scheduler, ``GradScaler``).
+        step, epoch: training position.
+        rng: RNG states from :func:`rng_state`.
+        extra: JSON-able extras (stored as a JSON string).
+        spec: the architecture spec, when the model is not a :class:`svdgrow.models.ResNet`.
+
+    Returns:
+        the path written.
+    """
+    spec = spec if spec is not None else spec_of(model)
+    ckpt: dict[str, Any] = {
+        "format": FORMAT,
+        "spec": json.dumps(spec, sort_keys=True),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": _state(optimizer),
+        "optimizer_param_names": optimizer_param_names(model, optimizer) if optimizer is not None else None,
+        "scheduler": _state(scheduler),
+        "scaler": _state(scaler),
+        "step": int(step),
+        "epoch": int(epoch),
+        "rng": rng if rng is not None else rng_state(),
+        "extra": json.dumps(extra or {}, sort_keys=True),
+    }
+    atomic_torch_save(ckpt, path)
+    logger.debug("checkpoint written: %s (step %d)", path, step)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Returns:
+        the checkpoint dict, with ``spec`` and ``extra`` parsed from JSON.
+
+    Raises:
+        CheckpointError: naming the path, when the file is missing, unreadable, corrupt, or not
+            an svdgrow checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path.resolve()}: the file does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a bad file
+        raise CheckpointError(
+            f"cannot read checkpoint {path.resolve()}: it is corrupt, truncated or not a torch "
+            f"file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path.resolve()} is not an svdgrow checkpoint (format {got!r}, expected {FORMAT!r})")
+    try:
+        ckpt["spec"] = json.loads(ckpt["spec"])
+        ckpt["extra"] = json.loads(ckpt.get("extra") or "{}")
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path.resolve()} has a malformed spec/extra: {exc}") from exc
+    return ckpt
+
+
+def load_model(
+    path_or_ckpt: str | os.PathLike | dict[str, Any], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (with its resized widths) and load its weights.
+
+    Args:
+        path_or_ckpt: a checkpoint path, or a dict from :func:`load_checkpoint`.
+        device: where to put the model.
+
+    Returns:
+        ``(model, ckpt)``: the model in eval mode, and the checkpoint dict.
+    """
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    model = build_model(ckpt["spec"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not match its own spec: {exc}") from exc
+    return model.to(device).eval(), ckpt

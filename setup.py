@@ -79,14 +79,14 @@ def _extensions():
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     debug = os.environ.get("DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp"]
+    cxx += ["-std=c++20", "-fopenmp"]
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
         include_dirs += _extra_cuda_includes()
         define_macros.append(("WITH_CUDA", None))

@@ -1,0 +1,6 @@
+"""svdgrow: let a network find its own layer widths while it trains, from each layer's spectrum."""
+
+from svdgrow import _C  # noqa: F401  (registers torch.ops.svdgrow.*)
+from svdgrow import ops  # noqa: F401
+
+__version__ = "0.1.0"

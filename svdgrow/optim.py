@@ -1,0 +1,112 @@
+"""Optimizer state that follows a resize: part of stage 4 of the data flow in DESIGN.md.
+
+Every per-parameter state tensor shaped like its parameter (SGD ``momentum_buffer``, Adam/AdamW
+``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ...) is sliced with the same index maps as the
+parameter, new slices 0. Scalars (Adam's ``step``) are kept. Parameter objects never change
+(only their ``.data``), so ``optimizer.param_groups``, LR schedulers and hyper-parameters stay
+valid and the same optimizer object keeps working.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = ["KNOWN_STATE", "state_to_slice", "check_state_shapes"]
+
+#: Per-parameter state keys of the optimizers svdgrow knows. Tensors under these keys that are
+#: shaped like the parameter are sliced; scalar tensors (``step``) are kept.
+KNOWN_STATE: dict[type, set[str]] = {
+    torch.optim.SGD: {"momentum_buffer"},
+    torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    torch.optim.AdamW: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    torch.optim.Adamax: {"step", "exp_avg", "exp_inf"},
+    torch.optim.NAdam: {"step", "mu_product", "exp_avg", "exp_avg_sq"},
+    torch.optim.RAdam: {"step", "exp_avg", "exp_avg_sq"},
+    torch.optim.RMSprop: {"step", "square_avg", "momentum_buffer", "grad_avg"},
+    torch.optim.Adagrad: {"step", "sum"},
+}
+
+
+def _is_scalar(v: Tensor) -> bool:
+    return v.dim() == 0
+
+
+def state_to_slice(optimizer: torch.optim.Optimizer | None, params: dict[Tensor, str]) -> dict[Tensor, list[str]]:
+    """Decide, before anything is touched, which state entries follow each resized parameter.
+
+    Args:
+        optimizer: the optimizer (None: nothing to do).
+        params: the parameters about to be resized, with their names (for messages).
+
+    Returns:
+        param -> keys of its state tensors to slice like the parameter.
+
+    Raises:
+        ValueError: a state entry cannot be mapped (a tensor of another shape, a list or dict
+            of tensors, ...). Nothing has been changed when this is raised.
+
+    Warns:
+        UserWarning: for an optimizer (or a state key) svdgrow does not know, when tensors
+            shaped like their parameter are sliced on that assumption.
+    """
+    if optimizer is None:
+        return {}
+    known = KNOWN_STATE.get(type(optimizer))
+    out: dict[Tensor, list[str]] = {}
+    guessed: set[str] = set()
+    for p, pname in params.items():
+        st = optimizer.state.get(p)
+        if not st:
+            continue
+        keys = []
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                if v.shape == p.shape:
+                    keys.append(k)
+                    if known is None or k not in known:
+                        guessed.add(str(k))
+                elif _is_scalar(v):
+                    continue
+                else:
+                    raise ValueError(
+                        f"cannot resize: {type(optimizer).__name__} state[{pname!r}][{k!r}] has shape "
+                        f"{tuple(v.shape)}, neither the parameter's {tuple(p.shape)} nor a scalar, so it "
+                        "cannot follow the resize. Nothing was changed. Rebuild the optimizer after "
+                        "resizing (Resizer(..., optimizer=None)) or use SGD/Adam/AdamW."
+                    )
+            elif isinstance(v, (int, float, bool, str, type(None))):
+                continue
+            else:
+                raise ValueError(
+                    f"cannot resize: {type(optimizer).__name__} state[{pname!r}][{k!r}] is a "
+                    f"{type(v).__name__}, which svdgrow cannot map onto the new shape. Nothing was "
+                    "changed. Rebuild the optimizer after resizing (Resizer(..., optimizer=None))."
+                )
+        if keys:
+            out[p] = keys
+    if guessed:
+        warnings.warn(
+            f"svdgrow: {type(optimizer).__name__} state {sorted(guessed)} is not known to svdgrow; "
+            "tensors shaped like their parameter were sliced like it (new slices 0). Check that "
+            "this is right for this optimizer.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return out
+
+
+def check_state_shapes(optimizer: torch.optim.Optimizer) -> list[str]:
+    """Problems found in an optimizer's state: tensors whose shape differs from their parameter
+    (stale) and parameters in the state that are in no parameter group. Empty when all is well."""
+    problems = []
+    in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for p, st in optimizer.state.items():
+        if id(p) not in in_groups:
+            problems.append(f"a parameter of shape {tuple(p.shape)} has state but is in no param group")
+        for k, v in st.items():
+            if torch.is_tensor(v) and not _is_scalar(v) and v.shape != p.shape:
+                problems.append(f"state {k!r} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}")
+    return problems

@@ -1,0 +1,667 @@
+"""Width surgery: stage 3 of the data flow in DESIGN.md (prune with folding, grow).
+
+Prune a group from ``n`` to ``r`` channels, "weights" mode (no data): the group matrix
+``G = U S V^T`` (see :mod:`svdgrow.spectrum`) is cut to rank ``r``. The kept channel set ``K``
+(``|K| = r``) is chosen by greedy column-pivoted Gram-Schmidt on ``U_r^T`` so that the block
+``U_K`` is well conditioned. Kept producer rows become their rank-r projection
+``U_K S_r V_r^T`` (split back per producer, the direct BatchNorm scale undone). The dropped
+pre-activations are then functions of the kept ones,
+
+    z_D = M z_K + c,   M = U_D U_K^{-1} (a solve),   c = b_D - M b_K (effective biases),
+
+and every consumer ``A`` (viewed ``[out, C, B]``) absorbs them:
+``A_K <- A_K + A_D M`` for every column block, bias ``+= sum_B A_D c``. The fold is exact
+through linear maps. It is approximate through the activation between producer and consumer,
+and for convolutions at the zero-padded borders, where the consumer sees 0 and not ``c``
+(the bias is corrected as if every position were interior). When the consumer has no bias but a
+BatchNorm directly follows it, the constant goes into that norm's ``running_mean`` (exact in
+eval mode; in train mode the batch mean absorbs a constant anyway); otherwise it is dropped
+with a warning.
+
+"data" mode fits the fold on real features instead: forward hooks capture each consumer's
+INPUT for the group's channels (a Conv2d: one sample per spatial position; a Linear after
+Flatten: one per channel block), ``K`` comes from pivoted Gram-Schmidt on a factor of the
+(consumer-weight weighted) covariance, and per consumer ``M = S_DK (S_KK + lambda I)^{-1}``,
+``c = mu_D - M mu_K``. Producer rows are kept as they are.
+
+Grow a group from ``n`` to ``n + a``: for each producer, ``a`` random rows with the span of the
+existing rows and of each other projected out (QR), normalised, scaled to half the smallest
+nonzero singular value of that producer; bias 0; BatchNorm weight 1, bias 0, running mean 0,
+running var 1; every consumer's new columns 0. The network's output is unchanged.
+
+Every tensor of one resize (weights, biases, norm parameters and buffers, optimizer state) is
+moved by ONE ``svdgrow.ops.slice_copy`` call; nothing is assigned until every new tensor exists,
+and the assignments go through a :class:`Journal` that restores them all when one fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .optim import state_to_slice
+from .spectrum import GroupSpectrum, bn_affine, group_matrix, norm_directly_after, producer_matrix
+from .trace import CouplingGraph, Group
+
+__all__ = [
+    "pivoted_columns",
+    "slice_copy",
+    "Journal",
+    "GroupChange",
+    "plan_prune_weights",
+    "plan_prune_data",
+    "grow_rows",
+    "capture_features",
+    "build_plan",
+    "commit_plan",
+]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = (nn.Conv2d, nn.Linear)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+# ----------------------------------------------------------------------------------------------
+# small numerical pieces
+
+
+def pivoted_columns(A: Tensor, r: int) -> Tensor:
+    """Greedy column-pivoted Gram-Schmidt: the ``r`` columns of ``A`` picked by pivoted QR.
+
+    At each step the column with the largest residual norm is taken and projected out of the
+    others (modified Gram-Schmidt, re-orthogonalised once). The chosen columns' block is then as
+    well conditioned as greedy pivoting makes it.
+
+    Args:
+        A (Tensor[m, n]): columns to choose from. r: how many (``r <= n``).
+
+    Returns:
+        Tensor[r] (int64): the chosen column indices, in the order chosen.
+    """
+    m, n = A.shape
+    if r > n:
+        raise ValueError(f"pivoted_columns: asked for {r} columns of a matrix with {n}")
+    R = A.detach().double().clone()
+    norms = (R * R).sum(0)
+    chosen = torch.zeros(n, dtype=torch.bool, device=A.device)
+    order = []
+    for _ in range(r):
+        masked = torch.where(chosen, torch.full_like(norms, -1.0), norms)
+        j = int(torch.argmax(masked))
+        order.append(j)
+        chosen[j] = True
+        v = R[:, j]
+        nv = torch.linalg.vector_norm(v)
+        if float(nv) <= 1e-300:
+            continue
+        q = v / nv
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            R -= torch.outer(q, q @ R)
+        norms = (R * R).sum(0)
+    return torch.tensor(order, dtype=torch.long, device=A.device)
+
+
+def _complement(K: Tensor, n: int) -> Tensor:
+    mask = torch.ones(n, dtype=torch.bool, device=K.device)
+    mask[K] = False
+    return mask.nonzero().flatten()
+
+
+def slice_copy(src: list[Tensor], row_index: list[Tensor | None], col_index: list[Tensor | None], block: list[int], fill=None) -> list[Tensor]:
+    """``svdgrow.ops.slice_copy`` (one call for all tensors); a pure-torch reference when the
+    compiled op is not built. Each ``src`` is viewed ``[R, C, B]``; ``row_index``/``col_index``
+    entries pick source rows/channels, ``-1`` makes a zero slice, None keeps the dimension."""
+    op = _compiled_slice_copy()
+    if op is not None:
+        return op(src, row_index, col_index, block, fill)
+    return _slice_copy_reference(src, row_index, col_index, block, fill)
+
+
+_OPS_WARNED = False
+
+
+def _compiled_slice_copy():
+    global _OPS_WARNED
+    try:
+        from . import ops  # noqa: PLC0415
+
+        fn = getattr(ops, "slice_copy")
+        torch.ops.svdgrow.slice_copy  # noqa: B018
+        return fn
+    except (ImportError, OSError, AttributeError, RuntimeError) as e:
+        if not _OPS_WARNED:
+            logger.warning("svdgrow.ops.slice_copy unavailable (%s); using a torch reference", e)
+            _OPS_WARNED = True
+        return None
+
+
+def _slice_copy_reference(src, row_index, col_index, block, fill=None):
+    out = []
+    for i, s in enumerate(src):
+        R = s.shape[0]
+        B = block[i]
+        C = s.numel() // max(R * B, 1)
+        v = s.reshape(R, C, B)
+        ri, ci = row_index[i], col_index[i]
+        new_r = R if ri is None else ri.to(s.device)
+        new_c = C if ci is None else ci.to(s.device)
+        if ri is not None:
+            v = v[new_r.clamp(min=0)]
+        if ci is not None:
+            v = v[:, new_c.clamp(min=0)]
+        v = v.clone()
+        mask = torch.zeros(v.shape[0], v.shape[1], 1, dtype=torch.bool, device=s.device)
+        if ri is not None:
+            mask |= (new_r < 0)[:, None, None]
+        if ci is not None:
+            mask |= (new_c < 0)[None, :, None]
+        if mask.any():
+            f = torch.zeros_like(v) if fill is None or fill[i] is None else fill[i].reshape(v.shape).to(v)
+            v = torch.where(mask, f, v)
+        shape = list(s.shape)
+        shape[0] = v.shape[0]
+        if s.dim() > 1 and ci is not None:
+            shape[1] = s.shape[1] * v.shape[1] // C
+        out.append(v.reshape(shape))
+    return out
+
+
+class Journal:
+    """Rollback journal: every assignment is recorded, and :meth:`rollback` undoes them all in
+    reverse order."""
+
+    def __init__(self):
+        self._undo: list[tuple] = []
+
+    def setattr(self, obj, name: str, value) -> None:
+        old = getattr(obj, name)
+        self._undo.append(("attr", obj, name, old))
+        setattr(obj, name, value)
+
+    def param_data(self, p: Tensor, value: Tensor) -> None:
+        old = p.data
+        self._undo.append(("data", p, None, old))
+        p.data = value
+
+    def setitem(self, d: dict, key, value) -> None:
+        had = key in d
+        self._undo.append(("item", d, key, d[key] if had else _MISSING))
+        d[key] = value
+
+    def rollback(self) -> None:
+        while self._undo:
+            kind, obj, key, old = self._undo.pop()
+            if kind == "attr":
+                setattr(obj, key, old)
+            elif kind == "data":
+                obj.data = old
+            elif old is _MISSING:
+                obj.pop(key, None)
+            else:
+                obj[key] = old
+
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------------------------
+# per-group plans
+
+
+@dataclass
+class GroupChange:
+    """What happens to one group.
+
+    Attributes:
+        group: the group. old, new: widths. action: 'prune' | 'grow'.
+        keep (Tensor[new], int64): kept channels (sorted), for a prune.
+        drop (Tensor[old-new], int64): dropped channels, for a prune.
+        rows: producer -> new values of its kept rows (Tensor[new, in*kh*kw]) (weights-mode
+            prune) or of its grown rows (Tensor[a, in*kh*kw]) (grow).
+        folds: consumer -> (M (Tensor[old-new, new]), c (Tensor[old-new])) for a prune.
+    """
+
+    group: Group
+    old: int
+    new: int
+    action: str
+    keep: Tensor | None = None
+    drop: Tensor | None = None
+    rows: dict[str, Tensor] = field(default_factory=dict)
+    folds: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def _post_add_norm(modules, group: Group, warnings_out: list[str]):
+    """The single BatchNorm of a group that follows no producer directly (after an add), as an
+    affine map, or None."""
+    loose = [nm for nm, prod in group.norm_after.items() if prod is None]
+    if len(loose) == 1:
+        return bn_affine(modules[loose[0]])
+    if len(loose) > 1:
+        warnings_out.append(
+            f"group {group.name!r}: {len(loose)} BatchNorms sit after adds ({loose}); the weights-mode "
+            "fold ignores them (use mode='data' for a fold measured on features)"
+        )
+    return None
+
+
+def plan_prune_weights(modules, group: Group, spec: GroupSpectrum, r: int, warnings_out: list[str]) -> GroupChange:
+    """Weights-mode prune of ``group`` to ``r`` channels (see the module docstring)."""
+    n = spec.width
+    G, blocks, scales, b_eff = group_matrix(modules, group)
+    U, Vh = spec.U.to(G.device).double(), spec.Vh.to(G.device).double()
+    S = spec.singular_values.to(G.device)
+    q = min(r, U.shape[1])
+    Ur = U[:, :q]
+    K = pivoted_columns(Ur.T, q)
+    if q < r:  # more channels kept than the matrix has rank: add the largest remaining rows
+        rest = _complement(K, n)
+        extra = rest[torch.argsort(G[rest].norm(dim=1), descending=True)[: r - q]]
+        K = torch.cat([K, extra])
+    K = torch.sort(K).values
+    Dn = _complement(K, n)
+    UK, UD = Ur[K], Ur[Dn]
+    if q == r:
+        M = torch.linalg.solve(UK.T, UD.T).T
+    else:
+        M = UD @ torch.linalg.pinv(UK)
+    c = b_eff[Dn] - M @ b_eff[K]
+    proj = (UK * S[:q]) @ Vh[:q]  # rank-q projection of the kept rows: Tensor[r, D]
+    rows = {}
+    for p, a, b in blocks:
+        new = proj[:, a:b]
+        if p in scales:
+            s = scales[p][K]
+            safe = s.abs() > 1e-12
+            orig = producer_matrix(modules[p]).detach().double()[K]
+            new = torch.where(safe[:, None], new / torch.where(safe, s, torch.ones_like(s))[:, None], orig)
+        rows[p] = new
+    change = GroupChange(group, n, r, "prune", keep=K, drop=Dn, rows=rows)
+    post = _post_add_norm(modules, group, warnings_out)
+    for cons in group.consumers:
+        Mc, cc = M, c
+        if post is not None:
+            s, t = post
+            sK, sD = s[K], s[Dn]
+            inv = torch.where(sK.abs() > 1e-12, 1.0 / torch.where(sK.abs() > 1e-12, sK, torch.ones_like(sK)), torch.zeros_like(sK))
+            Mc = sD[:, None] * M * inv[None, :]
+            cc = sD * c + t[Dn] - Mc @ t[K]
+        change.folds[cons] = (Mc, cc)
+    return change
+
+
+def plan_prune_data(modules, graph: CouplingGraph, group: Group, n: int, r: int, feats: dict, ridge: float, offsets: dict) -> GroupChange:
+    """Data-mode prune of ``group`` to ``r`` channels from captured consumer features.
+
+    Args:
+        feats: (group id, consumer) -> (mean (Tensor[n]), covariance (Tensor[n, n]), count).
+        ridge: relative ridge ``lambda = ridge * trace(S_KK) / r``.
+        offsets: (group id, consumer) -> channel offset of the group in that consumer.
+    """
+    pooled = None
+    for cons in group.consumers:
+        key = (group.id, cons)
+        if key not in feats:
+            continue
+        mu, cov, _ = feats[key]
+        A = modules[cons].weight.detach().double()
+        B = graph.consumers[cons].block
+        Av = A.reshape(A.shape[0], -1, B)
+        o = offsets[key]
+        a = Av[:, o : o + n, :].pow(2).sum(dim=(0, 2)).sqrt()
+        w = a[:, None] * cov * a[None, :]
+        tr = float(torch.diagonal(w).sum())
+        w = w / tr if tr > 0 else w
+        pooled = w if pooled is None else pooled + w
+    if pooled is None:
+        raise RuntimeError(f"group {group.name!r}: data mode captured no features for its consumers {group.consumers}")
+    evals, evecs = torch.linalg.eigh(pooled)
+    factor = evals.clamp(min=0).sqrt()[:, None] * evecs.T  # factor^T factor = pooled
+    K = torch.sort(pivoted_columns(factor, r)).values
+    Dn = _complement(K, n)
+    change = GroupChange(group, n, r, "prune", keep=K, drop=Dn)
+    for cons in group.consumers:
+        key = (group.id, cons)
+        mu, cov, _ = feats[key]
+        SKK = cov[K][:, K]
+        SKD = cov[K][:, Dn]
+        lam = ridge * float(torch.diagonal(SKK).sum()) / max(r, 1) + 1e-12
+        M = torch.linalg.solve(SKK + lam * torch.eye(r, dtype=SKK.dtype, device=SKK.device), SKD).T
+        c = mu[Dn] - M @ mu[K]
+        change.folds[cons] = (M, c)
+    return change
+
+
+def grow_rows(W: Tensor, a: int, generator: torch.Generator | None = None) -> Tensor:
+    """``a`` new rows for a producer matrix, orthogonal to its rows and to each other.
+
+    Args:
+        W (Tensor[n, D]): the producer's current rows (``n + a <= D``).
+        a: how many rows. generator: CPU random generator.
+
+    Returns:
+        Tensor[a, D] (float64): orthonormal rows with ``W``'s row space projected out, scaled to
+        half the smallest nonzero singular value of ``W``.
+    """
+    n, Dd = W.shape
+    if n + a > Dd:
+        raise ValueError(f"cannot add {a} rows to a {n} x {Dd} matrix: at most {Dd - n} fit")
+    W = W.detach().double()
+    R = torch.randn(a, Dd, generator=generator, dtype=torch.float64).to(W.device)
+    if n:
+        Q, _ = torch.linalg.qr(W.T)  # Tensor[D, n], spans the rows of W
+        for _ in range(2):
+            R = R - (R @ Q) @ Q.T
+    Q2, _ = torch.linalg.qr(R.T)  # Tensor[D, a], orthonormal columns
+    if n:
+        for _ in range(2):
+            Q2 = Q2 - Q @ (Q.T @ Q2)
+        Q2, _ = torch.linalg.qr(Q2)
+    sv = torch.linalg.svdvals(W) if n else torch.zeros(0, dtype=torch.float64)
+    nz = sv[sv > 1e-10 * float(sv.max())] if sv.numel() and float(sv.max()) > 0 else sv[:0]
+    scale = 0.5 * float(nz.min()) if nz.numel() else 1e-2
+    return scale * Q2.T
+
+
+# ----------------------------------------------------------------------------------------------
+# data-mode features
+
+
+def _as_args(data):
+    return tuple(data) if isinstance(data, (tuple, list)) else (data,)
+
+
+@torch.no_grad()
+def capture_features(model: nn.Module, modules, graph: CouplingGraph, groups: list[Group], widths: dict[int, int], data, max_samples: int = 65536, generator: torch.Generator | None = None):
+    """Run ``model`` (in eval mode) on ``data`` and collect, for every consumer of every group,
+    the mean and covariance of its INPUT features on the group's channels.
+
+    Returns:
+        (feats, offsets): (group id, consumer) -> (mean (Tensor[n]), cov (Tensor[n, n]),
+        samples), both float64; and (group id, consumer) -> channel offset.
+    """
+    wanted: dict[str, list[tuple[int, int, int]]] = {}
+    offsets = {}
+    for g in groups:
+        for cons in g.consumers:
+            lay = graph.consumers[cons]
+            o = 0
+            for seg in lay.segments:
+                if seg == g.id and (g.id, cons) not in offsets:
+                    offsets[(g.id, cons)] = o
+                    wanted.setdefault(cons, []).append((g.id, o, widths[g.id]))
+                o += widths[seg]
+    feats = {}
+    hooks = []
+
+    def make_hook(name):
+        def hook(mod, inputs):
+            x = inputs[0].detach()
+            B = graph.consumers[name].block
+            for gid, o, n in wanted[name]:
+                if x.dim() == 4:  # conv input [N, C, H, W]: one sample per position
+                    f = x[:, o : o + n].permute(0, 2, 3, 1).reshape(-1, n)
+                elif x.dim() == 2:  # linear input [N, C*B]: one sample per channel block
+                    f = x.reshape(x.shape[0], -1, B)[:, o : o + n, :].permute(0, 2, 1).reshape(-1, n)
+                else:
+                    f = x.movedim(1, -1).reshape(-1, x.shape[1])[:, o : o + n]
+                if f.shape[0] > max_samples:
+                    idx = torch.randperm(f.shape[0], generator=generator)[:max_samples].to(f.device)
+                    f = f[idx]
+                f = f.double()
+                mu = f.mean(0)
+                fc = f - mu
+                cov = fc.T @ fc / max(f.shape[0] - 1, 1)
+                feats[(gid, name)] = (mu, cov, f.shape[0])
+
+        return hook
+
+    for name in wanted:
+        hooks.append(modules[name].register_forward_pre_hook(make_hook(name)))
+    was = model.training
+    model.eval()
+    try:
+        model(*_as_args(data))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return feats, offsets
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole resize: plan (compute everything), then commit
+
+
+@dataclass
+class _Entry:
+    kind: str  # 'param' | 'buffer' | 'state'
+    owner: object  # the Parameter, the module's _buffers dict, or the optimizer state dict
+    key: object
+    src: Tensor
+    row: Tensor | None
+    col: Tensor | None
+    block: int
+
+
+@dataclass
+class Plan:
+    entries: list[_Entry] = field(default_factory=list)
+    attrs: list[tuple[object, str, object]] = field(default_factory=list)
+    clear_grads: list[Tensor] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _idx(t: list[int] | Tensor, device) -> Tensor:
+    return torch.as_tensor(t, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def build_plan(modules: dict[str, nn.Module], graph: CouplingGraph, widths: dict[int, int], changes: dict[int, GroupChange], optimizer=None, generator=None) -> Plan:
+    """Compute every new tensor source and index map of a resize (changes nothing).
+
+    Args:
+        modules: ``dict(model.named_modules())``. graph: the coupling graph.
+        widths: current width per group id. changes: group id -> its :class:`GroupChange`
+            (prunes already planned; grows get their new rows here).
+        optimizer: whose state follows the parameters. generator: for grown rows.
+    """
+    plan = Plan()
+    prod_of = {p: gid for gid in changes for p in changes[gid].group.producers}
+    # grown rows
+    for gid, ch in changes.items():
+        if ch.action == "grow":
+            a = ch.new - ch.old
+            for p in ch.group.producers:
+                ch.rows[p] = grow_rows(producer_matrix(modules[p]), a, generator)
+    # modules touched: producers (rows) and consumers (columns) of changed groups
+    touched = []
+    for ch in changes.values():
+        for name in ch.group.producers + ch.group.consumers:
+            if name not in touched:
+                touched.append(name)
+    # running-mean corrections for consumers without a bias: norm name -> delta over its rows
+    mean_delta: dict[str, Tensor] = {}
+    norm_rows_ext: dict[str, int] = {}
+    params_resized: dict[Tensor, str] = {}
+    pending = []  # (param, name, src, row_param, row_state, col, block)
+    for name in touched:
+        m = modules[name]
+        if not isinstance(m, SUPPORTED):
+            raise TypeError(f"cannot resize through module {name!r} of type {type(m).__name__}: only Conv2d and Linear are supported")
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise TypeError(f"cannot resize through grouped convolution {name!r} (groups={m.groups})")
+        W = m.weight.detach()
+        R0 = W.shape[0]
+        lay = graph.consumers.get(name)
+        B = lay.block if lay is not None else 1
+        work = None
+        bias = m.bias.detach() if m.bias is not None else None
+        bias_work = None
+        row_p = row_s = None
+        new_rows_count = R0
+        gid = prod_of.get(name)
+        if gid is not None:
+            ch = changes[gid]
+            if ch.action == "prune":
+                K = ch.keep.to(W.device)
+                if name in ch.rows:
+                    work = W.clone()
+                    work.reshape(R0, -1)[K] = ch.rows[name].to(W.dtype).to(W.device)
+                row_p = row_s = K
+                new_rows_count = len(K)
+            else:
+                a = ch.new - ch.old
+                extra = ch.rows[name].to(W.dtype).to(W.device).reshape(a, *W.shape[1:])
+                work = torch.cat([W, extra], 0)
+                if bias is not None:
+                    bias_work = torch.cat([bias, bias.new_zeros(a)])
+                row_p = torch.arange(R0 + a, device=W.device)
+                row_s = torch.cat([torch.arange(R0, device=W.device), torch.full((a,), -1, dtype=torch.long, device=W.device)])
+                new_rows_count = R0 + a
+        col = None
+        C_new = None
+        delta = None
+        if lay is not None and any(s in changes for s in lay.segments):
+            parts = []
+            o = 0
+            if work is None:
+                work = W.clone()
+            Rw = work.shape[0]
+            wv = work.reshape(Rw, -1, B)
+            done_fold = set()
+            for seg in lay.segments:
+                n = widths[seg]
+                ch = changes.get(seg)
+                if ch is None:
+                    parts.append(torch.arange(o, o + n, device=W.device))
+                elif ch.action == "prune":
+                    K = ch.keep.to(W.device)
+                    Dn = ch.drop.to(W.device)
+                    parts.append(o + K)
+                    if (seg, name) not in done_fold:  # a group read twice is folded once per segment
+                        M, c = ch.folds[name]
+                        M = M.to(W.device)
+                        c = c.to(W.device)
+                        AD = wv[:, o + Dn, :].double()  # [R, |D|, B]
+                        AK = wv[:, o + K, :].double()
+                        wv[:, o + K, :] = (AK + torch.einsum("rdb,dk->rkb", AD, M)).to(W.dtype)
+                        dlt = torch.einsum("rdb,d->r", AD, c)
+                        delta = dlt if delta is None else delta + dlt
+                        done_fold.add((seg, name))
+                else:
+                    a = ch.new - ch.old
+                    parts.append(torch.cat([torch.arange(o, o + n, device=W.device), torch.full((a,), -1, dtype=torch.long, device=W.device)]))
+                o += n
+            col = torch.cat(parts)
+            C_new = len(col)
+        if delta is not None:
+            if bias is not None:
+                base = bias_work if bias_work is not None else bias
+                bias_work = (base.double() + delta).to(bias.dtype)
+            else:
+                norm = None
+                if gid is not None:
+                    norm = norm_directly_after(changes[gid].group).get(name)
+                else:
+                    for g in graph.groups:
+                        if name in g.producers:
+                            norm = norm_directly_after(g).get(name)
+                if norm is not None and getattr(modules[norm], "running_mean", None) is not None:
+                    mean_delta[norm] = -delta
+                    norm_rows_ext[norm] = work.shape[0]
+                elif float(delta.abs().max()) > 0:
+                    plan.warnings.append(
+                        f"consumer {name!r} has no bias and no BatchNorm right after it: the folded "
+                        f"constant (max |delta| {float(delta.abs().max()):.3g}) was dropped"
+                    )
+        src = work if work is not None else W
+        pending.append((m.weight, f"{name}.weight", src, row_p, row_s, col, B))
+        params_resized[m.weight] = f"{name}.weight"
+        if bias is not None and (row_p is not None or bias_work is not None):
+            pending.append((m.bias, f"{name}.bias", bias_work if bias_work is not None else bias, row_p, row_s, None, 1))
+            params_resized[m.bias] = f"{name}.bias"
+        # attributes
+        if isinstance(m, nn.Conv2d):
+            if new_rows_count != R0:
+                plan.attrs.append((m, "out_channels", new_rows_count))
+            if C_new is not None:
+                plan.attrs.append((m, "in_channels", C_new))
+        else:
+            if new_rows_count != R0:
+                plan.attrs.append((m, "out_features", new_rows_count))
+            if C_new is not None:
+                plan.attrs.append((m, "in_features", C_new * B))
+    # norms of changed groups
+    for gid, ch in changes.items():
+        for nm in ch.group.norms:
+            bn = modules[nm]
+            if not isinstance(bn, NORMS):
+                raise TypeError(f"cannot resize norm {nm!r} of type {type(bn).__name__}: only BatchNorm is supported")
+            dev = next(iter(list(bn.parameters()) + list(bn.buffers()))).device
+            if ch.action == "prune":
+                row_p = row_s = ch.keep.to(dev)
+                a = 0
+            else:
+                a = ch.new - ch.old
+                row_p = torch.arange(ch.new, device=dev)
+                row_s = torch.cat([torch.arange(ch.old, device=dev), torch.full((a,), -1, dtype=torch.long, device=dev)])
+
+            def ext(t, value):
+                return torch.cat([t, t.new_full((a,), value)]) if a else t
+
+            for pname, value in (("weight", 1.0), ("bias", 0.0)):
+                p = getattr(bn, pname)
+                if p is not None:
+                    pending.append((p, f"{nm}.{pname}", ext(p.detach(), value), row_p, row_s, None, 1))
+                    params_resized[p] = f"{nm}.{pname}"
+            for bname, value in (("running_mean", 0.0), ("running_var", 1.0)):
+                buf = bn._buffers.get(bname)
+                if buf is not None:
+                    src = ext(buf, value)
+                    if bname == "running_mean" and nm in mean_delta:
+                        src = (src.double() + mean_delta.pop(nm)).to(buf.dtype)
+                    plan.entries.append(_Entry("buffer", bn._buffers, bname, src, row_p, None, 1))
+            plan.attrs.append((bn, "num_features", ch.new))
+    # running-mean corrections of norms whose group does not change
+    for nm, dlt in mean_delta.items():
+        buf = modules[nm]._buffers["running_mean"]
+        plan.entries.append(_Entry("buffer", modules[nm]._buffers, "running_mean", (buf.double() + dlt).to(buf.dtype), None, None, 1))
+    # optimizer state (checked before anything is touched; raises when it cannot be mapped)
+    to_slice = state_to_slice(optimizer, params_resized)
+    for p, pname, src, row_p, row_s, col, B in pending:
+        plan.entries.append(_Entry("param", p, pname, src, row_p, col, B))
+        plan.clear_grads.append(p)
+        for k in to_slice.get(p, []):
+            plan.entries.append(_Entry("state", optimizer.state[p], k, optimizer.state[p][k], row_s, col, B))
+    return plan
+
+
+def commit_plan(plan: Plan) -> None:
+    """Make every new tensor (ONE slice_copy call), then assign them all through a rollback
+    journal: either every assignment happens or none does."""
+    e = plan.entries
+    new = slice_copy([x.src for x in e], [x.row for x in e], [x.col for x in e], [x.block for x in e], None)
+    for x, t in zip(e, new):
+        if not torch.isfinite(t).all() and torch.isfinite(x.src).all():
+            raise FloatingPointError(f"resize produced non-finite values for {x.key!r}; nothing was changed")
+    journal = Journal()
+    try:
+        for x, t in zip(e, new):
+            if x.kind == "param":
+                journal.param_data(x.owner, t)
+            else:
+                journal.setitem(x.owner, x.key, t)
+        for obj, name, value in plan.attrs:
+            journal.setattr(obj, name, value)
+        for p in plan.clear_grads:
+            if p.grad is not None:
+                journal.setattr(p, "grad", None)
+    except BaseException:
+        journal.rollback()
+        raise

@@ -126,7 +126,9 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] 
 
 
 def _state(obj: Any) -> Any:
-    return None if obj is None else obj.state_dict()
+    if obj is None or isinstance(obj, dict):
+        return obj
+    return obj.state_dict()
 
 
 def save_checkpoint(
@@ -147,7 +149,8 @@ def save_checkpoint(
         path: the file to write (its folder is created).
         model: the network; its spec is read with :func:`spec_of` unless ``spec`` is given.
         optimizer: saved with its parameters' names so it can be re-attached after a rebuild.
-        scheduler, scaler: anything with ``state_dict()`` (LR scheduler, ``GradScaler``).
+        scheduler, scaler: anything with ``state_dict()`` (LR scheduler, ``GradScaler``), or a
+            plain dict of their state.
         step, epoch: training position.
         rng: RNG states from :func:`rng_state`.
         extra: JSON-able extras (stored as a JSON string).

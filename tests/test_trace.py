@@ -1,0 +1,611 @@
+"""Tests for svdgrow.trace: coupling groups found by torch.fx on small models (CPU, fast)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from svdgrow.trace import CouplingGraph, CouplingWarning, Group, trace
+
+
+def _trace_quiet(model: nn.Module, x: torch.Tensor, **kw) -> CouplingGraph:
+    """Trace and assert no CouplingWarning was issued."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CouplingWarning)
+        g = trace(model, x, **kw)
+    assert g.warnings == []
+    return g
+
+
+def _same(g: CouplingGraph, *names: str) -> bool:
+    return len({g.group_of(n).id for n in names}) == 1
+
+
+def _check_invariants(graph: CouplingGraph, model: nn.Module) -> None:
+    """Structural invariants every traced graph must satisfy."""
+    for i, grp in enumerate(graph.groups):
+        assert grp.id == i
+        assert len(set(grp.producers)) == len(grp.producers)
+        assert set(grp.norm_after) == set(grp.norms)
+        for c in grp.consumers:
+            assert i in graph.consumers[c].segments
+    for name, lay in graph.consumers.items():
+        assert lay.module == name
+        for s in lay.segments:
+            assert name in graph.groups[s].consumers
+    producers = [p for grp in graph.groups for p in grp.producers]
+    assert len(producers) == len(set(producers)), "a module produces into two groups"
+    widths = graph.widths(model)  # raises when producers/norms/consumers disagree
+    assert len(widths) == len(graph.groups)
+    for grp in graph.resizable():
+        assert grp.producers, f"resizable group {grp.name} has no producer"
+        assert widths[grp.id] == grp.width
+
+
+# --------------------------------------------------------------------------------------
+# models
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(20, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.fc3 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class PlainCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 12, 3, padding=1),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(12 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.features(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.proj = None
+        if stride != 1 or cin != cout:
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.proj is None else self.proj(x)
+        out += shortcut
+        return F.relu(out)
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, project: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.b1 = Block(8, 8)
+        self.b2 = Block(8, 8)
+        self.b3 = Block(8, 16, stride=2) if project else Block(8, 8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16 if project else 8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.b3(self.b2(self.b1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class Tiled(nn.Module):
+    """The prototype's shortcut: the input channels tiled to the output width."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.how == "repeat":
+            short = x.repeat(1, 2, 1, 1)
+        else:
+            short = torch.cat([x, x], 1)
+        return self.head(F.relu(self.conv(x) + short))
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(1, 6, 5, padding=2)
+        self.c = nn.Conv2d(10, 5, 1)
+        self.fc = nn.Linear((10 + 5) * 4 * 4, 3)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        z = torch.cat((y, self.c(y)), 1)
+        z = F.max_pool2d(z, 2)
+        return self.fc(z.view(z.size(0), -1))
+
+
+class UnknownOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.conv3 = nn.Conv2d(1, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        gate = y.mean(1, keepdim=True)  # across channels: not followed
+        return self.conv3(gate) + self.conv2(y).sum(dim=(2, 3), keepdim=True)[:, :4]
+
+
+class Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.pw(F.relu(self.dw(self.conv1(x))))))
+
+
+def _resnet18_1ch() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    m = torchvision.models.resnet18(num_classes=10)
+    m.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return m
+
+
+X28 = torch.randn(2, 1, 28, 28)
+X16 = torch.randn(2, 1, 16, 16)
+X8 = torch.randn(2, 1, 8, 8)
+
+
+# --------------------------------------------------------------------------------------
+# tests
+
+
+def test_mlp():
+    m = MLP()
+    g = _trace_quiet(m, torch.randn(3, 20))
+    assert [grp.name for grp in g.groups] == ["input", "fc1", "fc2", "fc3"]
+    assert g.groups[0].frozen == "model input" and g.groups[0].producers == []
+    assert g.groups[0].consumers == ["fc1"] and g.groups[0].width == 20
+    assert "model output" in g.groups[3].frozen
+    assert [grp.name for grp in g.resizable()] == ["fc1", "fc2"]
+    assert g.consumers["fc2"].segments == [g.group_of("fc1").id]
+    assert all(c.block == 1 for c in g.consumers.values())
+    assert g.group_of("fc1").consumers == ["fc2"]
+    assert g.widths(m) == [20, 32, 16, 5]
+    _check_invariants(g, m)
+
+
+def test_plain_cnn_flatten_block_and_norms():
+    m = PlainCNN()
+    g = _trace_quiet(m, X28)
+    g1, g2 = g.group_of("features.0"), g.group_of("features.4")
+    assert g1.norms == ["features.1"] and g1.norm_after == {"features.1": "features.0"}
+    assert g2.norms == ["features.5"] and g2.norm_after == {"features.5": "features.4"}
+    assert g.group_of("features.5") is g2
+    assert g.consumers["features.4"].segments == [g1.id]
+    assert g.consumers["fc"].segments == [g2.id]
+    assert g.consumers["fc"].block == 7 * 7
+    assert g.consumers["features.0"].block == 1
+    assert {grp.id for grp in g.resizable()} == {g1.id, g2.id}
+    _check_invariants(g, m)
+    text = g.describe(m)
+    assert "features.0" in text and "49" in text
+
+
+def test_small_resnet_identity_shortcuts_merge_groups():
+    m = SmallResNet()
+    g = _trace_quiet(m, X16)
+    trunk = g.group_of("stem")
+    assert trunk.producers == ["stem", "b1.conv2", "b2.conv2", "b3.conv2"]
+    assert trunk.norms == ["bn", "b1.bn2", "b2.bn2", "b3.bn2"]
+    assert trunk.norm_after == {"bn": "stem", "b1.bn2": "b1.conv2", "b2.bn2": "b2.conv2", "b3.bn2": "b3.conv2"}
+    assert trunk.consumers == ["b1.conv1", "b2.conv1", "b3.conv1", "fc"]
+    assert trunk.frozen is None
+    # the inner width of each block is its own group
+    for b in ("b1", "b2", "b3"):
+        inner = g.group_of(f"{b}.conv1")
+        assert inner.producers == [f"{b}.conv1"] and inner.consumers == [f"{b}.conv2"]
+        assert inner.id != trunk.id
+    assert g.consumers["fc"].block == 1
+    assert len(g.groups) == 1 + 1 + 3 + 1
+    _check_invariants(g, m)
+
+
+def test_projection_shortcut_is_a_producer_of_the_merged_group():
+    m = SmallResNet(project=True)
+    g = _trace_quiet(m, X16)
+    out = g.group_of("b3.conv2")
+    assert out.producers == ["b3.conv2", "b3.proj.0"]
+    assert out.norms == ["b3.bn2", "b3.proj.1"]
+    assert out.norm_after == {"b3.bn2": "b3.conv2", "b3.proj.1": "b3.proj.0"}
+    assert out.consumers == ["fc"]
+    trunk = g.group_of("stem")
+    assert trunk.producers == ["stem", "b1.conv2", "b2.conv2"]
+    assert "b3.proj.0" in trunk.consumers and "b3.conv1" in trunk.consumers
+    assert out.id != trunk.id and out.frozen is None and out.width == 16
+    _check_invariants(g, m)
+
+
+@pytest.mark.parametrize("how", ["repeat", "cat"])
+def test_channel_tiled_shortcut_is_frozen(how):
+    m = Tiled(how)
+    with pytest.warns(CouplingWarning, match="tiling") as rec:
+        g = trace(m, X8)
+    text = " ".join(str(w.message) for w in rec)
+    assert ("repeat" in text) if how == "repeat" else ("cat" in text)
+    stem, conv = g.group_of("stem"), g.group_of("conv")
+    assert stem.frozen is not None and "tiling" in stem.frozen
+    assert conv.frozen is not None
+    assert g.group_of("head").frozen == "model output"
+    assert g.resizable() == []
+    assert g.warnings and any("tiling" in w for w in g.warnings)
+    _check_invariants(g, m)
+    with pytest.raises(ValueError, match="tiling"):
+        trace(m, X8, strict=True)
+
+
+def test_concat_segments_in_order():
+    m = Concat()
+    g = _trace_quiet(m, X8)
+    a, b, c = g.group_of("a"), g.group_of("b"), g.group_of("c")
+    assert g.consumers["c"].segments == [a.id, b.id]
+    assert g.consumers["c"].block == 1
+    assert g.consumers["fc"].segments == [a.id, b.id, c.id]
+    assert g.consumers["fc"].block == 4 * 4
+    assert a.consumers == ["c", "fc"] and c.consumers == ["fc"]
+    assert {x.id for x in g.resizable()} == {a.id, b.id, c.id}
+    _check_invariants(g, m)
+    # consumers_of lists every reader of a group
+    assert [x.module for x in g.consumers_of(b.id)] == ["c", "fc"]
+
+
+def test_unknown_op_is_frozen_with_warning_and_strict_raises():
+    m = UnknownOp()
+    with pytest.warns(CouplingWarning, match=r"Tensor\.mean") as rec:
+        g = trace(m, X8)
+    msgs = [str(w.message) for w in rec]
+    assert any("getitem" in s for s in msgs)  # y[:, :4] selects channels
+    c1, c2 = g.group_of("conv1"), g.group_of("conv2")
+    assert c1.frozen is not None and "mean" in c1.frozen
+    assert c2.frozen is not None and "getitem" in c2.frozen
+    # conv3 reads the opaque output of mean: a fresh frozen group, not conv1's
+    seg = g.consumers["conv3"].segments
+    assert len(seg) == 1 and seg[0] != c1.id
+    assert g.groups[seg[0]].name.startswith("opaque:") and g.groups[seg[0]].frozen
+    _check_invariants(g, m)
+    with pytest.raises(ValueError, match=r"Tensor\.mean.*conv1|mean"):
+        trace(m, X8, strict=True)
+
+
+def test_unknown_module_names_the_module():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.norm = nn.GroupNorm(2, 4)
+            self.out = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.norm(self.conv(x)))
+
+    with pytest.warns(CouplingWarning, match=r"'norm' \(GroupNorm\)"):
+        g = trace(Net(), X8)
+    assert g.group_of("conv").frozen is not None
+    with pytest.raises(ValueError, match="GroupNorm"):
+        trace(Net(), X8, strict=True)
+
+
+def test_depthwise_conv_is_frozen():
+    m = Depthwise()
+    with pytest.warns(CouplingWarning, match=r"'dw' \(groups=8\)"):
+        g = trace(m, X8)
+    c1, dw, pw = g.group_of("conv1"), g.group_of("dw"), g.group_of("pw")
+    assert "grouped convolution 'dw'" in c1.frozen and "grouped convolution 'dw'" in dw.frozen
+    assert dw.producers == ["dw"] and "dw" not in g.consumers
+    assert pw.frozen is None and g.consumers["pw"].segments == [dw.id]
+    assert [x.name for x in g.resizable()] == ["pw"]
+    _check_invariants(g, m)
+    with pytest.raises(ValueError, match="grouped convolution"):
+        trace(m, X8, strict=True)
+
+
+def test_resnet18_one_channel():
+    m = _resnet18_1ch()
+    g = _trace_quiet(m, torch.randn(2, 1, 32, 32))
+    # input, stem trunk, then per stage: 2 inner groups (+ a merged trunk for stages 2-4), fc
+    assert len(g.groups) == 14
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    producers = [p for grp in g.groups for p in grp.producers]
+    assert sorted(producers) == sorted(convs + ["fc"])
+    for stage in (2, 3, 4):
+        assert _same(g, f"layer{stage}.0.conv2", f"layer{stage}.0.downsample.0", f"layer{stage}.1.conv2")
+        assert not _same(g, f"layer{stage}.0.conv2", f"layer{stage}.0.conv1")
+        assert g.group_of(f"layer{stage}.0.downsample.1").norm_after[f"layer{stage}.0.downsample.1"] == (
+            f"layer{stage}.0.downsample.0"
+        )
+    assert _same(g, "conv1", "layer1.0.conv2", "layer1.1.conv2", "bn1")
+    assert g.group_of("bn1").norm_after["bn1"] == "conv1"
+    assert g.consumers["fc"].block == 1
+    assert g.consumers["fc"].segments == [g.group_of("layer4.1.conv2").id]
+    assert g.groups[0].frozen == "model input" and g.groups[0].consumers == ["conv1"]
+    assert g.group_of("fc").frozen == "model output"
+    assert len(g.resizable()) == 12
+    _check_invariants(g, m)
+
+
+def test_widths_detect_inconsistent_surgery():
+    m = SmallResNet()
+    g = trace(m, X16)
+    assert g.widths(m)[g.group_of("stem").id] == 8
+    m.b1.conv1 = nn.Conv2d(8, 5, 3, padding=1, bias=False)  # producer resized alone
+    with pytest.raises(ValueError, match="b1.conv1"):
+        g.widths(m)
+    m = SmallResNet()
+    m.b2.conv2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)  # one member of a merged group
+    with pytest.raises(ValueError, match="inconsistent"):
+        g.widths(m)
+
+
+def test_linear_on_4d_and_bn_after_cat_are_frozen():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 3, 3, padding=1)
+            self.b = nn.Conv2d(1, 5, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.lin = nn.Linear(8, 8)  # on the last (W) dim
+            self.c = nn.Conv2d(1, 4, 3, padding=1)
+            self.out = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.bn(torch.cat([self.a(x), self.b(x)], 1))
+            z = self.lin(self.c(x))
+            return self.out(z), y
+
+    with pytest.warns(CouplingWarning) as rec:
+        g = trace(Net(), X8)
+    msgs = " | ".join(str(w.message) for w in rec)
+    assert "BatchNorm 'bn'" in msgs and "Linear 'lin'" in msgs
+    assert "BatchNorm 'bn'" in g.group_of("a").frozen
+    assert "Linear 'lin'" in g.group_of("c").frozen
+    assert "lin" not in g.consumers
+    _check_invariants(g, Net())
+
+
+def test_passthrough_ops_keep_groups_resizable():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 6, 3, padding=1)
+            self.c2 = nn.Conv2d(6, 7, 3, padding=1)
+            self.fc1 = nn.Linear(7, 9)
+            self.bn = nn.BatchNorm1d(9)
+            self.fc2 = nn.Linear(9, 4)
+            self.drop = nn.Dropout2d(0.1)
+
+        def forward(self, x):
+            y = F.leaky_relu(self.c1(x), 0.1) * 0.5 + 1.0
+            y = F.pad(y, (1, 1, 1, 1))[:, :, 1:-1, ::1]
+            y = self.drop(F.avg_pool2d(F.gelu(y), 2)).contiguous()
+            y = self.c2(y.permute(0, 1, 3, 2)).sigmoid()
+            y = y.mean([2, 3])
+            y = self.bn(self.fc1(y))
+            return F.log_softmax(self.fc2(F.silu(y)), dim=1)
+
+    m = Net()
+    g = _trace_quiet(m, X8)
+    assert {x.name for x in g.resizable()} == {"c1", "c2", "fc1"}
+    assert g.consumers["fc1"].block == 1
+    assert g.group_of("fc1").norm_after == {"bn": "fc1"}
+    _check_invariants(g, m)
+
+
+def test_view_flatten_and_unflatten_blocks():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 3, 3, padding=1)
+            self.fc = nn.Linear(3 * 64, 12)
+            self.unflat = nn.Unflatten(1, (3, 8, 8))
+            self.c2 = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            f = self.c(x).reshape(x.shape[0], -1)
+            return self.fc(f), self.c2(self.unflat(f))
+
+    m = Net()
+    g = _trace_quiet(m, X8)
+    c = g.group_of("c")
+    assert g.consumers["fc"].segments == [c.id] and g.consumers["fc"].block == 64
+    assert g.consumers["c2"].segments == [c.id] and g.consumers["c2"].block == 1
+    assert c.frozen is None
+    _check_invariants(g, m)
+
+
+def test_unflatten_that_splits_features_is_frozen():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 12)
+            self.c2 = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            return self.c2(y.view(-1, 3, 2, 2))
+
+    with pytest.warns(CouplingWarning, match="mixes channels"):
+        g = trace(Net(), X8)
+    assert "mixes channels" in g.group_of("fc").frozen
+    assert g.consumers["c2"].segments != [g.group_of("fc").id]
+
+
+def test_channel_mixing_reshape_is_frozen():
+    class Shuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 1)
+            self.d = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            n, c, h, w = x.shape
+            y = self.c(x)
+            y = y.view(n, 2, 2, h, w).transpose(1, 2).reshape(n, 4, h, w)
+            return self.d(y)
+
+    with pytest.warns(CouplingWarning, match="view"):
+        g = trace(Shuffle(), X8)
+    assert g.group_of("c").frozen is not None
+
+
+def test_softmax_at_output_is_silent_and_inside_is_frozen():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 1)
+            self.d = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return F.softmax(self.d(torch.softmax(self.c(x), 1)), dim=1)
+
+    with pytest.warns(CouplingWarning, match="softmax over channels"):
+        g = trace(Net(), X8)
+    assert "softmax" in g.group_of("c").frozen
+    assert g.group_of("d").frozen == "model output"
+
+
+def test_shared_module_called_twice():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.b = nn.Conv2d(1, 4, 3, padding=1)
+            self.shared = nn.Conv2d(4, 5, 1)
+            self.out = nn.Conv2d(5, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.shared(self.a(x)) * 2 - self.shared(self.b(x)).relu())
+
+    m = Net()
+    g = _trace_quiet(m, X8)
+    assert _same(g, "a", "b")  # the shared consumer ties its two inputs
+    assert g.group_of("shared").producers == ["shared"]
+    _check_invariants(g, m)
+
+
+def test_gating_product_and_per_channel_parameter_are_frozen():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3, padding=1)
+            self.se = nn.Linear(4, 4)
+            self.gamma = nn.Parameter(torch.ones(4, 1, 1))
+            self.k = nn.Conv2d(1, 3, 1)
+            self.out = nn.Conv2d(4, 2, 1)
+            self.out2 = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            y = self.c(x)
+            s = torch.sigmoid(self.se(y.mean((2, 3)))).view(x.size(0), -1, 1, 1)
+            return self.out(y * s), self.out2(self.k(x) * self.gamma[:3])
+
+    with pytest.warns(CouplingWarning) as rec:
+        g = trace(Net(), X8)
+    msgs = " | ".join(str(w.message) for w in rec)
+    assert "product of two activations" in msgs and "per-channel constant" in msgs
+    assert g.group_of("c").frozen and g.group_of("se").frozen and g.group_of("k").frozen
+
+
+def test_untraceable_model_errors_are_actionable():
+    class Branchy(nn.Module):
+        def __init__(self, cin: int = 1) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(cin, 3, 1)
+            self.d = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            y = self.c(x)
+            if y.sum() > 0:  # data-dependent control flow
+                y = y * 2
+            return self.d(y)
+
+    with pytest.raises(TypeError, match="torch.fx could not trace Branchy.*leaf"):
+        trace(Branchy(), X8)
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 3, 1)
+            self.inner = Branchy(3)
+            self.head = nn.Conv2d(3, 2, 1)
+            self.stem2 = nn.Conv2d(1, 3, 1)
+
+        def forward(self, x):
+            y = self.inner(self.stem2(x))
+            return self.head(F.relu(self.stem(x))) + y
+
+    # not strict: the failing submodule becomes an opaque leaf and its groups freeze
+    with pytest.warns(CouplingWarning, match="could not trace into module 'inner'"):
+        g = trace(Outer(), X8)
+    assert "inner" in g.group_of("stem2").frozen
+    assert g.group_of("stem").frozen is None
+    assert "model output" in g.group_of("head").frozen
+    assert "inner.c" not in g.consumers
+    with pytest.raises(TypeError, match="strict=False"):
+        trace(Outer(), X8, strict=True)
+    # leaf_modules makes it opaque on purpose
+    g = trace(Outer(), X8, leaf_modules=[Branchy])
+    assert not any("could not trace" in w for w in g.warnings)
+
+
+def test_trace_does_not_change_training_state_or_stats():
+    m = PlainCNN().train()
+    m.features[1].eval()
+    before = m.features[1].running_mean.clone()
+    trace(m, X28)
+    assert m.training and not m.features[1].training and m.features[5].training
+    torch.testing.assert_close(m.features[1].running_mean, before)
+    assert int(m.features[5].num_batches_tracked) == 0
+
+
+def test_bad_example_input_is_reported():
+    with pytest.raises(ValueError, match=r"example input.*\(2, 3, 8, 8\)"):
+        trace(PlainCNN(), torch.randn(2, 3, 8, 8))
+
+
+def test_group_of_unknown_name():
+    g = trace(MLP(), torch.randn(2, 20))
+    assert isinstance(g.group_of("fc2"), Group)
+    with pytest.raises(KeyError, match="nope"):
+        g.group_of("nope")

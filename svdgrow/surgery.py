@@ -499,7 +499,7 @@ def build_plan(modules: dict[str, nn.Module], graph: CouplingGraph, widths: dict
         W = m.weight.detach()
         R0 = W.shape[0]
         lay = graph.consumers.get(name)
-        B = lay.block if lay is not None else 1
+        B = lay.block if lay is not None else int(math.prod(W.shape[2:]))
         work = None
         bias = m.bias.detach() if m.bias is not None else None
         bias_work = None

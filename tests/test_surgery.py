@@ -1,0 +1,491 @@
+"""Surgery: prune with folding (weights and data modes), grow with function kept, faults."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from svdgrow import surgery
+from svdgrow.policy import Policy
+from svdgrow.resizer import Resizer
+from svdgrow.surgery import pivoted_columns
+from svdgrow.trace import ConsumerLayout, CouplingGraph, Group
+
+
+# ------------------------------------------------------------------------------------------------
+# small models with hand-built coupling graphs
+
+
+class ConvNet(nn.Module):
+    """conv1 -> bn1 -> act -> conv2 -> act -> flatten -> fc (input 4x4)."""
+
+    def __init__(self, c1=8, c2=12, act=None, bn=True, k=3, pad=1, side=4):
+        super().__init__()
+        act = act if act is not None else nn.LeakyReLU(0.1)
+        self.conv1 = nn.Conv2d(3, c1, k, padding=pad)
+        self.bn1 = nn.BatchNorm2d(c1) if bn else nn.Identity()
+        self.a1 = copy.deepcopy(act)
+        self.conv2 = nn.Conv2d(c1, c2, k, padding=pad)
+        self.a2 = copy.deepcopy(act)
+        self.flat = nn.Flatten()
+        out = side - 2 * (k - 1 - 2 * pad)
+        self.fc = nn.Linear(c2 * out * out, 5)
+        self.hw = out * out
+
+    def forward(self, x):
+        return self.fc(self.flat(self.a2(self.conv2(self.a1(self.bn1(self.conv1(x)))))))
+
+
+def convnet_graph(m: ConvNet, bn=True):
+    k = m.conv1.kernel_size[0] ** 2
+    return CouplingGraph(
+        groups=[
+            Group(0, "input", [], [], {}, ["conv1"], frozen="model input"),
+            Group(1, "conv1", ["conv1"], ["bn1"] if bn else [], {"bn1": "conv1"} if bn else {}, ["conv2"]),
+            Group(2, "conv2", ["conv2"], [], {}, ["fc"]),
+            Group(3, "fc", ["fc"], [], {}, [], frozen="model output"),
+        ],
+        consumers={
+            "conv1": ConsumerLayout("conv1", [0], k),
+            "conv2": ConsumerLayout("conv2", [1], k),
+            "fc": ConsumerLayout("fc", [2], m.hw),
+        },
+    )
+
+
+class ResLinear(nn.Module):
+    """h = s(x) [+bn] ; h = h + b(act(a(h))) ; out = o(act(h)): a residual group {s, b}."""
+
+    def __init__(self, d=10, w=8, mid=6, act=None, bn=False):
+        super().__init__()
+        act = act if act is not None else nn.Identity()
+        self.s = nn.Linear(d, w)
+        self.bs = nn.BatchNorm1d(w) if bn else nn.Identity()
+        self.a = nn.Linear(w, mid)
+        self.act = copy.deepcopy(act)
+        self.b = nn.Linear(mid, w)
+        self.bb = nn.BatchNorm1d(w) if bn else nn.Identity()
+        self.act2 = copy.deepcopy(act)
+        self.o = nn.Linear(w, 4)
+
+    def forward(self, x):
+        h = self.bs(self.s(x))
+        h = h + self.bb(self.b(self.act(self.a(h))))
+        return self.o(self.act2(h))
+
+
+def reslinear_graph(bn=False):
+    return CouplingGraph(
+        groups=[
+            Group(0, "input", [], [], {}, ["s"], frozen="model input"),
+            Group(1, "s", ["s", "b"], ["bs", "bb"] if bn else [], {"bs": "s", "bb": "b"} if bn else {}, ["a", "o"]),
+            Group(2, "a", ["a"], [], {}, ["b"]),
+            Group(3, "o", ["o"], [], {}, [], frozen="model output"),
+        ],
+        consumers={
+            "s": ConsumerLayout("s", [0], 1),
+            "a": ConsumerLayout("a", [1], 1),
+            "b": ConsumerLayout("b", [2], 1),
+            "o": ConsumerLayout("o", [1], 1),
+        },
+    )
+
+
+def randomise_bn(model, gen):
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.3, generator=gen)
+                m.running_mean.normal_(0, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+
+
+def low_rank_(weight2d: torch.Tensor, r: int, gen, noise=0.0):
+    """Make the rows of a producer matrix (a view) span only r directions (+ noise)."""
+    n, D = weight2d.shape
+    with torch.no_grad():
+        new = torch.randn(n, r, generator=gen) @ torch.randn(r, D, generator=gen) / D**0.5
+        new += noise * torch.randn(n, D, generator=gen) / D**0.5
+        weight2d.copy_(new)
+
+
+def rel_change(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ------------------------------------------------------------------------------------------------
+# pivoted Gram-Schmidt
+
+
+def test_pivoted_columns_picks_a_well_conditioned_block():
+    g = torch.Generator().manual_seed(0)
+    r, n = 5, 12
+    Q, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    # make the first r rows nearly dependent: first-r selection is badly conditioned
+    Q[1] = Q[0] + 1e-6 * Q[1]
+    Q[2] = Q[0] - 1e-6 * Q[3]
+    K = pivoted_columns(Q.T, r)
+    assert len(set(K.tolist())) == r
+    cond_piv = torch.linalg.cond(Q[K])
+    cond_first = torch.linalg.cond(Q[:r])
+    assert cond_piv < 100 and cond_first > 1e4
+    # on an orthonormal identity-like matrix it picks exactly the unit rows
+    E = torch.zeros(n, r, dtype=torch.float64)
+    idx = torch.tensor([3, 7, 1, 10, 5])
+    E[idx, torch.arange(r)] = torch.tensor([5.0, 4, 3, 2, 1], dtype=torch.float64)
+    assert pivoted_columns(E.T, r).tolist() == idx.tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# prune: exact where the fold is linear
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_prune_is_exact_through_linear_maps_with_residual_group(bn):
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    m = ResLinear(bn=bn)
+    if bn:
+        randomise_bn(m, g)
+    m.eval()
+    # the residual group's matrix [s*Ws | s*Wb] has rank 5: build it so
+    r = 5
+    U = torch.randn(8, r, generator=g)
+    with torch.no_grad():
+        sc_s = m.bs.weight / torch.sqrt(m.bs.running_var + m.bs.eps) if bn else torch.ones(8)
+        sc_b = m.bb.weight / torch.sqrt(m.bb.running_var + m.bb.eps) if bn else torch.ones(8)
+        m.s.weight.copy_((U @ torch.randn(r, 10, generator=g)) / sc_s[:, None] / 3)
+        m.b.weight.copy_((U @ torch.randn(r, 6, generator=g)) / sc_b[:, None] / 3)
+        # weights mode folds the constant of the whole stream (sum over producers), so a
+        # consumer reading the stream part-way (here 'a', before the add) is exact only when
+        # the producers' effective biases vanish ('o' reads the full stream). Data mode
+        # measures the constant per consumer instead.
+        m.s.bias.zero_()
+        m.b.bias.zero_()
+        if bn:
+            for nm in (m.bs, m.bb):
+                nm.bias.copy_(nm.weight * nm.running_mean / torch.sqrt(nm.running_var + nm.eps))
+    x = torch.randn(64, 10, generator=g)
+    y0 = m(x).detach()
+    rs = Resizer(m, x[:2], graph=reslinear_graph(bn))
+    spec = {s.name: s for s in rs.analyse()}["s"]
+    assert float(spec.energy_kept[r - 1]) > 1 - 1e-10
+    rs.apply({"s": r})
+    assert m.s.out_features == r and m.a.in_features == r and m.o.in_features == r
+    if bn:
+        assert m.bs.num_features == r and m.bs.running_mean.shape == (r,)
+    y1 = m(x).detach()
+    assert rel_change(y1, y0) < 1e-4
+
+
+def test_prune_is_exact_for_valid_convs_and_flatten_linear():
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    # no padding: no border approximation; identity activations: the fold is linear
+    m = ConvNet(c1=10, c2=9, act=nn.Identity(), bn=True, k=3, pad=0, side=7)
+    randomise_bn(m, g)
+    m.eval()
+    low_rank_(m.conv1.weight.view(10, -1), 4, g)
+    low_rank_(m.conv2.weight.view(9, -1), 6, g)
+    x = torch.randn(8, 3, 7, 7, generator=g)
+    y0 = m(x).detach()
+    rs = Resizer(m, x[:1], graph=convnet_graph(m))
+    rs.apply({"conv1": 4, "conv2": 6})  # both at once: conv2 is producer AND consumer
+    assert m.conv1.out_channels == 4 and m.conv2.in_channels == 4 and m.conv2.out_channels == 6
+    assert m.fc.in_features == 6 * m.hw
+    assert rel_change(m(x).detach(), y0) < 1e-4
+
+
+def test_folding_beats_magnitude_pruning_on_structured_example():
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    m = ConvNet(c1=16, c2=12, act=nn.Identity(), bn=False)
+    # 16 channels, 6 of them independent, the other 10 near-linear combinations of those
+    low_rank_(m.conv1.weight.view(16, -1), 6, g, noise=0.02)
+    x = torch.randn(32, 3, 4, 4, generator=g)
+    y0 = m(x).detach()
+
+    naive = copy.deepcopy(m)
+    keep = torch.sort(naive.conv1.weight.flatten(1).norm(dim=1), descending=True).indices[:6].sort().values
+    with torch.no_grad():
+        n1 = nn.Conv2d(3, 6, 3, padding=1)
+        n1.weight.copy_(naive.conv1.weight[keep])
+        n1.bias.copy_(naive.conv1.bias[keep])
+        n2 = nn.Conv2d(6, 12, 3, padding=1)
+        n2.weight.copy_(naive.conv2.weight[:, keep])
+        n2.bias.copy_(naive.conv2.bias)
+    naive.conv1, naive.conv2 = n1, n2
+    err_naive = rel_change(naive(x).detach(), y0)
+
+    rs = Resizer(m, x[:1], graph=convnet_graph(m, bn=False))
+    rs.apply({"conv1": 6})
+    err_fold = rel_change(m(x).detach(), y0)
+    assert err_fold < 0.25 * err_naive, (err_fold, err_naive)
+
+
+def _trained_relu_pair(seed):
+    """A LeakyReLU MLP whose hidden layer has 12 channels, 4 of which duplicate others up to a
+    positive scale (so through the activation they are exact linear functions of the kept)."""
+    g = torch.Generator().manual_seed(seed)
+    m = ConvNet(c1=12, c2=8, act=nn.LeakyReLU(0.1), bn=False, k=1, pad=0, side=3)
+    with torch.no_grad():
+        W = m.conv1.weight.view(12, -1)
+        b = m.conv1.bias
+        W.copy_(torch.randn(12, 3, generator=g))
+        b.copy_(0.1 * torch.randn(12, generator=g))
+        for dst, src, s in ((8, 0, 2.0), (9, 1, 0.5), (10, 2, 1.5), (11, 3, 3.0)):
+            W[dst] = s * W[src]
+            b[dst] = s * b[src]
+        W[4:8] += 0.05 * torch.randn(4, 3, generator=g)  # 4 more that are near-duplicates
+        W[4:8] = W[4:8] + W[0:4]
+    return m, g
+
+
+def test_data_mode_fold_fits_features_and_beats_magnitude_pruning():
+    m, g = _trained_relu_pair(4)
+    x_fit = torch.randn(256, 3, 3, 3, generator=g)
+    x_held = torch.randn(128, 3, 3, 3, generator=g)
+    y0 = m(x_held).detach()
+    errs = {}
+    for mode in ("data", "weights", "magnitude"):
+        mm = copy.deepcopy(m)
+        graph = convnet_graph(mm, bn=False)
+        if mode == "magnitude":
+            keep = torch.sort(mm.conv1.weight.flatten(1).norm(dim=1), descending=True).indices[:8].sort().values
+            n1, n2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+            with torch.no_grad():
+                n1.weight.copy_(mm.conv1.weight[keep])
+                n1.bias.copy_(mm.conv1.bias[keep])
+                n2.weight.copy_(mm.conv2.weight[:, keep])
+                n2.bias.copy_(mm.conv2.bias)
+            mm.conv1, mm.conv2 = n1, n2
+        else:
+            Resizer(mm, x_fit[:1], graph=graph, mode=mode, ridge=1e-8).apply({"conv1": 8}, data=x_fit)
+        errs[mode] = rel_change(mm(x_held).detach(), y0)
+    # channels 8..11 are exact positive multiples of 0..3: data mode removes them exactly
+    assert errs["data"] < 1e-3, errs
+    assert errs["data"] < 0.2 * errs["magnitude"], errs
+
+
+def test_data_mode_needs_a_batch():
+    m = ConvNet()
+    rs = Resizer(m, torch.zeros(1, 3, 4, 4), graph=convnet_graph(m), mode="data")
+    with pytest.raises(ValueError, match="data"):
+        rs.apply({"conv1": 4})
+
+
+def test_conv_consumer_without_bias_puts_the_constant_into_its_batchnorm():
+    """Residual-style layout: a consumer conv with bias=False followed by BN; the folded
+    constant lands in that BN's running_mean (exact in eval for valid convs)."""
+    g = torch.Generator().manual_seed(5)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(2, 8, 1)
+            self.c2 = nn.Conv2d(8, 6, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(6)
+            self.fl = nn.Flatten()
+            self.fc = nn.Linear(6 * 4, 3)
+
+        def forward(self, x):
+            return self.fc(self.fl(self.bn2(self.c2(self.c1(x)))))
+
+    m = Net()
+    randomise_bn(m, g)
+    with torch.no_grad():
+        m.c1.bias.normal_(0, 1, generator=g)
+    low_rank_(m.c1.weight.view(8, -1), 2, g)
+    m.eval()
+    graph = CouplingGraph(
+        groups=[
+            Group(0, "input", [], [], {}, ["c1"], frozen="model input"),
+            Group(1, "c1", ["c1"], [], {}, ["c2"]),
+            Group(2, "c2", ["c2"], ["bn2"], {"bn2": "c2"}, ["fc"]),
+            Group(3, "fc", ["fc"], [], {}, [], frozen="model output"),
+        ],
+        consumers={"c1": ConsumerLayout("c1", [0], 1), "c2": ConsumerLayout("c2", [1], 1), "fc": ConsumerLayout("fc", [2], 4)},
+    )
+    x = torch.randn(16, 2, 2, 2, generator=g)
+    y0 = m(x).detach()
+    rep = Resizer(m, x[:1], graph=graph).apply({"c1": 2})
+    assert rel_change(m(x).detach(), y0) < 1e-4
+    assert not rep.warnings
+
+
+# ------------------------------------------------------------------------------------------------
+# grow
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_grow_keeps_the_function_with_batchnorm(train_mode):
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    m = ConvNet(c1=6, c2=5)
+    randomise_bn(m, g)
+    x = torch.randn(16, 3, 4, 4, generator=g)
+    m.train(train_mode)
+    ref = copy.deepcopy(m)
+    y0 = ref(x).detach()
+    old1 = m.conv1.weight.detach().clone().view(6, -1)
+    rs = Resizer(m, x[:1], graph=convnet_graph(m))
+    rep = rs.apply({"conv1": 9, "conv2": 8})
+    assert rep.decisions[0].action == "grow"
+    assert torch.equal(m.bn1.weight[6:], torch.ones(3)) and torch.equal(m.bn1.running_var[6:], torch.ones(3))
+    assert torch.equal(m.bn1.running_mean[6:], torch.zeros(3)) and torch.equal(m.conv1.bias[6:], torch.zeros(3))
+    y1 = m(x).detach()
+    assert float((y1 - y0).abs().max()) <= 1e-5 * float(y0.abs().max())
+    # eval mode too (running statistics of the new channels: mean 0, var 1)
+    m.eval()
+    ref.eval()
+    y0e, y1e = ref(x).detach(), m(x).detach()
+    assert float((y1e - y0e).abs().max()) <= 1e-5 * float(y0e.abs().max())
+    # new rows: orthogonal to the old rows and to each other, scaled ~ half the smallest sigma
+    W = m.conv1.weight.detach().view(9, -1).double()
+    new = W[6:]
+    assert torch.allclose(W[:6], old1.double())
+    assert float((new @ old1.double().T).abs().max()) < 1e-5
+    G = new @ new.T
+    s_new = G.diagonal().sqrt()
+    assert float((G - torch.diag(G.diagonal())).abs().max()) < 1e-5
+    smin = float(torch.linalg.svdvals(old1.double())[-1])
+    assert torch.allclose(s_new, torch.full_like(s_new, 0.5 * smin), rtol=1e-4)
+    assert torch.equal(m.conv2.weight[:, 6:], torch.zeros(8, 3, 3, 3))
+
+
+def test_grow_residual_group_keeps_function_and_gets_gradients():
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    m = ResLinear(d=10, w=6, mid=8, act=nn.LeakyReLU(0.1), bn=True)
+    randomise_bn(m, g)
+    m.eval()
+    x = torch.randn(32, 10, generator=g)
+    y0 = m(x).detach()
+    rs = Resizer(m, x[:2], graph=reslinear_graph(True))
+    assert {s.name: s.cap for s in rs.analyse()} == {"s": 8, "a": 6}
+    rs.apply({"s": 8})
+    assert m.s.out_features == m.b.out_features == m.bs.num_features == m.bb.num_features == 8
+    assert m.a.in_features == m.o.in_features == 8
+    y1 = m(x)
+    assert float((y1.detach() - y0).abs().max()) <= 1e-5 * float(y0.abs().max())
+    y1.square().sum().backward()
+    assert float(m.o.weight.grad[:, 6:].abs().max()) > 0  # new columns learn at once
+    with pytest.raises(ValueError, match="past its cap 8"):
+        rs.apply({"s": 9})
+
+
+# ------------------------------------------------------------------------------------------------
+# limits and faults
+
+
+def test_limits_frozen_cap_and_zero():
+    m = ConvNet(c1=6, c2=5)
+    rs = Resizer(m, torch.zeros(1, 3, 4, 4), graph=convnet_graph(m))
+    with pytest.raises(ValueError, match="'fc' is frozen.*model output"):
+        rs.apply({"fc": 4})
+    with pytest.raises(ValueError, match="cap 27"):
+        rs.apply({"conv1": 28})
+    with pytest.raises(ValueError, match="never reach 0"):
+        rs.apply({"conv2": 0})
+    with pytest.raises(KeyError, match="nope"):
+        rs.apply({"nope": 3})
+    rs.apply({"conv1": 27})  # exactly the cap is fine
+    assert m.conv1.out_channels == 27
+
+
+def _snapshot(model, opt):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    st = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}
+    attrs = [(n, getattr(mod, a)) for n, mod in model.named_modules() for a in ("in_channels", "out_channels", "in_features", "out_features", "num_features") if hasattr(mod, a)]
+    return sd, st, attrs
+
+
+def _same(model, opt, snap):
+    sd, st, attrs = snap
+    now = model.state_dict()
+    assert now.keys() == sd.keys()
+    for k in sd:
+        torch.testing.assert_close(now[k], sd[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, st[id(p)][k]) if torch.is_tensor(v) else v == st[id(p)][k]
+    assert attrs == [(n, getattr(mod, a)) for n, mod in model.named_modules() for a in ("in_channels", "out_channels", "in_features", "out_features", "num_features") if hasattr(mod, a)]
+
+
+def _trained(seed=8):
+    torch.manual_seed(seed)
+    m = ConvNet(c1=8, c2=6)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2, amsgrad=True)
+    x = torch.randn(16, 3, 4, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    return m, opt, x
+
+
+@pytest.mark.parametrize("fail_at", [1, 5, 17])
+def test_failure_while_committing_rolls_everything_back(monkeypatch, fail_at):
+    m, opt, x = _trained()
+    snap = _snapshot(m, opt)
+    rs = Resizer(m, x[:1], optimizer=opt, graph=convnet_graph(m))
+    calls = {"n": 0}
+    real_data, real_item = surgery.Journal.param_data, surgery.Journal.setitem
+
+    def count():
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise RuntimeError("injected failure")
+
+    def param_data(self, p, v):
+        count()
+        real_data(self, p, v)
+
+    def setitem(self, d, k, v):
+        count()
+        real_item(self, d, k, v)
+
+    monkeypatch.setattr(surgery.Journal, "param_data", param_data)
+    monkeypatch.setattr(surgery.Journal, "setitem", setitem)
+    with pytest.raises(RuntimeError, match="injected"):
+        rs.apply({"conv1": 5, "conv2": 9})
+    assert calls["n"] == fail_at
+    _same(m, opt, snap)
+    # and the model and optimizer still work, and a later resize goes through
+    opt.zero_grad()
+    m(x).square().mean().backward()
+    monkeypatch.undo()
+    rs.apply({"conv1": 5, "conv2": 9})
+    opt.step()
+    assert m.conv1.weight.shape[0] == 5
+
+
+def test_non_finite_weights_refuse_and_change_nothing():
+    m, opt, x = _trained()
+    with torch.no_grad():
+        m.conv2.weight[0, 0, 0, 0] = float("nan")
+    snap = _snapshot(m, opt)
+    rs = Resizer(m, x[:1], optimizer=opt, graph=convnet_graph(m))
+    with pytest.raises(FloatingPointError, match="conv2.weight"):
+        rs.step()
+    with pytest.raises(FloatingPointError):
+        rs.apply({"conv1": 4})
+    _same(m, opt, snap)
+
+
+def test_one_slice_copy_call_per_resize(monkeypatch):
+    m, opt, x = _trained()
+    calls = []
+    real = surgery.slice_copy
+
+    def spy(src, *a, **k):
+        calls.append(len(src))
+        return real(src, *a, **k)
+
+    monkeypatch.setattr(surgery, "slice_copy", spy)
+    Resizer(m, x[:1], optimizer=opt, graph=convnet_graph(m)).apply({"conv1": 5, "conv2": 9})
+    # conv1 w,b (+3 Adam states each), bn1 w,b (+3 each) + 2 buffers, conv2 w,b (+3 each),
+    # fc w (+3); fc.bias does not change
+    assert calls == [2 * 4 + 2 * 4 + 2 + 2 * 4 + 4]

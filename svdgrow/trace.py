@@ -365,18 +365,33 @@ class _RawGroup:
 
 
 def _fmt_target(node: torch.fx.Node) -> str:
+    """A readable name for the op of ``node``: ``torch.cat``, ``Tensor.view``, ``F.pad``..."""
     t = node.target
     if node.op == "call_method":
         return f"Tensor.{t}"
     if node.op == "call_module":
         return str(t)
-    mod = getattr(t, "__module__", None) or ""
-    name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
-    if mod in ("_operator", "operator"):
-        mod = "operator"
-    elif mod.startswith("torch._C") or mod == "torch._VariableFunctions":
-        mod = "torch"
-    return f"{mod}.{name}" if mod else name
+    name = getattr(t, "__name__", None) or repr(t)
+    for prefix, owner in (("torch", torch), ("torch.nn.functional", F), ("operator", operator)):
+        if getattr(owner, name, None) is t:
+            return f"{prefix}.{name}"
+    mod = getattr(t, "__module__", None)
+    return f"{mod}.{getattr(t, '__qualname__', name)}" if mod else name
+
+
+def _arg(node: torch.fx.Node, i: int, *names: str, default: Any = None) -> Any:
+    """Argument ``i`` of a call, given by position or by one of its keyword ``names``."""
+    if len(node.args) > i:
+        return node.args[i]
+    for n in names:
+        if n in node.kwargs:
+            return node.kwargs[n]
+    return default
+
+
+def _self_arg(node: torch.fx.Node) -> Any:
+    """The tensor an op acts on: ``self`` of a method, ``input`` (or ``x``) of a function."""
+    return _arg(node, 0, "input", "self", "x")
 
 
 class _Builder:
@@ -456,7 +471,7 @@ class _Builder:
 
     def describe_op(self, node: torch.fx.Node) -> str:
         if node.op == "call_module":
-            return f"{_fmt_target(node)} (node {node.name!r}) in {self.where(node)}"
+            return self.where(node)
         return f"{_fmt_target(node)} (node {node.name!r}) in {self.where(node)}"
 
     def freeze(self, groups: Iterable[int], reason: str, warn: bool = True) -> None:
@@ -552,7 +567,8 @@ class _Builder:
             return None  # a computation on constants and shapes only
         if lays:
             groups = [s for x in lays for s in x.segs]
-            self.freeze(groups, reason or f"unsupported op {self.describe_op(node)}")
+            what = "module" if node.op == "call_module" else "op"
+            self.freeze(groups, reason or f"unsupported {what}: {self.describe_op(node)}")
         shp = self.shape(node)
         if shp is not None and len(shp) >= 2:
             g = self.new_group(
@@ -707,7 +723,7 @@ class _Builder:
     def call_op(self, node: torch.fx.Node) -> Any:
         t = node.target
         fn = node.op == "call_function"
-        first = node.args[0] if node.args else None
+        first = _self_arg(node)
         if (fn and t in _SHAPE_FUNCS) or (not fn and t in _SHAPE_METHODS):
             return None
         if fn and t is operator.getitem:
@@ -727,6 +743,8 @@ class _Builder:
             return self.passthrough(node, first)
         if (fn and t in _RESHAPE_FUNCS) or (not fn and t in _RESHAPE_METHODS):
             return self.reshape(node, first)
+        if not fn and t == "type_as":
+            return self.passthrough(node, first, check_others=False)
         if not fn and t in _EXPAND_METHODS:
             xs, ys = self.shape(first), self.shape(node)
             if xs and ys and len(xs) == len(ys) and xs[:2] == ys[:2]:
@@ -739,10 +757,9 @@ class _Builder:
         if (fn and t in _REPEAT_FUNCS) or (not fn and t in _REPEAT_METHODS):
             return self.repeat(node, first)
         if (fn and t in _SOFTMAX_FUNCS) or (not fn and t in _SOFTMAX_METHODS):
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            return self.softmax(node, first, dim)
+            return self.softmax(node, first, _arg(node, 1, "dim"))
         if fn and t in _PAD_FUNCS:
-            pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+            pad = _arg(node, 1, "pad")
             if not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
                 return self.opaque(node)
             return self.pad(node, first, len(pad))
@@ -804,7 +821,7 @@ class _Builder:
 
     def reduce(self, node, x) -> Any:
         xs = self.shape(x)
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dim = _arg(node, 1, "dim", "axis")
         if isinstance(dim, int):
             dim = [dim]
         if xs is None or not isinstance(dim, (list, tuple)) or not dim:
@@ -823,12 +840,12 @@ class _Builder:
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
         if name == "permute":
             dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-            dims = dims or node.kwargs.get("dims", [])
+            dims = list(dims or node.kwargs.get("dims", []))
             if len(dims) == len(xs) and all(isinstance(d, int) for d in dims):
                 if [d % len(xs) for d in dims[:2]] == [0, 1]:
                     return self.passthrough(node, x)
         else:
-            dims = args[:2] or [node.kwargs.get(k) for k in ("dim0", "dim1")]
+            dims = [_arg(node, 1, "dim0", "axis0"), _arg(node, 2, "dim1", "axis1")]
             if len(dims) == 2 and all(isinstance(d, int) for d in dims):
                 if not {d % len(xs) for d in dims} & {0, 1} or dims[0] % len(xs) == dims[1] % len(xs):
                     return self.passthrough(node, x)
@@ -840,7 +857,8 @@ class _Builder:
         if len(reps) == 1 and isinstance(reps[0], (list, tuple)):
             reps = list(reps[0])
         if not reps:
-            reps = list(node.kwargs.get("repeats", node.kwargs.get("dims", [])))
+            reps = _arg(node, 1, "repeats", "dims", "sizes", default=[])
+            reps = list(reps) if isinstance(reps, (list, tuple)) else [reps]
         if lay is None or xs is None or not reps or not all(isinstance(r, int) for r in reps):
             return self.opaque(node)
         if node.target == "tile" or node.target is getattr(torch, "tile", None):
@@ -861,7 +879,7 @@ class _Builder:
         return out
 
     def getitem(self, node) -> Any:
-        x = node.args[0]
+        x, idx = node.args[0], node.args[1]
         v = self.val(x)
         if isinstance(v, _Opaque):
             return v
@@ -869,7 +887,6 @@ class _Builder:
         if lay is None:
             return None
         xs = self.shape(x)
-        idx = node.args[1]
         if not isinstance(idx, tuple):
             idx = (idx,)
         full = slice(None, None, None)
@@ -893,12 +910,18 @@ class _Builder:
             return self.opaque(node)
         return self.passthrough(node, x, check_others=False)
 
+    def mixed(self, node: torch.fx.Node, lays: list[_Layout]) -> _Layout:
+        """A fresh frozen group for the output of an op that mixes incompatible layouts."""
+        ys = self.shape(node)
+        block = lays[0].block if len({x.block for x in lays}) == 1 else 1
+        width = ys[1] // block if ys is not None and len(ys) >= 2 else None
+        g = self.new_group(f"opaque:{node.name}", width, frozen=f"output of {node.name!r} mixes layouts")
+        return _Layout((g,), block)
+
     def binary(self, node, kind: str) -> Any:
         """Broadcasting add/sub (unions groups) or mul/div (scaling only)."""
         ys = self.shape(node)
-        operands = list(node.args[:2])
-        if "other" in node.kwargs:
-            operands.append(node.kwargs["other"])
+        operands = [_self_arg(node), _arg(node, 1, "other")]
         if ys is None or len(ys) < 2:
             return self.opaque(node)
         k, c = len(ys), ys[1]
@@ -927,7 +950,8 @@ class _Builder:
             self.freeze(loose, f"operand broadcast across channels in {self.describe_op(node)}")
         if not coupled:
             return self.opaque(node)
-        if kind == "mul" and len(coupled) > 1:
+        same = all(self.roots(x) == self.roots(coupled[0]) for x in coupled)
+        if kind == "mul" and len(coupled) > 1 and not same:
             return self.opaque(
                 node,
                 f"channel-wise product of two activations in {self.describe_op(node)} "
@@ -946,6 +970,7 @@ class _Builder:
                     f"residual add {self.describe_op(node)} sums values with different "
                     f"channel layouts {[self.struct(x)[1] for x in coupled]}",
                 )
+                out = self.mixed(node, coupled)
         if per_channel_const:
             self.freeze(
                 out.segs,
@@ -955,8 +980,8 @@ class _Builder:
         return _Layout(out.segs, out.block)
 
     def cat(self, node) -> Any:
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+        tensors = _arg(node, 0, "tensors")
+        dim = _arg(node, 1, "dim", "axis", default=0)
         ys = self.shape(node)
         if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or ys is None:
             return self.opaque(node)
@@ -983,6 +1008,7 @@ class _Builder:
                 f"{self.describe_op(node)} joins values with different channel layouts along "
                 f"dim {dim}",
             )
+            out = self.mixed(node, lays)
         return _Layout(out.segs, out.block)
 
     # ---- result -----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -21,12 +22,26 @@ def _trace_quiet(model: nn.Module, x: torch.Tensor, **kw) -> CouplingGraph:
     return g
 
 
+def _trace_warns(model: nn.Module, x: torch.Tensor, match: str, **kw) -> tuple[CouplingGraph, str]:
+    """Trace, assert some CouplingWarning matches ``match``; return the graph and all messages."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        g = trace(model, x, **kw)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, CouplingWarning)]
+    text = "\n".join(msgs)
+    assert re.search(match, text), f"no warning matches {match!r}: {msgs}"
+    assert len(msgs) == len(g.warnings) and all(m.endswith(w) for m, w in zip(msgs, g.warnings))
+    return g, text
+
+
 def _same(g: CouplingGraph, *names: str) -> bool:
     return len({g.group_of(n).id for n in names}) == 1
 
 
 def _check_invariants(graph: CouplingGraph, model: nn.Module) -> None:
     """Structural invariants every traced graph must satisfy."""
+    names = [grp.name for grp in graph.groups]
+    assert len(set(names)) == len(names), f"duplicate group names {names}"
     for i, grp in enumerate(graph.groups):
         assert grp.id == i
         assert len(set(grp.producers)) == len(grp.producers)
@@ -261,9 +276,7 @@ def test_projection_shortcut_is_a_producer_of_the_merged_group():
 @pytest.mark.parametrize("how", ["repeat", "cat"])
 def test_channel_tiled_shortcut_is_frozen(how):
     m = Tiled(how)
-    with pytest.warns(CouplingWarning, match="tiling") as rec:
-        g = trace(m, X8)
-    text = " ".join(str(w.message) for w in rec)
+    g, text = _trace_warns(m, X8, "tiling")
     assert ("repeat" in text) if how == "repeat" else ("cat" in text)
     stem, conv = g.group_of("stem"), g.group_of("conv")
     assert stem.frozen is not None and "tiling" in stem.frozen
@@ -293,10 +306,8 @@ def test_concat_segments_in_order():
 
 def test_unknown_op_is_frozen_with_warning_and_strict_raises():
     m = UnknownOp()
-    with pytest.warns(CouplingWarning, match=r"Tensor\.mean") as rec:
-        g = trace(m, X8)
-    msgs = [str(w.message) for w in rec]
-    assert any("getitem" in s for s in msgs)  # y[:, :4] selects channels
+    g, text = _trace_warns(m, X8, r"Tensor\.mean \(node 'mean'\) in the top-level forward")
+    assert "operator.getitem" in text  # y[:, :4] selects channels
     c1, c2 = g.group_of("conv1"), g.group_of("conv2")
     assert c1.frozen is not None and "mean" in c1.frozen
     assert c2.frozen is not None and "getitem" in c2.frozen
@@ -320,8 +331,7 @@ def test_unknown_module_names_the_module():
         def forward(self, x):
             return self.out(self.norm(self.conv(x)))
 
-    with pytest.warns(CouplingWarning, match=r"'norm' \(GroupNorm\)"):
-        g = trace(Net(), X8)
+    g, _ = _trace_warns(Net(), X8, r"unsupported module: module 'norm' \(GroupNorm\)")
     assert g.group_of("conv").frozen is not None
     with pytest.raises(ValueError, match="GroupNorm"):
         trace(Net(), X8, strict=True)
@@ -329,8 +339,7 @@ def test_unknown_module_names_the_module():
 
 def test_depthwise_conv_is_frozen():
     m = Depthwise()
-    with pytest.warns(CouplingWarning, match=r"'dw' \(groups=8\)"):
-        g = trace(m, X8)
+    g, _ = _trace_warns(m, X8, r"'dw' \(groups=8\)")
     c1, dw, pw = g.group_of("conv1"), g.group_of("dw"), g.group_of("pw")
     assert "grouped convolution 'dw'" in c1.frozen and "grouped convolution 'dw'" in dw.frozen
     assert dw.producers == ["dw"] and "dw" not in g.consumers
@@ -394,10 +403,8 @@ def test_linear_on_4d_and_bn_after_cat_are_frozen():
             z = self.lin(self.c(x))
             return self.out(z), y
 
-    with pytest.warns(CouplingWarning) as rec:
-        g = trace(Net(), X8)
-    msgs = " | ".join(str(w.message) for w in rec)
-    assert "BatchNorm 'bn'" in msgs and "Linear 'lin'" in msgs
+    g, msgs = _trace_warns(Net(), X8, "BatchNorm 'bn'")
+    assert "Linear 'lin'" in msgs
     assert "BatchNorm 'bn'" in g.group_of("a").frozen
     assert "Linear 'lin'" in g.group_of("c").frozen
     assert "lin" not in g.consumers
@@ -465,8 +472,7 @@ def test_unflatten_that_splits_features_is_frozen():
             y = self.fc(x.flatten(1))
             return self.c2(y.view(-1, 3, 2, 2))
 
-    with pytest.warns(CouplingWarning, match="mixes channels"):
-        g = trace(Net(), X8)
+    g, _ = _trace_warns(Net(), X8, "mixes channels")
     assert "mixes channels" in g.group_of("fc").frozen
     assert g.consumers["c2"].segments != [g.group_of("fc").id]
 
@@ -484,8 +490,7 @@ def test_channel_mixing_reshape_is_frozen():
             y = y.view(n, 2, 2, h, w).transpose(1, 2).reshape(n, 4, h, w)
             return self.d(y)
 
-    with pytest.warns(CouplingWarning, match="view"):
-        g = trace(Shuffle(), X8)
+    g, _ = _trace_warns(Shuffle(), X8, r"Tensor\.view")
     assert g.group_of("c").frozen is not None
 
 
@@ -499,8 +504,8 @@ def test_softmax_at_output_is_silent_and_inside_is_frozen():
         def forward(self, x):
             return F.softmax(self.d(torch.softmax(self.c(x), 1)), dim=1)
 
-    with pytest.warns(CouplingWarning, match="softmax over channels"):
-        g = trace(Net(), X8)
+    g, text = _trace_warns(Net(), X8, "softmax over channels")
+    assert "'softmax_1'" not in text  # the one at the output does not warn
     assert "softmax" in g.group_of("c").frozen
     assert g.group_of("d").frozen == "model output"
 
@@ -540,10 +545,8 @@ def test_gating_product_and_per_channel_parameter_are_frozen():
             s = torch.sigmoid(self.se(y.mean((2, 3)))).view(x.size(0), -1, 1, 1)
             return self.out(y * s), self.out2(self.k(x) * self.gamma[:3])
 
-    with pytest.warns(CouplingWarning) as rec:
-        g = trace(Net(), X8)
-    msgs = " | ".join(str(w.message) for w in rec)
-    assert "product of two activations" in msgs and "per-channel constant" in msgs
+    g, msgs = _trace_warns(Net(), X8, "product of two activations")
+    assert "per-channel constant" in msgs
     assert g.group_of("c").frozen and g.group_of("se").frozen and g.group_of("k").frozen
 
 
@@ -576,8 +579,7 @@ def test_untraceable_model_errors_are_actionable():
             return self.head(F.relu(self.stem(x))) + y
 
     # not strict: the failing submodule becomes an opaque leaf and its groups freeze
-    with pytest.warns(CouplingWarning, match="could not trace into module 'inner'"):
-        g = trace(Outer(), X8)
+    g, _ = _trace_warns(Outer(), X8, "could not trace into module 'inner'")
     assert "inner" in g.group_of("stem2").frozen
     assert g.group_of("stem").frozen is None
     assert "model output" in g.group_of("head").frozen
@@ -585,7 +587,7 @@ def test_untraceable_model_errors_are_actionable():
     with pytest.raises(TypeError, match="strict=False"):
         trace(Outer(), X8, strict=True)
     # leaf_modules makes it opaque on purpose
-    g = trace(Outer(), X8, leaf_modules=[Branchy])
+    g, _ = _trace_warns(Outer(), X8, "unsupported module: module 'inner'", leaf_modules=[Branchy])
     assert not any("could not trace" in w for w in g.warnings)
 
 
@@ -609,3 +611,89 @@ def test_group_of_unknown_name():
     assert isinstance(g.group_of("fc2"), Group)
     with pytest.raises(KeyError, match="nope"):
         g.group_of("nope")
+
+
+class ProtoBlock(nn.Module):
+    """The prototype's ResBlock: shortcut = tile(x, ceil(out/in))[:, :out] (keyword args)."""
+
+    def __init__(self, dim_in: int, dim_inter: int, dim_out: int) -> None:
+        super().__init__()
+        self.dim_out = dim_out
+        self.repeat = -(-dim_out // dim_in)
+        self.layers_dict = nn.ModuleDict(
+            {
+                "conv2d_0": nn.Conv2d(dim_in, dim_inter, 3, padding=1),
+                "activation": nn.LeakyReLU(0.2),
+                "conv2d_1": nn.Conv2d(dim_inter, dim_out, 3, padding=1),
+            }
+        )
+
+    def forward(self, x):
+        inp = torch.tile(x=x, dims=(1, self.repeat, 1, 1))
+        inp = inp[:, : self.dim_out, :, :]
+        for _, layer in self.layers_dict.items():
+            x = layer(x)
+        return inp + x
+
+
+class ProtoNet(nn.Module):
+    def __init__(self, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, widths[0], 3, padding=1)
+        self.blocks = nn.Sequential(*[ProtoBlock(a, 5, b) for a, b in zip(widths, widths[1:])])
+        self.head = nn.Linear(widths[-1] * 8 * 8, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return F.log_softmax(self.head(x.view(x.size(0), -1)), dim=1)
+
+
+def test_prototype_tiled_block_equal_widths_is_an_identity_shortcut():
+    m = ProtoNet((4, 4, 4))
+    g = _trace_quiet(m, X8)
+    trunk = g.group_of("stem")
+    assert trunk.producers == ["stem", "blocks.0.layers_dict.conv2d_1", "blocks.1.layers_dict.conv2d_1"]
+    assert trunk.frozen is None and g.consumers["head"].block == 64
+    _check_invariants(g, m)
+
+
+@pytest.mark.parametrize("widths", [(4, 8), (4, 6)])
+def test_prototype_tiled_block_growing_width_is_frozen(widths):
+    m = ProtoNet(widths)
+    g, text = _trace_warns(m, X8, r"torch\.tile|getitem")
+    assert g.group_of("stem").frozen is not None
+    assert g.group_of("blocks.0.layers_dict.conv2d_1").frozen is not None
+    assert g.group_of("blocks.0.layers_dict.conv2d_0").frozen is None  # the inner width is free
+    _check_invariants(g, m)
+    with pytest.raises(ValueError, match=r"strict=True"):
+        trace(m, X8, strict=True)
+
+
+def test_square_batch_cat_and_type_as_pass_through():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.b = nn.Conv2d(1, 4, 3, padding=1)
+            self.c = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            y = (y * y).type_as(x)
+            z = torch.cat([y, self.b(x)], dim=0)  # along the batch: channels must match
+            return self.c(z)
+
+    m = Net()
+    g = _trace_quiet(m, X8)
+    assert _same(g, "a", "b")
+    assert g.group_of("a").frozen is None
+    _check_invariants(g, m)
+
+
+def test_describe_lists_every_group():
+    m = SmallResNet(project=True)
+    g = trace(m, X16)
+    text = g.describe(m)
+    for grp in g.groups:
+        assert grp.name in text
+    assert "b3.proj.0" in text and "model output" in text

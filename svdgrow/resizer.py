@@ -46,6 +46,8 @@ class StepReport:
         cost_kind, cost_before, cost_after, budget: the budget's measure when one was used.
         warnings: approximations the surgery had to make (e.g. a dropped bias correction).
         seconds: time spent in 'analyse', 'decide', 'apply'.
+        index: group name -> for every new channel, the old channel it came from (-1: grown),
+            for the groups that changed (to remap anything else that follows the channels).
     """
 
     decisions: list[Decision]
@@ -60,6 +62,7 @@ class StepReport:
     budget: float | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    index: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -80,6 +83,7 @@ class StepReport:
             "budget": self.budget,
             "warnings": list(self.warnings),
             "seconds": dict(self.seconds),
+            "index": {k: list(v) for k, v in self.index.items()},
         }
 
     def __str__(self) -> str:
@@ -424,6 +428,12 @@ class Resizer:
             warnings.extend(plan.warnings)
         for w in warnings:
             logger.warning("%s", w)
+        index = {}
+        for gid, ch in changes.items():
+            if ch.action == "prune":
+                index[ch.group.name] = ch.keep.tolist()
+            else:
+                index[ch.group.name] = list(range(ch.old)) + [-1] * (ch.new - ch.old)
         if decisions is None:
             decisions = [
                 Decision(
@@ -443,4 +453,5 @@ class Resizer:
             widths_after=self.widths(),
             mode=self.mode,
             warnings=warnings,
+            index=index,
         )

@@ -220,6 +220,12 @@ class CouplingGraph:
             cells = [c if i != 3 or len(c) <= 40 else c[:37] + "..." for i, c in enumerate(r)]
             lines.append("  ".join(c.ljust(cols[i]) for i, c in enumerate(cells)).rstrip())
         lines.insert(1, "-" * len(lines[0]))
+        frozen = [g for g in self.groups if g.frozen and len(g.frozen) > 40]
+        if frozen:
+            lines.append("")
+            lines.append("frozen because")
+            for g in frozen:
+                lines.append(f"  {g.id} {g.name}: {g.frozen}")
         if self.consumers:
             lines.append("")
             lines.append("consumer layouts (module: segments x block)")
@@ -305,6 +311,10 @@ _PASS_METHODS = set(
         "cpu cuda requires_grad_"
     ).split()
 )
+_IDENTITY_METHODS = set(
+    "contiguous clone detach float double half bfloat16 to type type_as cpu cuda requires_grad_".split()
+)
+_IDENTITY_FUNCS = _objs(torch, "clone detach")
 _ADD_FUNCS = {operator.add, operator.sub, operator.iadd, operator.isub} | _objs(
     torch, "add sub subtract"
 )
@@ -588,11 +598,13 @@ class _Builder:
                 if shp is None:
                     self.env[node] = None
                     continue
+                if len(shp) < 2:
+                    self.env[node] = _Opaque(node.name)
+                    continue
                 name = "input" if n_inputs == 0 else f"input:{node.name}"
                 n_inputs += 1
-                width = shp[1] if len(shp) >= 2 else None
-                g = self.new_group(name, width, frozen="model input")
-                self.env[node] = _Layout((g,)) if len(shp) >= 2 else _Opaque(node.name)
+                g = self.new_group(name, shp[1], frozen="model input")
+                self.env[node] = _Layout((g,))
             elif node.op == "get_attr":
                 self.env[node] = None
             elif node.op == "output":
@@ -777,7 +789,14 @@ class _Builder:
         xs, ys = self.shape(x), self.shape(node)
         if xs is None or ys is None or len(ys) < 2 or ys[:2] != xs[:2]:
             return self.opaque(node)
-        return _Layout(lay.segs, lay.block)
+        t = node.target
+        ident = (
+            (node.op == "call_module" and isinstance(self.modules.get(str(t)), nn.Identity))
+            or (node.op == "call_method" and t in _IDENTITY_METHODS)
+            or (node.op == "call_function" and t in _IDENTITY_FUNCS)
+        )
+        # a norm after an identity-like op still follows the producer directly
+        return _Layout(lay.segs, lay.block, lay.producer if ident else None)
 
     def pad(self, node, x, n_pad: int) -> Any:
         xs = self.shape(x)
@@ -987,9 +1006,9 @@ class _Builder:
             return self.opaque(node)
         if len(ys) < 2:
             return self.opaque(node)
-        lays = [self.need_layout(t, f"operand of {node.name!r}") for t in tensors]
         if any(self.shape(t) is None or len(self.shape(t)) != len(ys) for t in tensors):
             return self.opaque(node)
+        lays = [self.need_layout(t, f"operand of {node.name!r}") for t in tensors]
         if dim % len(ys) == 1:
             if len({x.block for x in lays}) != 1:
                 return self.opaque(node, f"concatenation of differently flattened values: {self.describe_op(node)}")
@@ -1029,6 +1048,16 @@ class _Builder:
                 for reason in r.pending:
                     self.freeze([gid], reason)
         roots = sorted({self.find(g) for g in range(len(self.raw))})
+        # groups nothing produces, normalises or reads (an opaque op's output that only goes
+        # to the model output, say) carry no weights: leave them out, except model inputs
+        roots = [
+            r
+            for r in roots
+            if self.raw[r].producers
+            or self.raw[r].norms
+            or self.raw[r].consumers
+            or "model input" in self.raw[r].frozen
+        ]
         new_id = {r: i for i, r in enumerate(roots)}
 
         def dedup(items: list[tuple[int, str]]) -> list[str]:

@@ -697,3 +697,43 @@ def test_describe_lists_every_group():
     for grp in g.groups:
         assert grp.name in text
     assert "b3.proj.0" in text and "model output" in text
+
+
+def test_norm_after_identity_ops_and_after_activation():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+            self.id = nn.Identity()
+            self.bn1 = nn.BatchNorm2d(4)
+            self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(4)
+            self.bn3 = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn1(self.id(self.c1(x)).contiguous())
+            z = self.bn2(F.relu(self.c2(y)))
+            return self.bn3(z)
+
+    m = Net()
+    g = _trace_quiet(m, X8)
+    assert g.group_of("c1").norm_after == {"bn1": "c1"}
+    assert g.group_of("c2").norm_after == {"bn2": None, "bn3": None}
+    assert g.group_of("c2").frozen == "model output"
+    _check_invariants(g, m)
+
+
+def test_unused_opaque_groups_are_dropped():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3, padding=1)
+            self.d = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.c(x)
+            return self.d(y), torch.roll(y, 1, dims=1)  # roll over channels: unsupported
+
+    g, text = _trace_warns(Net(), X8, r"torch\.roll")
+    assert [grp.name for grp in g.groups] == ["input", "c", "d"]
+    assert "torch.roll" in g.group_of("c").frozen

@@ -1,0 +1,699 @@
+// batched_svd on CUDA: the SVD of many matrices of different shapes, every stage one kernel
+// launch over all of them, no host synchronisation (so a call can be captured in a CUDA graph).
+//
+// Each matrix A (m x n) is worked on in the orientation A' (s x L) with s = min(m, n) rows
+// (A' = A^T when m > n), in float64, scaled by a power of two so that max|A'| lies in [0.5, 1).
+//
+//   exact path (k is None, or l = min(k + oversample, s) == s):
+//       G = A' A'^T (s x s), G = W diag(lam) W^T (Jacobi), sigma = sqrt(lam),
+//       U' = W, V'^T = rows of W^T A' normalised (and re-orthonormalised).
+//   randomized path (l < s): range finder with power iterations,
+//       Y = A' Omega, Q = orth(Y); niter x { P = orth(A'^T Q), Q = orth(A' P) };
+//       B = Q^T A' (l x L), G = B B^T (l x l) = W diag(lam) W^T,
+//       U' = Q W[:, :k], V'^T = rows of W[:, :k]^T B normalised (and re-orthonormalised).
+//
+// The Gram matrix squares the condition number, which float64 absorbs: eigenvalues carry an
+// absolute error of about 1e-16 lam_max, so every sigma >= 1e-3 sigma_max keeps a relative
+// error near 1e-10.
+//
+// Stages (one launch each, all problems): scale, pack, [sketch, gemm, orth, niter x
+// (gemm, orth, gemm, orth), gemm], gemm (Gram), jacobi, [gemm (U)], gemm (V), orth (V), finalize.
+// The problem table (SvdProblem) and the GEMM descriptors are built on the host from shapes only
+// and uploaded in one non-blocking copy from pinned memory.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "svdgrow_cuda_common.cuh"
+
+namespace svdgrow_cuda {
+namespace {
+
+constexpr int kThreads = 256;        // flat kernels, GEMM, orthonormalisation
+constexpr int kJacobiThreads = 512;  // one block per eigenproblem
+constexpr int kMaxSweeps = 40;       // Jacobi converges in about 6-12 sweeps in float64
+constexpr double kJacobiTol = 1e-14; // rotate when |g_pq| > tol * sqrt(|g_pp g_qq|)
+constexpr int kRotStride = 5;        // per pair: c, s, new g_pp, new g_qq, active
+
+// GEMM tile: 64 x 64 outputs, 16-deep k slices, 256 threads with 4 x 4 outputs each.
+constexpr int kBM = 64, kBN = 64, kBK = 16;
+
+struct SvdProblem {
+  uint64_t in_ptr;       // mats[i] (float32 or float64, any strides)
+  int64_t in_s0, in_s1;  // its strides, in elements
+  uint64_t s_ptr, u_ptr, vh_ptr;  // outputs (contiguous, input dtype)
+  int32_t m, n;          // shape of mats[i]
+  int32_t s, L;          // A' is s x L, s = min(m, n)
+  int32_t l, r;          // subspace width (l = s on the exact path), singular triplets kept
+  int32_t transposed;    // A' = A^T
+  int32_t is_double;     // dtype of input and outputs
+  // Workspace offsets, in float64 elements. y/p/ut exist on the randomized path only.
+  int64_t scale_off, a_off, g_off, wt_off, ws_off, lam_off, rot_off, coef_off;
+  int64_t y_off, p_off, ut_off, vt_off;
+  int64_t u_off;  // r rows of length s holding U'^T: ws_off (exact) or ut_off (randomized)
+};
+
+// C (M x N, row stride c_rs, unit column stride) = A (M x K) B (K x N), arbitrary strides.
+struct GemmDesc {
+  int64_t begin;  // first tile of this product within the launch
+  int64_t a_off, a_rs, a_cs;
+  int64_t b_off, b_rs, b_cs;
+  int64_t c_off, c_rs;
+  int32_t M, N, K, tiles_n;
+};
+
+enum OrthTarget : int { kOrthY = 0, kOrthP = 1, kOrthV = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ double load_input(const SvdProblem& P, int64_t i, int64_t j) {
+  const int64_t off = i * P.in_s0 + j * P.in_s1;
+  if (P.is_double) return reinterpret_cast<const double*>(P.in_ptr)[off];
+  return static_cast<double>(reinterpret_cast<const float*>(P.in_ptr)[off]);
+}
+
+__device__ __forceinline__ void store_output(uint64_t ptr, int is_double, int64_t idx, double v) {
+  if (is_double) {
+    reinterpret_cast<double*>(ptr)[idx] = v;
+  } else {
+    reinterpret_cast<float*>(ptr)[idx] = static_cast<float>(v);
+  }
+}
+
+// Stage: scale. One block per problem: the power of two that brings max|A| into [0.5, 1).
+__global__ void __launch_bounds__(kThreads)
+    batched_svd_scale_kernel(const SvdProblem* __restrict__ probs, double* __restrict__ ws) {
+  __shared__ double sh[kThreads / 32];
+  const SvdProblem& P = probs[blockIdx.x];
+  const int64_t n = P.n;
+  const int64_t total = static_cast<int64_t>(P.m) * n;
+  double mx = 0.0;
+  for (int64_t e = threadIdx.x; e < total; e += blockDim.x) {
+    mx = fmax(mx, fabs(load_input(P, e / n, e % n)));
+  }
+  mx = block_max(mx, sh);
+  if (threadIdx.x == 0) {
+    double scale = 1.0;
+    if (mx > 0.0 && isfinite(mx)) {
+      int ex = 0;
+      frexp(mx, &ex);
+      scale = ldexp(1.0, ex);
+    }
+    ws[P.scale_off] = scale;
+  }
+}
+
+// Stage: pack. A' (s x L, row-major, float64) = A or A^T, divided by the scale.
+// grid (x: grid-stride over the problem, y: problem).
+__global__ void __launch_bounds__(kThreads)
+    batched_svd_pack_kernel(const SvdProblem* __restrict__ probs, double* __restrict__ ws) {
+  const SvdProblem& P = probs[blockIdx.y];
+  const int64_t L = P.L;
+  const int64_t total = static_cast<int64_t>(P.s) * L;
+  const double inv = 1.0 / ws[P.scale_off];
+  double* A = ws + P.a_off;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t a = e / L, b = e % L;
+    A[e] = (P.transposed ? load_input(P, b, a) : load_input(P, a, b)) * inv;
+  }
+}
+
+// Stage: sketch. Omega^T (l x L) with standard normal entries into the P buffer, drawn from a
+// counter-based hash of (seed, problem, entry). grid (x: grid-stride, y: randomized problem).
+__global__ void __launch_bounds__(kThreads)
+    batched_svd_sketch_kernel(const SvdProblem* __restrict__ probs,
+                              const int32_t* __restrict__ plist, double* __restrict__ ws,
+                              uint64_t seed_key) {
+  const int pi = plist[blockIdx.y];
+  const SvdProblem& P = probs[pi];
+  const uint64_t key = splitmix64(seed_key ^ splitmix64(0x51ce0000ull + static_cast<uint64_t>(pi)));
+  const int64_t total = static_cast<int64_t>(P.l) * P.L;
+  double* Om = ws + P.p_off;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Om[e] = gaussian_hash(key, static_cast<uint64_t>(e));
+  }
+}
+
+// Stage: GEMM over a list of products of different shapes; one block per 64 x 64 output tile,
+// tiles of all products numbered one after another (GemmDesc::begin).
+__global__ void __launch_bounds__(kThreads)
+    batched_svd_gemm_kernel(const GemmDesc* __restrict__ descs, int ndesc,
+                            double* __restrict__ ws) {
+  __shared__ double As[kBK][kBM + 1];
+  __shared__ double Bs[kBK][kBN + 1];
+
+  const int64_t tile = blockIdx.x;
+  const GemmDesc g = descs[find_segment(descs, ndesc, tile)];
+  const int64_t local = tile - g.begin;
+  const int64_t row0 = (local / g.tiles_n) * kBM;
+  const int64_t col0 = (local % g.tiles_n) * kBN;
+  const double* __restrict__ A = ws + g.a_off;
+  const double* __restrict__ B = ws + g.b_off;
+  double* __restrict__ C = ws + g.c_off;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+
+  double acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0;
+
+  const bool a_k_contig = (g.a_cs == 1);
+  const bool b_n_contig = (g.b_cs == 1);
+  for (int64_t k0 = 0; k0 < g.K; k0 += kBK) {
+    for (int e = threadIdx.x; e < kBM * kBK; e += kThreads) {
+      // Consecutive threads walk the unit-stride direction, so global loads coalesce.
+      const int mm = a_k_contig ? e / kBK : e % kBM;
+      const int kk = a_k_contig ? e % kBK : e / kBM;
+      const int64_t gr = row0 + mm, gk = k0 + kk;
+      As[kk][mm] = (gr < g.M && gk < g.K) ? A[gr * g.a_rs + gk * g.a_cs] : 0.0;
+    }
+    for (int e = threadIdx.x; e < kBK * kBN; e += kThreads) {
+      const int nn = b_n_contig ? e % kBN : e / kBK;
+      const int kk = b_n_contig ? e / kBN : e % kBK;
+      const int64_t gk = k0 + kk, gc = col0 + nn;
+      Bs[kk][nn] = (gk < g.K && gc < g.N) ? B[gk * g.b_rs + gc * g.b_cs] : 0.0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      double a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t gr = row0 + ty + 16 * i;
+    if (gr >= g.M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t gc = col0 + tx + 16 * j;
+      if (gc < g.N) C[gr * g.c_rs + gc] = acc[i][j];
+    }
+  }
+}
+
+// One classical Gram-Schmidt pass of row v = X[j] against rows X[0..j). All threads.
+__device__ void cgs_pass(const double* __restrict__ X, double* v, int64_t len, int j,
+                         double* coef) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int i = warp; i < j; i += nwarps) {
+    const double* xi = X + static_cast<int64_t>(i) * len;
+    double d = 0.0;
+    for (int64_t c = lane; c < len; c += 32) d = fma(xi[c], v[c], d);
+    d = warp_sum(d);
+    if (lane == 0) coef[i] = d;
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < len; c += blockDim.x) {
+    double acc = 0.0;
+    for (int i = 0; i < j; ++i) acc = fma(coef[i], X[static_cast<int64_t>(i) * len + c], acc);
+    v[c] -= acc;
+  }
+  __syncthreads();
+}
+
+__device__ double row_norm(const double* v, int64_t len, double* sh) {
+  double t = 0.0;
+  for (int64_t c = threadIdx.x; c < len; c += blockDim.x) t = fma(v[c], v[c], t);
+  return sqrt(block_sum(t, sh));
+}
+
+// Stage: orthonormalise the rows of an nvec x len block (nvec <= len), one block per problem,
+// in order, by classical Gram-Schmidt applied twice ("twice is enough"). A row that the second
+// pass shrinks by more than 1/sqrt(2), or that is numerically zero, lies in the span of the
+// rows before it: it is replaced by a hashed Gaussian row, orthogonalised the same way, so the
+// result always has orthonormal rows and stays deterministic.
+__global__ void __launch_bounds__(kThreads)
+    batched_svd_orth_kernel(const SvdProblem* __restrict__ probs,
+                            const int32_t* __restrict__ plist, int target, double* ws,
+                            uint64_t key_base) {
+  __shared__ double sh[kThreads / 32];
+  const int pi = plist[blockIdx.x];
+  const SvdProblem& P = probs[pi];
+  int64_t off, len;
+  int nvec;
+  if (target == kOrthY) {
+    off = P.y_off, nvec = P.l, len = P.s;
+  } else if (target == kOrthP) {
+    off = P.p_off, nvec = P.l, len = P.L;
+  } else {
+    off = P.vt_off, nvec = P.r, len = P.L;
+  }
+  double* X = ws + off;
+  double* coef = ws + P.coef_off;
+  const uint64_t key = splitmix64(key_base ^ splitmix64(0x0127000000ull + static_cast<uint64_t>(pi)));
+
+  for (int j = 0; j < nvec; ++j) {
+    double* v = X + static_cast<int64_t>(j) * len;
+    cgs_pass(X, v, len, j, coef);
+    const double n1 = row_norm(v, len, sh);
+    cgs_pass(X, v, len, j, coef);
+    double n2 = row_norm(v, len, sh);
+    // n2, n1 are the same in every thread, so this branch is uniform over the block.
+    if (!(n2 > 1e-290 && n2 >= 0.7071067811865476 * n1)) {
+      for (int64_t c = threadIdx.x; c < len; c += blockDim.x) {
+        v[c] = gaussian_hash(key, static_cast<uint64_t>(j) * static_cast<uint64_t>(len) + c);
+      }
+      __syncthreads();
+      cgs_pass(X, v, len, j, coef);
+      cgs_pass(X, v, len, j, coef);
+      n2 = row_norm(v, len, sh);
+    }
+    const double inv = (n2 > 0.0) ? 1.0 / n2 : 0.0;
+    for (int64_t c = threadIdx.x; c < len; c += blockDim.x) v[c] *= inv;
+    __syncthreads();
+  }
+}
+
+// Round-robin (circle method) pairing: nplayers even, round in [0, nplayers - 1), k in
+// [0, nplayers / 2). Every pair of players meets exactly once per sweep.
+__device__ __forceinline__ void round_robin_pair(int round, int k, int nplayers, int& p, int& q) {
+  const int nm1 = nplayers - 1;
+  if (k == 0) {
+    p = round;
+    q = nm1;
+  } else {
+    p = (round + k) % nm1;
+    q = (round - k + nm1) % nm1;
+  }
+}
+
+// Stage: symmetric eigen-solve of G (l x l, global memory), one block per problem, by cyclic
+// Jacobi in parallel (round-robin) order: each round rotates l/2 disjoint pairs at once
+// (rows, then columns; eigenvectors kept as the rows of Wt). A sweep without any rotation ends
+// the iteration; kMaxSweeps bounds it. Then eigenvalues sorted descending into lam, and the
+// matching eigenvectors into the rows of Ws.
+__global__ void __launch_bounds__(kJacobiThreads)
+    batched_svd_jacobi_kernel(const SvdProblem* __restrict__ probs, double* ws) {
+  __shared__ int any_rotation;
+  const SvdProblem& P = probs[blockIdx.x];
+  const int l = P.l;
+  const int64_t ll = static_cast<int64_t>(l) * l;
+  double* G = ws + P.g_off;
+  double* Wt = ws + P.wt_off;
+  double* rot = ws + P.rot_off;
+  const int tid = threadIdx.x, bs = blockDim.x;
+  const int nplayers = l + (l & 1);
+  const int npairs = nplayers / 2;
+  const int nrounds = nplayers - 1;
+  const int64_t pair_work = static_cast<int64_t>(npairs) * l;
+
+  for (int64_t e = tid; e < ll; e += bs) Wt[e] = (e / l == e % l) ? 1.0 : 0.0;
+  __syncthreads();
+
+  for (int sweep = 0; sweep < kMaxSweeps; ++sweep) {
+    if (tid == 0) any_rotation = 0;
+    __syncthreads();
+    for (int round = 0; round < nrounds; ++round) {
+      // Rotation for each pair of this round.
+      for (int k = tid; k < npairs; k += bs) {
+        int p, q;
+        round_robin_pair(round, k, nplayers, p, q);
+        double c = 1.0, s = 0.0, npp = 0.0, nqq = 0.0, active = 0.0;
+        if (p < l && q < l) {
+          const double app = G[static_cast<int64_t>(p) * l + p];
+          const double aqq = G[static_cast<int64_t>(q) * l + q];
+          const double apq = G[static_cast<int64_t>(p) * l + q];
+          if (fabs(apq) > 1e-300 && fabs(apq) > kJacobiTol * sqrt(fabs(app) * fabs(aqq))) {
+            // Golub & Van Loan, sym.schur2: J = [c s; -s c] zeroes G(p, q) in J^T G J.
+            const double tau = (aqq - app) / (2.0 * apq);
+            const double t = copysign(1.0, tau) / (fabs(tau) + hypot(1.0, tau));
+            c = 1.0 / sqrt(1.0 + t * t);
+            s = t * c;
+            npp = app - t * apq;
+            nqq = aqq + t * apq;
+            active = 1.0;
+            any_rotation = 1;
+          }
+        }
+        double* rk = rot + static_cast<int64_t>(kRotStride) * k;
+        rk[0] = c;
+        rk[1] = s;
+        rk[2] = npp;
+        rk[3] = nqq;
+        rk[4] = active;
+      }
+      __syncthreads();
+      // Rows: G <- J^T G and Wt <- J^T Wt (so that W <- W J).
+      for (int64_t e = tid; e < pair_work; e += bs) {
+        const int k = static_cast<int>(e / l);
+        const int64_t col = e % l;
+        const double* rk = rot + static_cast<int64_t>(kRotStride) * k;
+        if (rk[4] == 0.0) continue;
+        const double c = rk[0], s = rk[1];
+        int p, q;
+        round_robin_pair(round, k, nplayers, p, q);
+        double* gp = G + static_cast<int64_t>(p) * l + col;
+        double* gq = G + static_cast<int64_t>(q) * l + col;
+        const double x = *gp, y = *gq;
+        *gp = c * x - s * y;
+        *gq = s * x + c * y;
+        double* wp = Wt + static_cast<int64_t>(p) * l + col;
+        double* wq = Wt + static_cast<int64_t>(q) * l + col;
+        const double u = *wp, w = *wq;
+        *wp = c * u - s * w;
+        *wq = s * u + c * w;
+      }
+      __syncthreads();
+      // Columns: G <- G J.
+      for (int64_t e = tid; e < pair_work; e += bs) {
+        const int k = static_cast<int>(e % npairs);
+        const int64_t row = e / npairs;
+        const double* rk = rot + static_cast<int64_t>(kRotStride) * k;
+        if (rk[4] == 0.0) continue;
+        const double c = rk[0], s = rk[1];
+        int p, q;
+        round_robin_pair(round, k, nplayers, p, q);
+        double* gp = G + row * l + p;
+        double* gq = G + row * l + q;
+        const double x = *gp, y = *gq;
+        *gp = c * x - s * y;
+        *gq = s * x + c * y;
+      }
+      __syncthreads();
+      // The rotated pair: exact zeros off the diagonal, the closed-form diagonal.
+      for (int k = tid; k < npairs; k += bs) {
+        const double* rk = rot + static_cast<int64_t>(kRotStride) * k;
+        if (rk[4] == 0.0) continue;
+        int p, q;
+        round_robin_pair(round, k, nplayers, p, q);
+        G[static_cast<int64_t>(p) * l + q] = 0.0;
+        G[static_cast<int64_t>(q) * l + p] = 0.0;
+        G[static_cast<int64_t>(p) * l + p] = rk[2];
+        G[static_cast<int64_t>(q) * l + q] = rk[3];
+      }
+      __syncthreads();
+    }
+    const bool done = (any_rotation == 0);
+    __syncthreads();  // every thread has read the flag before thread 0 clears it
+    if (done) break;
+  }
+
+  // Sort descending (NaN last, ties by index): rank of eigenvalue i = number of eigenvalues
+  // ahead of it. One warp per eigenvalue.
+  double* lam = ws + P.lam_off;
+  double* Ws = ws + P.ws_off;
+  const int lane = tid & 31, warp = tid >> 5, nwarps = bs >> 5;
+  for (int i = warp; i < l; i += nwarps) {
+    const double gi = G[static_cast<int64_t>(i) * l + i];
+    const double ki = isnan(gi) ? -INFINITY : gi;
+    int cnt = 0;
+    for (int j = lane; j < l; j += 32) {
+      const double gj = G[static_cast<int64_t>(j) * l + j];
+      const double kj = isnan(gj) ? -INFINITY : gj;
+      cnt += (kj > ki || (kj == ki && j < i)) ? 1 : 0;
+    }
+    cnt = warp_sum_int(cnt);
+    if (lane == 0) lam[cnt] = gi;
+    for (int c = lane; c < l; c += 32) {
+      Ws[static_cast<int64_t>(cnt) * l + c] = Wt[static_cast<int64_t>(i) * l + c];
+    }
+  }
+}
+
+// Stage: finalize. S, U, Vh in the input dtype and orientation. grid (x: grid-stride, y: problem).
+__global__ void __launch_bounds__(kThreads)
+    batched_svd_finalize_kernel(const SvdProblem* __restrict__ probs,
+                                const double* __restrict__ ws) {
+  const SvdProblem& P = probs[blockIdx.y];
+  const int64_t r = P.r, m = P.m, n = P.n, s = P.s, L = P.L;
+  const int64_t nu = m * r, nv = r * n;
+  const int64_t total = r + nu + nv;
+  const double scale = ws[P.scale_off];
+  const double* lam = ws + P.lam_off;
+  const double* urows = ws + P.u_off;  // U'^T, r x s
+  const double* vt = ws + P.vt_off;    // V'^T, r x L
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (e < r) {
+      store_output(P.s_ptr, P.is_double, e, scale * sqrt(fmax(lam[e], 0.0)));
+    } else if (e < r + nu) {
+      const int64_t idx = e - r;  // U is m x r
+      const int64_t i = idx / r, j = idx % r;
+      const double v = P.transposed ? vt[j * L + i] : urows[j * s + i];
+      store_output(P.u_ptr, P.is_double, idx, v);
+    } else {
+      const int64_t idx = e - r - nu;  // Vh is r x n
+      const int64_t j = idx / n, c = idx % n;
+      const double v = P.transposed ? urows[j * s + c] : vt[j * L + c];
+      store_output(P.vh_ptr, P.is_double, idx, v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+std::string shape_str(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d) out += ", ";
+    out += std::to_string(t.size(d));
+  }
+  return out + "]";
+}
+
+class GemmList {
+ public:
+  void add(int64_t M, int64_t N, int64_t K, int64_t a_off, int64_t a_rs, int64_t a_cs,
+           int64_t b_off, int64_t b_rs, int64_t b_cs, int64_t c_off, int64_t c_rs) {
+    GemmDesc g{};
+    g.begin = tiles_;
+    g.a_off = a_off, g.a_rs = a_rs, g.a_cs = a_cs;
+    g.b_off = b_off, g.b_rs = b_rs, g.b_cs = b_cs;
+    g.c_off = c_off, g.c_rs = c_rs;
+    g.M = static_cast<int32_t>(M), g.N = static_cast<int32_t>(N), g.K = static_cast<int32_t>(K);
+    g.tiles_n = static_cast<int32_t>(ceil_div(N, kBN));
+    tiles_ += ceil_div(M, kBM) * g.tiles_n;
+    descs_.push_back(g);
+  }
+  bool empty() const { return descs_.empty(); }
+  int size() const { return static_cast<int>(descs_.size()); }
+  int64_t tiles() const { return tiles_; }
+  const std::vector<GemmDesc>& descs() const { return descs_; }
+  int64_t table_off = -1;
+
+ private:
+  std::vector<GemmDesc> descs_;
+  int64_t tiles_ = 0;
+};
+
+using SvdResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_t niter,
+                           int64_t oversample, int64_t seed) {
+  TORCH_CHECK(!mats.empty(), "batched_svd: mats is an empty list; pass at least one 2-D matrix");
+  TORCH_CHECK(niter >= 0, "batched_svd: niter must be >= 0, got ", niter);
+  TORCH_CHECK(oversample >= 0, "batched_svd: oversample must be >= 0, got ", oversample);
+  const int64_t nmat = static_cast<int64_t>(mats.size());
+  TORCH_CHECK(nmat <= 65535, "batched_svd (CUDA): at most 65535 matrices per call, got ", nmat,
+              "; split the list");
+  TORCH_CHECK(mats[0].defined(), "batched_svd: mats[0] is an undefined tensor");
+  const at::Device device = mats[0].device();
+  TORCH_CHECK(device.is_cuda(), "batched_svd (CUDA): mats[0] is on ", device,
+              ", expected a CUDA tensor");
+  for (int64_t i = 0; i < nmat; ++i) {
+    const at::Tensor& A = mats[i];
+    TORCH_CHECK(A.defined(), "batched_svd: mats[", i, "] is an undefined tensor");
+    TORCH_CHECK(A.dim() == 2, "batched_svd: mats[", i, "] must be a 2-D matrix, got ", A.dim(),
+                "-D tensor of shape ", shape_str(A), "; reshape it (e.g. a conv weight with ",
+                "w.reshape(w.shape[0], -1))");
+    TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+                "batched_svd: mats[", i, "] has dtype ", A.scalar_type(),
+                ", expected float32 or float64");
+    TORCH_CHECK(A.device() == device, "batched_svd: mats[", i, "] is on ", A.device(),
+                " but mats[0] is on ", device, "; all matrices must be on the same device");
+    TORCH_CHECK(A.size(0) < (int64_t{1} << 31) && A.size(1) < (int64_t{1} << 31),
+                "batched_svd: mats[", i, "] is too large (", shape_str(A), ")");
+    if (k.has_value()) {
+      const int64_t mn = std::min(A.size(0), A.size(1));
+      TORCH_CHECK(*k > 0 && *k <= mn, "batched_svd: k=", *k,
+                  " must satisfy 0 < k <= min(m, n) for every matrix, but mats[", i,
+                  "] has shape ", shape_str(A), " (min(m, n) = ", mn, ")");
+    }
+  }
+
+  c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  std::vector<at::Tensor> S_out, U_out, Vh_out;
+  S_out.reserve(nmat), U_out.reserve(nmat), Vh_out.reserve(nmat);
+
+  // Plan: shapes -> workspace offsets, problem table, GEMM descriptor lists.
+  std::vector<SvdProblem> probs;
+  std::vector<int32_t> plist_all, plist_rand;
+  int64_t ws_size = 0;
+  auto take = [&](int64_t count) {
+    const int64_t off = ws_size;
+    ws_size += ceil_div(std::max<int64_t>(count, 1), 32) * 32;  // 256-byte aligned pieces
+    return off;
+  };
+  int64_t max_pack = 1, max_rand = 1, max_fin = 1;
+
+  for (int64_t i = 0; i < nmat; ++i) {
+    const at::Tensor& A = mats[i];
+    const int64_t m = A.size(0), n = A.size(1);
+    const int64_t s = std::min(m, n), L = std::max(m, n);
+    const int64_t r = k.has_value() ? *k : s;
+    const auto opts = A.options();
+    S_out.push_back(at::empty({r}, opts));
+    U_out.push_back(at::empty({m, r}, opts));
+    Vh_out.push_back(at::empty({r, n}, opts));
+    if (s == 0) continue;  // empty matrix: nothing to compute
+
+    const int64_t l = k.has_value() ? std::min(*k + oversample, s) : s;
+    const bool exact = (l == s);
+    SvdProblem P{};
+    P.in_ptr = reinterpret_cast<uint64_t>(A.data_ptr());
+    P.in_s0 = A.stride(0), P.in_s1 = A.stride(1);
+    P.s_ptr = reinterpret_cast<uint64_t>(S_out.back().data_ptr());
+    P.u_ptr = reinterpret_cast<uint64_t>(U_out.back().data_ptr());
+    P.vh_ptr = reinterpret_cast<uint64_t>(Vh_out.back().data_ptr());
+    P.m = static_cast<int32_t>(m), P.n = static_cast<int32_t>(n);
+    P.s = static_cast<int32_t>(s), P.L = static_cast<int32_t>(L);
+    P.l = static_cast<int32_t>(l), P.r = static_cast<int32_t>(r);
+    P.transposed = (m > n) ? 1 : 0;
+    P.is_double = (A.scalar_type() == at::kDouble) ? 1 : 0;
+    P.scale_off = take(1);
+    P.a_off = take(s * L);
+    P.g_off = take(l * l);
+    P.wt_off = take(l * l);
+    P.ws_off = take(l * l);
+    P.lam_off = take(l);
+    P.rot_off = take(kRotStride * ((l + 1) / 2));
+    P.coef_off = take(l);
+    P.vt_off = take(r * L);
+    if (exact) {
+      P.y_off = P.p_off = P.ut_off = -1;
+      P.u_off = P.ws_off;  // U'^T = first r rows of Ws (rows of length l = s)
+    } else {
+      P.y_off = take(l * s);
+      P.p_off = take(l * L);
+      P.ut_off = take(r * s);
+      P.u_off = P.ut_off;
+      plist_rand.push_back(static_cast<int32_t>(probs.size()));
+      max_rand = std::max(max_rand, l * L);
+    }
+    plist_all.push_back(static_cast<int32_t>(probs.size()));
+    max_pack = std::max(max_pack, s * L);
+    max_fin = std::max(max_fin, r + m * r + r * n);
+    probs.push_back(P);
+  }
+  if (probs.empty()) return SvdResult(std::move(S_out), std::move(U_out), std::move(Vh_out));
+
+  // GEMM stages. Buffers (row-major): A' s x L; Y^T l x s (columns of Y as rows); P buffer
+  // l x L (Omega^T, then Z^T, then B); G, Wt, Ws l x l; U'^T r x s; V'^T r x L.
+  GemmList g_y, g_z, g_gram, g_u, g_v;
+  for (const SvdProblem& P : probs) {
+    const int64_t s = P.s, L = P.L, l = P.l, r = P.r;
+    const bool exact = P.y_off < 0;
+    if (!exact) {
+      // Y^T (l x s) = Pbuf (l x L) * A'^T          [Y = A' Omega, then Y = A' P]
+      g_y.add(l, s, L, P.p_off, L, 1, P.a_off, 1, L, P.y_off, s);
+      // Pbuf (l x L) = Y^T (l x s) * A' (s x L)     [Z^T = Q^T A', and finally B = Q^T A']
+      g_z.add(l, L, s, P.y_off, s, 1, P.a_off, L, 1, P.p_off, L);
+      // U'^T (r x s) = Ws[:r] (r x l) * Q^T (l x s)
+      g_u.add(r, s, l, P.ws_off, l, 1, P.y_off, s, 1, P.ut_off, s);
+    }
+    const int64_t bmat = exact ? P.a_off : P.p_off;  // B, l x L
+    // G (l x l) = B B^T
+    g_gram.add(l, l, L, bmat, L, 1, bmat, 1, L, P.g_off, l);
+    // V'^T before normalisation (r x L) = Ws[:r] (r x l) * B (l x L)
+    g_v.add(r, L, l, P.ws_off, l, 1, bmat, L, 1, P.vt_off, L);
+  }
+
+  // Table: problems, problem lists, GEMM descriptors; one upload.
+  HostTable table;
+  const int64_t off_probs = table.append(probs);
+  const int64_t off_all = table.append(plist_all);
+  const int64_t off_rand = plist_rand.empty() ? -1 : table.append(plist_rand);
+  for (GemmList* gl : {&g_y, &g_z, &g_gram, &g_u, &g_v}) {
+    if (!gl->empty()) gl->table_off = table.append(gl->descs());
+  }
+
+  at::Tensor ws_t = at::empty({std::max<int64_t>(ws_size, 1)},
+                              at::TensorOptions().dtype(at::kDouble).device(device));
+  at::Tensor table_t = table.upload(device);
+  double* ws = ws_t.data_ptr<double>();
+  const uint8_t* base = table_t.data_ptr<uint8_t>();
+  const SvdProblem* d_probs = reinterpret_cast<const SvdProblem*>(base + off_probs);
+  const int32_t* d_all = reinterpret_cast<const int32_t*>(base + off_all);
+  const int32_t* d_rand = off_rand >= 0 ? reinterpret_cast<const int32_t*>(base + off_rand) : nullptr;
+  const unsigned nprob = static_cast<unsigned>(probs.size());
+  const unsigned nrand = static_cast<unsigned>(plist_rand.size());
+  const uint64_t seed_key = splitmix64(static_cast<uint64_t>(seed));
+  uint64_t orth_salt = 0;
+
+  auto gemm = [&](const GemmList& gl) {
+    if (gl.empty()) return;
+    TORCH_CHECK(gl.tiles() < (int64_t{1} << 31), "batched_svd (CUDA): too many GEMM tiles");
+    batched_svd_gemm_kernel<<<static_cast<unsigned>(gl.tiles()), kThreads, 0, stream>>>(
+        reinterpret_cast<const GemmDesc*>(base + gl.table_off), gl.size(), ws);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  auto orth = [&](const int32_t* plist, unsigned count, int target) {
+    if (count == 0) return;
+    ++orth_salt;
+    batched_svd_orth_kernel<<<count, kThreads, 0, stream>>>(d_probs, plist, target, ws,
+                                                             splitmix64(seed_key + orth_salt));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+
+  batched_svd_scale_kernel<<<nprob, kThreads, 0, stream>>>(d_probs, ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  batched_svd_pack_kernel<<<dim3(grid_blocks(max_pack, kThreads, 1024), nprob), kThreads, 0,
+                            stream>>>(d_probs, ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (nrand > 0) {
+    batched_svd_sketch_kernel<<<dim3(grid_blocks(max_rand, kThreads, 1024), nrand), kThreads, 0,
+                                stream>>>(d_probs, d_rand, ws, seed_key);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gemm(g_y);                       // Y = A' Omega
+    orth(d_rand, nrand, kOrthY);     // Q
+    for (int64_t it = 0; it < niter; ++it) {
+      gemm(g_z);                     // Z = A'^T Q
+      orth(d_rand, nrand, kOrthP);   // P = orth(Z)
+      gemm(g_y);                     // Y = A' P
+      orth(d_rand, nrand, kOrthY);   // Q = orth(Y)
+    }
+    gemm(g_z);                       // B = Q^T A'
+  }
+  gemm(g_gram);                      // G = B B^T
+  batched_svd_jacobi_kernel<<<nprob, kJacobiThreads, 0, stream>>>(d_probs, ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gemm(g_u);                         // U' = Q W (randomized problems)
+  gemm(g_v);                         // V'^T = W^T B
+  orth(d_all, nprob, kOrthV);        // normalise, re-orthonormalise
+  batched_svd_finalize_kernel<<<dim3(grid_blocks(max_fin, kThreads, 1024), nprob), kThreads, 0,
+                                stream>>>(d_probs, ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  return SvdResult(std::move(S_out), std::move(U_out), std::move(Vh_out));
+}
+
+}  // namespace
+}  // namespace svdgrow_cuda
+
+TORCH_LIBRARY_IMPL(svdgrow, CUDA, m) {
+  m.impl("batched_svd", TORCH_FN(svdgrow_cuda::batched_svd_cuda));
+}

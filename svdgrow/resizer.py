@@ -267,12 +267,12 @@ class Resizer:
         out = {}
         for g in self.graph.groups:
             w = self._width(g)
-            if w is None:  # an input group: read it from a consumer with only that segment
+            if w is None:  # an input group: the traced width, else a consumer reading only it
+                w = getattr(g, "width", None)
                 for c, lay in self.graph.consumers.items():
-                    if lay.segments == [g.id]:
-                        W = self._mods[c].weight
-                        w = W.reshape(W.shape[0], -1, lay.block).shape[1]
-                        break
+                    if w is None and lay.segments == [g.id]:
+                        m = self._mods[c]
+                        w = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features // max(lay.block, 1)
             out[g.id] = w if w is not None else 0
         return out
 
@@ -410,7 +410,7 @@ class Resizer:
             feats, offsets = capture_features(self.model, self._mods, self.graph, groups, wid, data, self.max_samples, self._gen)
             for gid in prunes:
                 g = self.graph.groups[gid]
-                changes[gid] = plan_prune_data(self._mods, self.graph, g, wid[gid], changes_w[gid], feats, self.ridge, offsets)
+                changes[gid] = plan_prune_data(self._mods, self.graph, g, wid, changes_w[gid], feats, self.ridge, offsets)
         elif prunes:
             have = {s.group_id: s for s in (spectra or []) if s.U is not None}
             need = [self.graph.groups[gid] for gid in prunes if gid not in have]

@@ -106,6 +106,21 @@ def pivoted_columns(A: Tensor, r: int) -> Tensor:
     return torch.tensor(order, dtype=torch.long, device=A.device)
 
 
+def weight_block(module: nn.Module, layout, widths: dict[int, int]) -> int:
+    """Columns per input channel of a consumer's weight: ``kh*kw`` for a Conv2d, ``h*w`` for a
+    Linear after Flatten, 1 for a plain Linear (read from the weight, so it does not matter
+    whether the layout's ``block`` counts weight columns or activation entries)."""
+    W = module.weight
+    C = sum(widths[s] for s in layout.segments)
+    cols = int(W[0].numel())
+    if C <= 0 or cols % C:
+        raise ValueError(
+            f"consumer {layout.module!r}: its weight has {cols} columns per output, not a multiple of "
+            f"the {C} channels its layout says it reads (segments {layout.segments}); retrace the model"
+        )
+    return cols // C
+
+
 def _complement(K: Tensor, n: int) -> Tensor:
     mask = torch.ones(n, dtype=torch.bool, device=K.device)
     mask[K] = False
@@ -295,14 +310,16 @@ def plan_prune_weights(modules, group: Group, spec: GroupSpectrum, r: int, warni
     return change
 
 
-def plan_prune_data(modules, graph: CouplingGraph, group: Group, n: int, r: int, feats: dict, ridge: float, offsets: dict) -> GroupChange:
+def plan_prune_data(modules, graph: CouplingGraph, group: Group, widths: dict[int, int], r: int, feats: dict, ridge: float, offsets: dict) -> GroupChange:
     """Data-mode prune of ``group`` to ``r`` channels from captured consumer features.
 
     Args:
         feats: (group id, consumer) -> (mean (Tensor[n]), covariance (Tensor[n, n]), count).
+        widths: current width of every group id.
         ridge: relative ridge ``lambda = ridge * trace(S_KK) / r``.
         offsets: (group id, consumer) -> channel offset of the group in that consumer.
     """
+    n = widths[group.id]
     pooled = None
     for cons in group.consumers:
         key = (group.id, cons)
@@ -310,7 +327,7 @@ def plan_prune_data(modules, graph: CouplingGraph, group: Group, n: int, r: int,
             continue
         mu, cov, _ = feats[key]
         A = modules[cons].weight.detach().double()
-        B = graph.consumers[cons].block
+        B = weight_block(modules[cons], graph.consumers[cons], widths)
         Av = A.reshape(A.shape[0], -1, B)
         o = offsets[key]
         a = Av[:, o : o + n, :].pow(2).sum(dim=(0, 2)).sqrt()
@@ -402,12 +419,12 @@ def capture_features(model: nn.Module, modules, graph: CouplingGraph, groups: li
     def make_hook(name):
         def hook(mod, inputs):
             x = inputs[0].detach()
-            B = graph.consumers[name].block
+            C = sum(widths[s] for s in graph.consumers[name].segments)
             for gid, o, n in wanted[name]:
                 if x.dim() == 4:  # conv input [N, C, H, W]: one sample per position
                     f = x[:, o : o + n].permute(0, 2, 3, 1).reshape(-1, n)
                 elif x.dim() == 2:  # linear input [N, C*B]: one sample per channel block
-                    f = x.reshape(x.shape[0], -1, B)[:, o : o + n, :].permute(0, 2, 1).reshape(-1, n)
+                    f = x.reshape(x.shape[0], C, -1)[:, o : o + n, :].permute(0, 2, 1).reshape(-1, n)
                 else:
                     f = x.movedim(1, -1).reshape(-1, x.shape[1])[:, o : o + n]
                 if f.shape[0] > max_samples:
@@ -499,7 +516,8 @@ def build_plan(modules: dict[str, nn.Module], graph: CouplingGraph, widths: dict
         W = m.weight.detach()
         R0 = W.shape[0]
         lay = graph.consumers.get(name)
-        B = lay.block if lay is not None else int(math.prod(W.shape[2:]))
+        changing_cols = lay is not None and any(sg in changes for sg in lay.segments)
+        B = weight_block(m, lay, widths) if changing_cols else int(math.prod(W.shape[2:]))
         work = None
         bias = m.bias.detach() if m.bias is not None else None
         bias_work = None
@@ -527,7 +545,7 @@ def build_plan(modules: dict[str, nn.Module], graph: CouplingGraph, widths: dict
         col = None
         C_new = None
         delta = None
-        if lay is not None and any(s in changes for s in lay.segments):
+        if changing_cols:
             parts = []
             o = 0
             if work is None:

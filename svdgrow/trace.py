@@ -689,7 +689,10 @@ class _Builder:
             )
         lay = self.need_layout(x, f"input of {name!r}")
         if lay.block != 1:
-            return self.opaque(node, f"Conv2d {name!r} reads a channel-merging reshape")
+            # channels merged by a reshape: the conv's input channels are not whole groups.
+            # Freeze what flows in; the conv still reads (a frozen group) and produces.
+            self.freeze(lay.segs, f"Conv2d {name!r} reads a channel-merging reshape")
+            lay = _Layout((self.new_group(f"opaque:{x.name}", xs[1], f"reshaped input of {name!r}"),))
         if m.groups != 1:
             out = self.register_producer(name, node, ys[1])
             self.freeze(

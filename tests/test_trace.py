@@ -737,3 +737,59 @@ def test_unused_opaque_groups_are_dropped():
     g, text = _trace_warns(Net(), X8, r"torch\.roll")
     assert [grp.name for grp in g.groups] == ["input", "c", "d"]
     assert "torch.roll" in g.group_of("c").frozen
+
+
+def _random_spec(data) -> dict:
+    from hypothesis import strategies as st
+
+    width = data.draw(st.integers(1, 6), label="stem")
+    spec = {"arch": "resnet", "in_channels": 1, "num_classes": 3, "input_size": 8,
+            "bn": data.draw(st.booleans(), label="bn"), "stem": width, "blocks": []}
+    for _ in range(data.draw(st.integers(0, 4), label="n_blocks")):
+        proj = data.draw(st.booleans())
+        stride = data.draw(st.sampled_from([1, 2])) if proj else 1
+        out = data.draw(st.integers(1, 6)) if proj else width
+        spec["blocks"].append({"mid": data.draw(st.integers(1, 6)), "out": out, "stride": stride,
+                               "projection": proj})
+        width = out
+    return spec
+
+
+def test_random_resnet_specs_property():
+    """Light ResNets of the models module: one trunk group per projection, one inner group per
+    block, every conv a producer once, the head reading the last trunk as h*w blocks."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from svdgrow.models import build_model
+
+    @hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+    @hypothesis.given(st.data())
+    def check(data):
+        spec = _random_spec(data)
+        m = build_model(spec)
+        g = _trace_quiet(m, torch.randn(2, 1, 8, 8))
+        blocks = spec["blocks"]
+        n_proj = sum(b["projection"] for b in blocks)
+        assert len(g.groups) == 1 + (1 + n_proj) + len(blocks) + 1
+        trunk = "stem"
+        for i, b in enumerate(blocks):
+            if b["projection"]:
+                assert not _same(g, trunk, f"blocks.{i}.conv2")
+                trunk = f"blocks.{i}.conv2"
+                assert _same(g, trunk, f"blocks.{i}.shortcut")
+            else:
+                assert _same(g, trunk, f"blocks.{i}.conv2")
+            inner = g.group_of(f"blocks.{i}.conv1")
+            assert inner.producers == [f"blocks.{i}.conv1"] and inner.consumers == [f"blocks.{i}.conv2"]
+            assert inner.frozen is None
+        assert g.consumers["head"].segments == [g.group_of(trunk).id]
+        assert g.consumers["head"].block == m.feature_size**2
+        convs = [n for n, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+        assert sorted(p for grp in g.groups for p in grp.producers) == sorted(convs)
+        if spec["bn"]:
+            trunk_g = g.group_of(trunk)
+            assert all(trunk_g.norm_after[n] is not None for n in trunk_g.norms)
+        _check_invariants(g, m)
+
+    check()

@@ -168,7 +168,7 @@ class CostModel:
         for rows_g, segs, a, rows0, cols0, bias in self._terms:
             rf = w[rows_g] / rows0 if rows_g is not None else 1.0
             cf = sum(w[s] for s in segs) / cols0 if segs else 1.0
-            total += a * rf * cf + bias * rf * rows0
+            total += a * rf * cf + bias * rf
         for g, k in self._norms:
             total += k * w[g]
         return total

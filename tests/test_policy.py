@@ -1,0 +1,178 @@
+"""Policy: energy rule, floors, growth, network-wide budget; cost model exactness."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from svdgrow.policy import Policy
+from svdgrow.resizer import Resizer
+from svdgrow.spectrum import GroupSpectrum
+from svdgrow.trace import ConsumerLayout, CouplingGraph, Group
+
+
+def spec(name, sv, width=None, cap=1000, gid=0):
+    s = torch.as_tensor(sv, dtype=torch.float64)
+    e = s * s
+    total = float(e.sum())
+    return GroupSpectrum(name, gid, width if width is not None else len(sv), cap, s, e, torch.cumsum(e, 0) / total, total)
+
+
+def one(policy, s, **kw):
+    (d,) = policy.decide([s], **kw)
+    return d
+
+
+def test_prune_to_smallest_rank_reaching_the_energy():
+    s = spec("g", [10, 5, 1, 0.1, 0.01])
+    d = one(Policy(energy_eps=0.01, min_width=1, max_prune_fraction=1.0), s)
+    # energies 100, 25, 1, 0.01, 1e-4: rank 2 keeps 125/126.0101 = 0.99198 >= 0.99
+    assert (d.action, d.old_width, d.new_width) == ("prune", 5, 2)
+    assert "rank 2" in d.reason and "0.991" in d.reason and "eps=0.01" in d.reason
+    # a tighter eps keeps more
+    assert one(Policy(energy_eps=1e-5, min_width=1, max_prune_fraction=1.0), s).new_width == 4
+
+
+def test_floors_min_width_and_max_prune_fraction():
+    s = spec("g", [10] + [1e-4] * 63)
+    d = one(Policy(min_width=2, max_prune_fraction=0.5), s)
+    assert d.new_width == 32 and "max_prune_fraction=0.5" in d.reason  # 32 channels in one step
+    d = one(Policy(min_width=40, max_prune_fraction=0.9), s)
+    assert d.new_width == 40 and "min_width=40" in d.reason
+    d = one(Policy(min_width=1, max_prune_fraction=1.0), s)
+    assert d.new_width == 1
+    # tiny groups: at least one channel may go per step, never below 1
+    d = one(Policy(min_width=1, max_prune_fraction=0.1), spec("g", [1.0, 0.0]))
+    assert d.new_width == 1
+    d = one(Policy(min_width=1, max_prune_fraction=1.0), spec("g", [0.0, 0.0, 0.0]))
+    assert d.new_width == 1
+
+
+def test_wider_than_the_input_dimension_prunes():
+    # 10 channels over a 4-dim input: at most rank 4
+    s = spec("g", [3, 2, 1, 1], width=10, cap=4)
+    d = one(Policy(min_width=1, max_prune_fraction=1.0, energy_eps=1e-6), s)
+    assert d.new_width == 4 and d.action == "prune"
+
+
+def test_grow_when_every_direction_carries_energy():
+    s = spec("g", [1.0] * 8, cap=20)
+    d = one(Policy(grow_threshold=0.5, grow_fraction=0.25), s)
+    assert (d.action, d.new_width) == ("grow", 10)
+    assert "sigma_min^2/mean(sigma^2)=1.0000 >= grow_threshold=0.5" in d.reason
+    assert one(Policy(grow_fraction=0.25), spec("g", [1.0] * 8, cap=9)).new_width == 9
+    d = one(Policy(), spec("g", [1.0] * 8, cap=8))
+    assert d.action == "keep" and "at cap 8" in d.reason
+    # all needed, but the smallest direction is weak: keep
+    d = one(Policy(grow_threshold=0.5, energy_eps=1e-3), spec("g", [3, 2.5, 2, 1.5, 0.5]))
+    assert d.action == "keep" and "< grow_threshold" in d.reason
+
+
+def test_budget_ranks_removals_by_energy_lost_per_cost_saved():
+    # the same spectra; a channel of A costs 10x one of B: A gives channels first
+    sv = [1.0 / (i + 1) for i in range(16)]
+    A, B = spec("A", sv, gid=0), spec("B", sv, gid=1)
+    cost = lambda w: 100.0 * w["A"] + 10.0 * w["B"]  # noqa: E731
+    pol = Policy(energy_eps=1e-9, min_width=1, max_prune_fraction=0.75, grow_threshold=2.0)
+    widths = {"A": 16, "B": 16}
+    budget = 1200.0
+    dA, dB = pol.decide([A, B], cost=cost, widths=widths, budget=budget)
+    assert cost({"A": dA.new_width, "B": dB.new_width}) <= budget
+    assert dA.new_width < dB.new_width
+    assert "budget" in dA.reason and "energy lost per params saved" in dA.reason
+    # the greedy is optimal here: no single swap of a channel A<->B is cheaper in energy
+    # while still within budget (check against brute force over all (a, b) in budget)
+    def lost(w, s):
+        return float(1 - s.energy_kept[w - 1])
+
+    best = min(
+        (lost(a, A) + lost(b, B), a, b)
+        for a in range(4, 17)
+        for b in range(4, 17)
+        if cost({"A": a, "B": b}) <= budget
+    )
+    got = lost(dA.new_width, A) + lost(dB.new_width, B)
+    assert got <= best[0] * 1.05 + 1e-12
+
+
+def test_budget_blocks_growth_and_reports_when_unreachable():
+    flat = spec("A", [1.0] * 8, cap=100)
+    cost = lambda w: 10.0 * w["A"]  # noqa: E731
+    d = one(Policy(), flat, cost=cost, widths={"A": 8}, budget=85.0)
+    assert d.action == "keep" and "growth blocked" in d.reason
+    d = one(Policy(), flat, cost=cost, widths={"A": 8}, budget=200.0)
+    assert d.action == "grow"
+    # floors stop the budget from being met in one step: say so
+    d = one(Policy(min_width=6, energy_eps=1e-9), spec("A", [1.0, 0.5, 0.25, 0.1, 0.1, 0.1, 0.1, 0.1], cap=100), cost=cost, widths={"A": 8}, budget=10.0)
+    assert d.new_width == 6 and "not reached" in d.reason
+
+
+def test_invalid_policies():
+    for kw in ({"energy_eps": 1.0}, {"min_width": 0}, {"max_prune_fraction": 1.5}, {"budget_kind": "watts"}, {"budget": -1}):
+        with pytest.raises(ValueError):
+            Policy(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# cost model: exact for parameters and FLOPs
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.fc = nn.Linear(6 * 25, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.bn1(self.c1(x))))).flatten(1))
+
+
+def graph():
+    return CouplingGraph(
+        groups=[
+            Group(0, "input", [], [], {}, ["c1"], frozen="model input"),
+            Group(1, "c1", ["c1"], ["bn1"], {"bn1": "c1"}, ["c2"]),
+            Group(2, "c2", ["c2"], [], {}, ["fc"]),
+            Group(3, "fc", ["fc"], [], {}, [], frozen="model output"),
+        ],
+        consumers={"c1": ConsumerLayout("c1", [0], 9), "c2": ConsumerLayout("c2", [1], 9), "fc": ConsumerLayout("fc", [2], 25)},
+    )
+
+
+def flops(m, x):
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m(x)
+    return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", ["params", "flops"])
+def test_cost_model_predicts_the_resized_cost(kind):
+    torch.manual_seed(0)
+    m = Net()
+    x = torch.randn(2, 2, 5, 5)
+    rs = Resizer(m, x, graph=graph())
+    cost = rs.cost(kind)
+    assert cost(None) == pytest.approx(rs.param_count() if kind == "params" else flops(m, x))
+    target = {"c1": 5, "c2": 9}
+    predicted = cost(target)
+    rs.apply(target)
+    actual = rs.param_count() if kind == "params" else flops(m, x)
+    assert predicted == pytest.approx(actual)
+
+
+def test_step_with_a_shrinking_budget_schedule_meets_it():
+    torch.manual_seed(1)
+    m = Net()
+    x = torch.randn(2, 2, 5, 5)
+    rs = Resizer(m, x, graph=graph(), policy=Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=0.5))
+    p0 = rs.param_count()
+    for frac in (0.9, 0.75, 0.6):
+        rep = rs.step(budget=frac * p0)
+        assert rep.cost_after == pytest.approx(rep.params_after)
+        assert rep.params_after <= frac * p0
+        assert rep.budget == pytest.approx(frac * p0)
+    assert min(rs.widths()["c1"], rs.widths()["c2"]) >= 1

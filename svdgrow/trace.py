@@ -35,7 +35,6 @@ cannot be told apart from channel reshapes.
 
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from collections.abc import Iterable, Sequence
@@ -339,7 +338,7 @@ _PAD_FUNCS = {F.pad}
 _SHAPE_METHODS = set(
     "size dim ndimension numel nelement get_device is_contiguous element_size stride".split()
 )
-_SHAPE_FUNCS = {getattr, len, torch.numel} | ({torch.Tensor.size} if hasattr(torch.Tensor, "size") else set())
+_SHAPE_FUNCS = {getattr, len, torch.numel}
 
 
 # --------------------------------------------------------------------------------------
@@ -419,6 +418,7 @@ class _Builder:
         self.consumer_raw: dict[str, tuple[int, ...]] = {}
         self.consumer_block: dict[str, int] = {}
         self.producer_group: dict[str, int] = {}
+        self.norm_group: dict[str, int] = {}
         self.fresh_cache: dict[torch.fx.Node, _Layout] = {}
         self.messages: list[str] = []
 
@@ -725,7 +725,12 @@ class _Builder:
             why = "a concatenation of groups" if len(lay.segs) != 1 else "a flattened value"
             self.freeze(lay.segs, f"BatchNorm {name!r} normalises {why}")
             return _Layout(lay.segs, lay.block)
-        r = self.raw[self.find(lay.segs[0])]
+        gid = lay.segs[0]
+        if name in self.norm_group:  # one norm called on two values ties their channels
+            gid = self.union(self.norm_group[name], gid)
+        else:
+            self.norm_group[name] = gid
+        r = self.raw[self.find(gid)]
         if name in r.norm_after and r.norm_after[name] != lay.producer:
             r.norm_after[name] = None
         else:
@@ -1014,7 +1019,9 @@ class _Builder:
         lays = [self.need_layout(t, f"operand of {node.name!r}") for t in tensors]
         if dim % len(ys) == 1:
             if len({x.block for x in lays}) != 1:
-                return self.opaque(node, f"concatenation of differently flattened values: {self.describe_op(node)}")
+                return self.opaque(
+                    node, f"concatenation of differently flattened values: {self.describe_op(node)}"
+                )
             out = _Layout(tuple(s for x in lays for s in x.segs), lays[0].block)
             self.check_dups(out, node, "one concatenation")
             return out

@@ -793,3 +793,24 @@ def test_random_resnet_specs_property():
         _check_invariants(g, m)
 
     check()
+
+
+def test_shared_norm_ties_groups():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.b = nn.Conv2d(1, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.c = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.bn(self.a(x)), self.bn(self.b(x))], 1))
+
+    m = Net()
+    # after the union the concatenation holds the same group twice: frozen as tiling
+    g, _ = _trace_warns(m, X8, "more than once in one concatenation")
+    assert _same(g, "a", "b", "bn")
+    assert g.group_of("a").norms == ["bn"] and g.group_of("a").norm_after == {"bn": None}
+    assert g.consumers["c"].segments == [g.group_of("a").id] * 2
+    _check_invariants(g, m)

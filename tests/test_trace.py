@@ -814,3 +814,32 @@ def test_shared_norm_ties_groups():
     assert g.group_of("a").norms == ["bn"] and g.group_of("a").norm_after == {"bn": None}
     assert g.consumers["c"].segments == [g.group_of("a").id] * 2
     _check_invariants(g, m)
+
+
+def test_late_union_makes_a_consumer_read_one_group_twice():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.b = nn.Conv2d(1, 4, 3, padding=1)
+            self.c = nn.Conv2d(8, 2, 1)
+            self.d = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            ya, yb = self.a(x), self.b(x)
+            return self.c(torch.cat([ya, yb], 1)), self.d(ya + yb)  # the add comes after c
+
+    m = Net()
+    g, _ = _trace_warns(m, X8, "more than once in the input of consumer 'c'")
+    assert _same(g, "a", "b") and g.group_of("a").frozen is not None
+    assert g.consumers["c"].segments == [g.group_of("a").id] * 2
+    assert g.consumers["d"].segments == [g.group_of("a").id]
+    _check_invariants(g, m)
+    with pytest.raises(ValueError, match="consumer 'c'"):
+        trace(m, X8, strict=True)
+
+
+def test_strict_accepts_supported_models():
+    for m, x in ((SmallResNet(project=True), X16), (Concat(), X8), (PlainCNN(), X28)):
+        g = trace(m, x, strict=True)
+        assert g.warnings == [] and g.resizable()

@@ -29,8 +29,28 @@ What is frozen (``Group.frozen`` says why):
   (LayerNorm, GroupNorm, Conv1d, ConvTranspose2d, ``x.mean(1)``, ``x[:, :3]``,
   channel-mixing reshapes or permutes, custom ops...). Its output gets a fresh frozen group.
 
+What is followed without freezing: Conv2d (groups=1) and Linear on a 2-D input as producers
+and consumers; BatchNorm1d/2d on one group (``norm_after`` names the producer it reads
+directly, through Identity/contiguous/clone/dtype casts); activations, dropout, max/avg/
+adaptive pooling, interpolation, spatial padding and slicing, spatial permutes, reductions over
+spatial dims (``x.mean((2, 3))``); reshapes that keep dim 0 and keep channels channel-major
+(``nn.Flatten``, ``torch.flatten``, ``x.view(x.size(0), -1)``, ``nn.Unflatten`` back to
+channels, squeezes); adds/subtracts (groups unioned), products with scalars or with tensors
+broadcast over channels; ``torch.cat`` along channels (segments) or along another dim
+(groups unioned); a module called several times (its inputs, outputs or norms unioned).
+
+Submodules torch.fx cannot trace into (data-dependent control flow...) are kept as opaque
+leaves with a warning when ``strict=False``; ``leaf_modules`` does the same on purpose.
+
 Use a batch of at least 2 in ``example_input``: with a batch of 1 some batch reshapes
 cannot be told apart from channel reshapes.
+
+Example::
+
+    graph = trace(model, torch.randn(2, 1, 28, 28))
+    print(graph.describe(model))
+    for group in graph.resizable():
+        ...  # group.producers, group.norms, graph.consumers_of(group.id)
 """
 
 from __future__ import annotations
@@ -1180,6 +1200,10 @@ def trace(
 
     Returns:
         The coupling graph: groups, consumer layouts and warnings.
+
+    Warns:
+        CouplingWarning: once per op that freezes groups which were not frozen yet (the same
+            lines are in ``CouplingGraph.warnings``).
 
     Raises:
         TypeError: torch.fx cannot trace the model (the message says what to do).

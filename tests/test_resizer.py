@@ -1,0 +1,143 @@
+"""Resizer end to end on the traced model family: same model, same optimizer, function kept."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from svdgrow.optim import check_state_shapes
+from svdgrow.policy import Policy
+from svdgrow.resizer import Resizer
+
+models = pytest.importorskip("svdgrow.models")
+
+
+def quick(seed=0, bn=True):
+    torch.manual_seed(seed)
+    spec = models.preset_spec("quick")
+    spec["bn"] = bn
+    return models.build_model(spec)
+
+
+def randomise_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+
+
+def test_analyse_reports_spectra_per_group():
+    m = quick()
+    rs = Resizer(m, torch.zeros(1, 1, 28, 28))
+    spectra = rs.analyse()
+    names = {s.name for s in spectra}
+    assert names == {g.name for g in rs.resizable()} and "head" not in names
+    for s in spectra:
+        assert s.width == rs.widths()[s.name]
+        assert torch.all(s.singular_values[:-1] >= s.singular_values[1:])
+        assert torch.all(s.energy_kept[1:] >= s.energy_kept[:-1] - 1e-12)
+        assert float(s.energy.sum()) == pytest.approx(s.total_energy, rel=1e-9)
+        assert float(s.energy_kept[-1]) == pytest.approx(1.0, abs=1e-9)
+    stem = next(s for s in spectra if s.name == "stem")
+    assert stem.cap == 9 and stem.singular_values.numel() == min(stem.width, 9)
+    json.dumps([s.summary() for s in spectra])
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_grow_every_group_keeps_the_network_function(train_mode):
+    m = quick(1)
+    randomise_bn(m, 1)
+    m.train(train_mode)
+    x = torch.randn(6, 1, 28, 28)
+    ref = copy.deepcopy(m)
+    y0 = ref(x).detach()
+    rs = Resizer(m, x[:1])
+    caps = {s.name: s.cap for s in rs.analyse()}
+    new = {n: min(w + 3, caps[n]) for n, w in rs.widths().items() if n in caps and w < caps[n]}
+    assert len(new) >= 4
+    rep = rs.apply(new)
+    assert all(d.action == "grow" for d in rep.decisions)
+    y1 = m(x).detach()
+    assert float((y1 - y0).abs().max()) <= 1e-5 * float(y0.abs().max())
+    m.eval()
+    ref.eval()
+    assert float((m(x) - ref(x)).abs().max()) <= 1e-5 * float(ref(x).abs().max())
+
+
+def test_step_keeps_model_and_optimizer_objects_and_training_goes_on():
+    m = quick(2)
+    x = torch.randn(4, 1, 28, 28)
+    t = torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(m(x), t).backward()
+        opt.step()
+    ids = {n: id(mod) for n, mod in m.named_modules()}
+    pids = [id(p) for p in m.parameters()]
+    rs = Resizer(m, x[:1], optimizer=opt, policy=Policy(energy_eps=0.05, max_prune_fraction=0.5, grow_threshold=10))
+    rep = rs.step()
+    assert rep.changed and rep.params_after < rep.params_before
+    assert any(d.action == "prune" for d in rep.decisions)
+    for d in rep.decisions:
+        assert d.reason and d.new_width >= 1
+        assert rs.widths()[d.group] == d.new_width
+    assert {n: id(mod) for n, mod in m.named_modules()} == ids
+    assert [id(p) for p in m.parameters()] == pids
+    assert [id(p) for g in opt.param_groups for p in g["params"]] == pids
+    assert check_state_shapes(opt) == []
+    # modules' attributes follow the weights
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            assert mod.weight.shape[:2] == (mod.out_channels, mod.in_channels)
+        if isinstance(mod, nn.BatchNorm2d):
+            assert mod.running_mean.shape == (mod.num_features,) == mod.weight.shape
+        if isinstance(mod, nn.Linear):
+            assert mod.weight.shape == (mod.out_features, mod.in_features)
+    # the architecture spec of the resized model rebuilds it (checkpoints)
+    twin = models.build_model(models.spec_of(m))
+    twin.load_state_dict(m.state_dict())
+    for _ in range(2):
+        opt.zero_grad()
+        loss = loss_fn(m(x), t)
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    json.dumps(rep.as_dict())
+    assert "params" in str(rep)
+
+
+@pytest.mark.parametrize("mode", ["weights", "data"])
+def test_prune_every_group_by_a_tenth(mode):
+    m = quick(3)
+    randomise_bn(m, 3)
+    m.eval()
+    x = torch.randn(8, 1, 28, 28)
+    y0 = m(x).detach()
+    opt = torch.optim.Adam(m.parameters())
+    rs = Resizer(m, x[:1], optimizer=opt, mode=mode)
+    new = {n: max(1, w - max(1, w // 10)) for n, w in rs.widths().items() if n in {g.name for g in rs.resizable()}}
+    rep = rs.apply(new, data=x if mode == "data" else None)
+    assert rs.widths() == {**rs.widths(), **new}
+    y1 = m(x).detach()
+    assert torch.isfinite(y1).all()
+    assert rep.index and all(len(v) == new[k] for k, v in rep.index.items())
+
+
+def test_frozen_output_group_and_budget_in_flops():
+    m = quick(4)
+    x = torch.zeros(1, 1, 28, 28)
+    rs = Resizer(m, x, policy=Policy(budget_kind="flops", energy_eps=1e-9, max_prune_fraction=0.5))
+    with pytest.raises(ValueError, match="'head' is frozen"):
+        rs.apply({"head": 5})
+    f0 = rs.cost("flops")(None)
+    rep = rs.step(budget=0.7 * f0)
+    assert rep.cost_kind == "flops" and rep.cost_after <= 0.7 * f0
+    assert rs.cost("flops")(None) == pytest.approx(rep.cost_after)

@@ -468,6 +468,11 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         example = train_ds.batch(torch.arange(min(len(train_ds), 8), device=device))[0]
         resizer = _make_resizer(cfg, model, example, optimizer)
 
+    # generators whose state a checkpoint carries (the resizer's draws grown directions)
+    generators = {"data": data_gen}
+    if isinstance(getattr(resizer, "_gen", None), torch.Generator):
+        generators["resizer"] = resizer._gen
+
     step, epoch, batch_in_epoch = 0, 0, 0
     order: torch.Tensor | None = None
     epoch_stats = {"loss": 0.0, "correct": 0, "seen": 0}
@@ -483,7 +488,7 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
             scaler.load_state_dict(resume_ckpt["scaler"])
         if resizer is not None and resume_ckpt["extra"].get("resizer_state") and hasattr(resizer, "load_state_dict"):
             resizer.load_state_dict(resume_ckpt["extra"]["resizer_state"])
-        ckpt_mod.set_rng_state(resume_ckpt["rng"], {"data": data_gen})
+        ckpt_mod.set_rng_state(resume_ckpt["rng"], generators)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t_start
@@ -512,7 +517,7 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
                 extra["resizer_state"] = state
             except Exception:  # noqa: BLE001 - resizer state is optional and must be JSON-able
                 pass
-        rng = ckpt_mod.rng_state({"data": data_gen})
+        rng = ckpt_mod.rng_state(generators)
         if order is not None and batch_in_epoch > 0:
             rng["order"] = order.cpu()
         ckpt_mod.save_checkpoint(run / CKPT_NAME, model, optimizer, {"step": step}, scaler if scaler.is_enabled() else None,
@@ -558,6 +563,9 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                # drop the autograd graph now: it holds the parameters' AccumulateGrad nodes,
+                # whose recorded shapes would go stale when the resizer changes a width
+                loss, logits = loss.detach(), logits.detach()
                 loss_acc += loss.detach().double() * y.shape[0]
                 correct_acc += (logits.detach().argmax(1) == y).sum()
                 seen += y.shape[0]

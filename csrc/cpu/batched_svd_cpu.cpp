@@ -3,13 +3,15 @@
 //
 // For A (m x n) with p = min(m, n) <= q = max(m, n):
 //   G = A A^T (m <= n) or A^T A (m > n), p x p, in float64;
-//   G = W diag(lambda) W^T (ascending), sigma = sqrt(max(lambda, 0)) taken descending;
-//   the short-side vectors are W's columns, the long-side ones X = A^T W / sigma (or A W / sigma).
-// When a sigma is tiny relative to sigma_max, its X column has lost orthogonality (the Gram
-// matrix squares the condition number), or is noise: those columns are re-orthonormalised
-// against the accurate ones (classical Gram-Schmidt twice, then Householder QR with the sign
-// of R's diagonal fixed), noise columns being replaced by seeded random vectors first, so
-// that U and Vh stay orthonormal and U diag(S) Vh stays A.
+//   G = W diag(lambda) W^T, the top r eigenvectors W (descending lambda) are the short-side
+//   singular vectors; B = A^T W (or A W) holds sigma_j * (long-side vector j), so sigma_j is
+//   the norm of B's column j (accurate to ~eps64 * sigma_max, where sqrt(lambda_j) would only
+//   be accurate to ~sqrt(eps64) * sigma_max) and the long-side vectors are X = B / sigma.
+// When a sigma is small relative to sigma_max, its X column has lost orthogonality (the Gram
+// matrix squares the condition number), or is noise (rank-deficient A): that trailing block
+// is solved again one-sided (Gram-Schmidt against the accurate columns, Householder QR with
+// R's diagonal made positive, a small dense SVD of R), so that U and Vh stay orthonormal and
+// U diag(S) Vh stays A; see svd_one.
 //
 // The CPU kernel is exact (up to the Gram's rounding): niter and oversample are accepted for
 // the CUDA kernel's randomized range finder and are not used here; seed seeds the random
@@ -26,6 +28,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -41,7 +44,7 @@ constexpr double kEps64 = std::numeric_limits<double>::epsilon();
 
 // Orthogonality that the long-side vectors must reach before they are written out.
 double target_orthogonality(at::ScalarType dtype) {
-  return dtype == at::kFloat ? 1e-7 : 1e-13;
+  return dtype == at::kFloat ? 1e-7 : 1e-12;
 }
 
 // The lower triangle of G = A A^T (A: p x q, contiguous, float64), computed in row blocks so
@@ -64,88 +67,104 @@ Tensor gram_lower(const Tensor& A) {
   return G;
 }
 
-// Makes the columns of X (q x r, float64) orthonormal where the Gram route cannot vouch for
-// them. `sigma` holds the r singular values (descending); X's column j was computed as
-// A^T w_j / sigma_j (or zero where sigma_j is at the noise floor).
-void fix_orthogonality(Tensor& X, const std::vector<double>& sigma, int64_t p,
-                       at::ScalarType out_dtype, uint64_t seed) {
-  const int64_t q = X.size(0), r = X.size(1);
-  const double smax = sigma.empty() ? 0.0 : sigma[0];
-  const double target = target_orthogonality(out_dtype);
-  // Column j's loss of orthogonality is about c * eps64 * (smax / sigma_j)^2.
-  const double c = 4.0 * std::sqrt(static_cast<double>(p));
-  int64_t good = 0;  // columns [0, good) are accurate
-  while (good < r && sigma[good] > 0 && c * kEps64 * (smax / sigma[good]) * (smax / sigma[good]) <= target)
-    ++good;
-  if (good == r) return;
-  const int64_t nbad = r - good;
-  Tensor Y = X.narrow(1, good, nbad).clone();
-  // Columns whose error would be of order one carry no direction: start them from random.
-  std::vector<int64_t> noise;
-  for (int64_t j = good; j < r; ++j) {
-    if (sigma[j] <= 0 || c * kEps64 * (smax / sigma[j]) * (smax / sigma[j]) > 1e-2) noise.push_back(j - good);
-  }
-  if (!noise.empty()) {
-    auto gen = at::detail::createCPUGenerator(seed);
-    Tensor rnd = at::randn({q, static_cast<int64_t>(noise.size())}, gen, X.options());
-    for (size_t t = 0; t < noise.size(); ++t) Y.select(1, noise[t]).copy_(rnd.select(1, t));
-  }
-  Tensor Xg = X.narrow(1, 0, good);
-  for (int pass = 0; pass < 2 && good > 0; ++pass) {
-    Y.sub_(at::mm(Xg, at::mm(Xg.t(), Y)));
-  }
+// Householder QR of Y (q x c) with the signs fixed so that R's diagonal is >= 0, so that
+// Q stays close to Y where Y is already close to orthonormal.
+Tensor orthonormalize(const Tensor& Y) {
   auto [Q, R] = at::linalg_qr(Y, "reduced");
   Tensor sgn = at::sign(R.diagonal());
   sgn.masked_fill_(sgn == 0, 1.0);
-  Q.mul_(sgn.unsqueeze(0));
-  if (good > 0) {  // one more pass: QR may have rotated a random column back towards Xg
-    Q.sub_(at::mm(Xg, at::mm(Xg.t(), Q)));
-    auto [Q2, R2] = at::linalg_qr(Q, "reduced");
-    Tensor sgn2 = at::sign(R2.diagonal());
-    sgn2.masked_fill_(sgn2 == 0, 1.0);
-    Q = Q2.mul_(sgn2.unsqueeze(0));
-  }
-  X.narrow(1, good, nbad).copy_(Q);
+  return Q.mul_(sgn.unsqueeze(0));
 }
 
 struct SvdResult {
   Tensor S, U, Vh;
 };
 
+// SVD of one matrix; r = number of triplets kept.
+//
+// Accuracy of the Gram route: X's column j loses orthogonality to the columns before it by
+// about c * eps64 * (sigma_max / sigma_j)^2 (measured: c < 20 for p <= 256; we use
+// 4 sqrt(p)). The leading columns that meet the output dtype's target are kept as they are
+// ("good"). The trailing block B_b = A^T W_b is solved again, one-sided: orthogonalised
+// against the good columns (classical Gram-Schmidt twice), B_b = Q R (Householder, with
+// null-space columns of Q restarted from seeded random vectors), then R^T = U_r S_r V_r^T
+// (small dense SVD), so that W_b R^T Q^T = (W_b U_r) S_r (Q V_r)^T. That keeps U and Vh
+// orthonormal to working precision, sigma accurate to ~eps64 * sigma_max, and U S Vh = A to
+// ~eps64 * ||A||, also for rank-deficient matrices.
 SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed) {
   const at::ScalarType dtype = input.scalar_type();
   const int64_t m = input.size(0), n = input.size(1);
   const bool wide = m <= n;
   const int64_t p = wide ? m : n;
+  const int64_t q = wide ? n : m;
   // Short side first: rows of A64 index the Gram matrix.
   Tensor A64 = wide ? input.to(at::kDouble).contiguous() : input.t().to(at::kDouble).contiguous();
-  Tensor G = gram_lower(A64);  // p x p
-  auto [lam, W] = at::linalg_eigh(G, "L");  // ascending
-  Tensor lam_top = lam.flip(0).narrow(0, 0, r);
-  Tensor W_top = W.flip(1).narrow(1, 0, r).contiguous();  // p x r
-  Tensor s = lam_top.clamp_min(0.0).sqrt_();
-  std::vector<double> sigma(r);
-  {
-    const double* sp = s.const_data_ptr<double>();
-    std::copy(sp, sp + r, sigma.begin());
+  Tensor G = gram_lower(A64);                                 // p x p, lower triangle
+  Tensor W = std::get<1>(at::linalg_eigh(G, "L"));            // eigenvalues ascending
+  Tensor Wr = W.flip(1).narrow(1, 0, r).contiguous();         // p x r, descending
+  Tensor X = at::mm(A64.t(), Wr);                             // q x r: sigma_j * x_j
+  Tensor s = X.norm(2, {0});                                  // r
+  const double* sp = s.const_data_ptr<double>();
+  const double smax = *std::max_element(sp, sp + r);
+  const double target = target_orthogonality(dtype);
+  const double c = 4.0 * std::sqrt(static_cast<double>(p));
+  int64_t good = 0;
+  while (good < r && sp[good] > 0 && c * kEps64 * (smax / sp[good]) * (smax / sp[good]) <= target) ++good;
+
+  if (good > 0) X.narrow(1, 0, good).div_(s.narrow(0, 0, good).unsqueeze(0));
+  if (good < r) {
+    const int64_t nb = r - good;
+    Tensor Xg = X.narrow(1, 0, good);
+    auto project_out = [&](Tensor& Z) {
+      for (int pass = 0; pass < 2 && good > 0; ++pass) Z.sub_(at::mm(Xg, at::mm(Xg.t(), Z)));
+    };
+    Tensor Bb = X.narrow(1, good, nb).clone();  // q x nb
+    project_out(Bb);
+    Tensor Q = orthonormalize(Bb);
+    // Q spans Bb, but where Bb is (numerically) rank-deficient Householder completes Q with
+    // arbitrary directions that need not be orthogonal to Xg: project, restart the columns
+    // that lay in span(Xg) from random vectors, and orthonormalise again.
+    if (good > 0) {
+      auto gen = at::detail::createCPUGenerator(seed);
+      for (int attempt = 0; attempt < 4; ++attempt) {
+        project_out(Q);
+        Tensor norms = Q.norm(2, {0});
+        const double* np = norms.const_data_ptr<double>();
+        bool restarted = false;
+        for (int64_t j = 0; j < nb; ++j) {
+          if (!(np[j] > 0.1)) {
+            Q.select(1, j).copy_(at::randn({q}, gen, Q.options()));
+            restarted = true;
+          }
+        }
+        if (restarted) project_out(Q);
+        Q = orthonormalize(Q);
+        if (!restarted) break;
+      }
+    }
+    Tensor R = at::mm(Q.t(), Bb);  // nb x nb, Bb ~= Q R
+    auto [Ur, Sr, Vrh] = at::linalg_svd(R.t(), /*full_matrices=*/false);
+    Tensor Wb = Wr.narrow(1, good, nb);
+    Wb.copy_(at::mm(Wb, Ur));
+    X.narrow(1, good, nb).copy_(at::mm(Q, Vrh.t()));
+    s.narrow(0, good, nb).copy_(Sr);
+    // The re-solved block may interleave with the good values: keep them descending.
+    const double* sp2 = s.const_data_ptr<double>();
+    if (!std::is_sorted(sp2, sp2 + r, std::greater<double>())) {
+      Tensor perm = at::argsort(s, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+      Wr = Wr.index_select(1, perm);
+      X = X.index_select(1, perm);
+      s = s.index_select(0, perm);
+    }
   }
-  // X = A64^T W_top / sigma: q x r; zero where sigma is zero.
-  Tensor X = at::mm(A64.t(), W_top);
-  Tensor inv = at::empty({r}, s.options());
-  {
-    double* ip = inv.mutable_data_ptr<double>();
-    for (int64_t j = 0; j < r; ++j) ip[j] = sigma[j] > 0 ? 1.0 / sigma[j] : 0.0;
-  }
-  X.mul_(inv.unsqueeze(0));
-  fix_orthogonality(X, sigma, p, dtype, seed);
   SvdResult out;
   out.S = s.to(dtype);
   if (wide) {
-    out.U = W_top.to(dtype).contiguous();
+    out.U = Wr.to(dtype).contiguous();
     out.Vh = X.t().to(dtype).contiguous();
   } else {
     out.U = X.to(dtype).contiguous();
-    out.Vh = W_top.t().to(dtype).contiguous();
+    out.Vh = Wr.t().to(dtype).contiguous();
   }
   return out;
 }

@@ -29,6 +29,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common.h"
 #include "svdgrow_cuda_common.cuh"
 
 namespace svdgrow_cuda {
@@ -463,15 +464,6 @@ __global__ void __launch_bounds__(kThreads)
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-std::string shape_str(const at::Tensor& t) {
-  std::string out = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (d) out += ", ";
-    out += std::to_string(t.size(d));
-  }
-  return out + "]";
-}
-
 class GemmList {
  public:
   void add(int64_t M, int64_t N, int64_t K, int64_t a_off, int64_t a_rs, int64_t a_cs,
@@ -501,35 +493,17 @@ using SvdResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, s
 
 SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_t niter,
                            int64_t oversample, int64_t seed) {
-  TORCH_CHECK(!mats.empty(), "batched_svd: mats is an empty list; pass at least one 2-D matrix");
-  TORCH_CHECK(niter >= 0, "batched_svd: niter must be >= 0, got ", niter);
-  TORCH_CHECK(oversample >= 0, "batched_svd: oversample must be >= 0, got ", oversample);
+  svdgrow::check_batched_svd_args(mats, k, niter, oversample);  // same checks as the CPU kernel
   const int64_t nmat = static_cast<int64_t>(mats.size());
-  TORCH_CHECK(nmat <= 65535, "batched_svd (CUDA): at most 65535 matrices per call, got ", nmat,
-              "; split the list");
-  TORCH_CHECK(mats[0].defined(), "batched_svd: mats[0] is an undefined tensor");
-  const at::Device device = mats[0].device();
-  TORCH_CHECK(device.is_cuda(), "batched_svd (CUDA): mats[0] is on ", device,
-              ", expected a CUDA tensor");
+  const at::Device device = mats[0].device();  // every matrix is on it (checked above)
+  TORCH_CHECK(device.is_cuda(), "batched_svd (CUDA kernel): mats[0] is on ", device,
+              "; expected CUDA tensors");
+  TORCH_CHECK(nmat <= 65535, "batched_svd (CUDA kernel): at most 65535 matrices per call, got ",
+              nmat, "; split the list");
   for (int64_t i = 0; i < nmat; ++i) {
-    const at::Tensor& A = mats[i];
-    TORCH_CHECK(A.defined(), "batched_svd: mats[", i, "] is an undefined tensor");
-    TORCH_CHECK(A.dim() == 2, "batched_svd: mats[", i, "] must be a 2-D matrix, got ", A.dim(),
-                "-D tensor of shape ", shape_str(A), "; reshape it (e.g. a conv weight with ",
-                "w.reshape(w.shape[0], -1))");
-    TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
-                "batched_svd: mats[", i, "] has dtype ", A.scalar_type(),
-                ", expected float32 or float64");
-    TORCH_CHECK(A.device() == device, "batched_svd: mats[", i, "] is on ", A.device(),
-                " but mats[0] is on ", device, "; all matrices must be on the same device");
-    TORCH_CHECK(A.size(0) < (int64_t{1} << 31) && A.size(1) < (int64_t{1} << 31),
-                "batched_svd: mats[", i, "] is too large (", shape_str(A), ")");
-    if (k.has_value()) {
-      const int64_t mn = std::min(A.size(0), A.size(1));
-      TORCH_CHECK(*k > 0 && *k <= mn, "batched_svd: k=", *k,
-                  " must satisfy 0 < k <= min(m, n) for every matrix, but mats[", i,
-                  "] has shape ", shape_str(A), " (min(m, n) = ", mn, ")");
-    }
+    TORCH_CHECK(mats[i].size(0) < (int64_t{1} << 31) && mats[i].size(1) < (int64_t{1} << 31),
+                "batched_svd (CUDA kernel): mats[", i, "] of shape ", mats[i].sizes(),
+                " has a dimension of 2^31 or more");
   }
 
   c10::cuda::CUDAGuard guard(device);
@@ -558,7 +532,6 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
     S_out.push_back(at::empty({r}, opts));
     U_out.push_back(at::empty({m, r}, opts));
     Vh_out.push_back(at::empty({r, n}, opts));
-    if (s == 0) continue;  // empty matrix: nothing to compute
 
     const int64_t l = k.has_value() ? std::min(*k + oversample, s) : s;
     const bool exact = (l == s);
@@ -598,8 +571,6 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
     max_fin = std::max(max_fin, r + m * r + r * n);
     probs.push_back(P);
   }
-  if (probs.empty()) return SvdResult(std::move(S_out), std::move(U_out), std::move(Vh_out));
-
   // GEMM stages. Buffers (row-major): A' s x L; Y^T l x s (columns of Y as rows); P buffer
   // l x L (Omega^T, then Z^T, then B); G, Wt, Ws l x l; U'^T r x s; V'^T r x L.
   GemmList g_y, g_z, g_gram, g_u, g_v;

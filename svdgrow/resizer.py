@@ -188,6 +188,7 @@ class Resizer:
         graph: a ready :class:`CouplingGraph` (skips tracing).
         seed: for grown directions and feature sub-sampling.
         ridge: relative ridge of the data-mode least squares.
+        max_samples: feature vectors per consumer used by data mode (random positions).
     """
 
     def __init__(
@@ -201,7 +202,7 @@ class Resizer:
         graph: CouplingGraph | None = None,
         seed: int = 0,
         ridge: float = 1e-3,
-        max_samples: int = 65536,
+        max_samples: int = 16384,
     ):
         if mode not in ("weights", "data"):
             raise ValueError(f"mode must be 'weights' or 'data', got {mode!r}")

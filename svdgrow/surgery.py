@@ -49,6 +49,7 @@ from .trace import CouplingGraph, Group
 
 __all__ = [
     "pivoted_columns",
+    "pivoted_cholesky",
     "slice_copy",
     "Journal",
     "GroupChange",
@@ -73,9 +74,10 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def pivoted_columns(A: Tensor, r: int) -> Tensor:
     """Greedy column-pivoted Gram-Schmidt: the ``r`` columns of ``A`` picked by pivoted QR.
 
-    At each step the column with the largest residual norm is taken and projected out of the
-    others (modified Gram-Schmidt, re-orthogonalised once). The chosen columns' block is then as
-    well conditioned as greedy pivoting makes it.
+    At each step the column with the largest residual norm (after projecting out the columns
+    already chosen) is taken, as in LAPACK's ``geqp3``; the chosen columns' block is then as well
+    conditioned as greedy pivoting makes it. Run in the Gram form (pivoted Cholesky of
+    ``A^T A``, float64): the same choices, O(n r) work per step, no host synchronisation.
 
     Args:
         A (Tensor[m, n]): columns to choose from. r: how many (``r <= n``).
@@ -83,27 +85,41 @@ def pivoted_columns(A: Tensor, r: int) -> Tensor:
     Returns:
         Tensor[r] (int64): the chosen column indices, in the order chosen.
     """
-    m, n = A.shape
+    Ad = A.detach().double()
+    return pivoted_cholesky(Ad.T @ Ad, r)
+
+
+def pivoted_cholesky(G: Tensor, r: int) -> Tensor:
+    """The ``r`` pivots of a greedy pivoted Cholesky of a PSD Gram matrix ``G = A^T A``:
+    the columns that column-pivoted QR (Gram-Schmidt) of ``A`` would choose.
+
+    Args:
+        G (Tensor[n, n]): symmetric positive semi-definite. r: how many (``r <= n``).
+
+    Returns:
+        Tensor[r] (int64): pivots in the order chosen.
+    """
+    n = G.shape[0]
     if r > n:
-        raise ValueError(f"pivoted_columns: asked for {r} columns of a matrix with {n}")
-    R = A.detach().double().clone()
-    norms = (R * R).sum(0)
-    chosen = torch.zeros(n, dtype=torch.bool, device=A.device)
-    order = []
-    for _ in range(r):
-        masked = torch.where(chosen, torch.full_like(norms, -1.0), norms)
-        j = int(torch.argmax(masked))
-        order.append(j)
-        chosen[j] = True
-        v = R[:, j]
-        nv = torch.linalg.vector_norm(v)
-        if float(nv) <= 1e-300:
-            continue
-        q = v / nv
-        for _ in range(2):  # twice is enough (Kahan-Parlett)
-            R -= torch.outer(q, q @ R)
-        norms = (R * R).sum(0)
-    return torch.tensor(order, dtype=torch.long, device=A.device)
+        raise ValueError(f"pivoted selection: asked for {r} columns out of {n}")
+    G = G.double()
+    d = G.diagonal().clone()
+    tiny = 1e-14 * float(d.abs().max()) if n else 0.0
+    L = G.new_zeros(n, r)
+    order = torch.empty(r, dtype=torch.long, device=G.device)
+    for t in range(r):
+        j = torch.argmax(d).view(1)
+        order[t : t + 1] = j
+        dj = d.index_select(0, j)
+        col = G.index_select(1, j).squeeze(1)
+        if t:
+            col = col - L[:, :t] @ L.index_select(0, j).squeeze(0)[:t]
+        ok = dj > tiny
+        l = torch.where(ok, col / dj.clamp_min(tiny).sqrt(), torch.zeros_like(col))
+        L[:, t] = l
+        d -= l * l
+        d.index_fill_(0, j, float("-inf"))
+    return order
 
 
 def weight_block(module: nn.Module, layout, widths: dict[int, int]) -> int:
@@ -337,9 +353,7 @@ def plan_prune_data(modules, graph: CouplingGraph, group: Group, widths: dict[in
         pooled = w if pooled is None else pooled + w
     if pooled is None:
         raise RuntimeError(f"group {group.name!r}: data mode captured no features for its consumers {group.consumers}")
-    evals, evecs = torch.linalg.eigh(pooled)
-    factor = evals.clamp(min=0).sqrt()[:, None] * evecs.T  # factor^T factor = pooled
-    K = torch.sort(pivoted_columns(factor, r)).values
+    K = torch.sort(pivoted_cholesky(pooled, r)).values
     Dn = _complement(K, n)
     change = GroupChange(group, n, r, "prune", keep=K, drop=Dn)
     for cons in group.consumers:
@@ -394,7 +408,7 @@ def _as_args(data):
 
 
 @torch.no_grad()
-def capture_features(model: nn.Module, modules, graph: CouplingGraph, groups: list[Group], widths: dict[int, int], data, max_samples: int = 65536, generator: torch.Generator | None = None):
+def capture_features(model: nn.Module, modules, graph: CouplingGraph, groups: list[Group], widths: dict[int, int], data, max_samples: int = 16384, generator: torch.Generator | None = None):
     """Run ``model`` (in eval mode) on ``data`` and collect, for every consumer of every group,
     the mean and covariance of its INPUT features on the group's channels.
 
@@ -420,20 +434,22 @@ def capture_features(model: nn.Module, modules, graph: CouplingGraph, groups: li
         def hook(mod, inputs):
             x = inputs[0].detach()
             C = sum(widths[s] for s in graph.consumers[name].segments)
+            if x.dim() == 2:  # linear input [N, C*B]: one sample per channel block
+                v = x.reshape(x.shape[0], C, -1)
+            else:  # conv input [N, C, H, W]: one sample per position
+                v = x.flatten(2)
+            N, _, P = v.shape
+            total = N * P
+            if total > max_samples:
+                pick = torch.randperm(total, generator=generator)[:max_samples].to(x.device)
+            else:
+                pick = torch.arange(total, device=x.device)
+            nb, pos = pick // P, pick % P
             for gid, o, n in wanted[name]:
-                if x.dim() == 4:  # conv input [N, C, H, W]: one sample per position
-                    f = x[:, o : o + n].permute(0, 2, 3, 1).reshape(-1, n)
-                elif x.dim() == 2:  # linear input [N, C*B]: one sample per channel block
-                    f = x.reshape(x.shape[0], C, -1)[:, o : o + n, :].permute(0, 2, 1).reshape(-1, n)
-                else:
-                    f = x.movedim(1, -1).reshape(-1, x.shape[1])[:, o : o + n]
-                if f.shape[0] > max_samples:
-                    idx = torch.randperm(f.shape[0], generator=generator)[:max_samples].to(f.device)
-                    f = f[idx]
-                f = f.double()
-                mu = f.mean(0)
-                fc = f - mu
-                cov = fc.T @ fc / max(f.shape[0] - 1, 1)
+                f = v[nb, o : o + n, pos]  # Tensor[samples, n] (no copy of the whole input)
+                mu = f.double().mean(0)
+                fc = f - mu.to(f.dtype)
+                cov = (fc.T @ fc).double() / max(f.shape[0] - 1, 1)
                 feats[(gid, name)] = (mu, cov, f.shape[0])
 
         return hook

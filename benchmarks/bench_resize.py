@@ -1,0 +1,261 @@
+"""Time a whole resize step against one training step of the same model.
+
+The model is the ~2.3M-parameter MNIST ResNet (``svdgrow.models`` preset ``mnist-2m``; a local
+copy of the same architecture is built when that module is missing): stem conv 1->128, residual
+blocks of two 3x3 convs with LeakyReLU and BatchNorm at 256 channels, two stride-2
+downsamplings with 1x1 projection shortcuts, Flatten + Linear(256*7*7, 10).
+
+Timed (median of ``--repeats``):
+
+* ``train_step``: one SGD (momentum) step at batch ``--batch`` (forward, backward, step);
+* ``resize_step``: ``Resizer.step()`` = analyse (ONE batched SVD of every group matrix) +
+  decide + apply, with a policy that prunes every group by 10% (``max_prune_fraction=0.1``),
+  the SGD momentum following; each repeat on a fresh copy of the trained model;
+* its parts (analyse / decide / apply), the same step in ``mode="data"`` on one batch, a
+  growth step (every group +10%), the one-time trace, and the spectrum's SVD through
+  ``svdgrow.ops.batched_svd`` vs a loop of ``torch.linalg.svd``.
+
+Writes ``benchmarks/results/bench_resize_<device>.json`` and ``.md`` naming the CPU (or GPU)
+and the torch version. Run it when the machine is quiet::
+
+    python benchmarks/bench_resize.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def build_model() -> nn.Module:
+    try:
+        from svdgrow import models
+
+        return models.build_model(models.preset_spec("mnist-2m"))
+    except Exception:  # pragma: no cover - the local copy
+        return _LocalResNet()
+
+
+class _Block(nn.Module):
+    def __init__(self, cin, mid, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, mid, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.proj = stride != 1 or cin != cout
+        if self.proj:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.shortcut_bn = nn.BatchNorm2d(cout)
+        self.act = nn.LeakyReLU(0.01)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        return self.act(out + (self.shortcut_bn(self.shortcut(x)) if self.proj else x))
+
+
+class _LocalResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 128, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(128)
+        self.stem_act = nn.LeakyReLU(0.01)
+        self.blocks = nn.Sequential(_Block(128, 256, 256, 2), _Block(256, 128, 256, 1), _Block(256, 128, 256, 2))
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(256 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.head(self.flatten(self.blocks(self.stem_act(self.stem_bn(self.stem(x))))))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    ap.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats; medians are reported")
+    ap.add_argument("--fraction", type=float, default=0.1, help="fraction of every group pruned (default 0.1)")
+    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/bench_resize_<device>)")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    from svdgrow import ops  # noqa: F401  (compiled ops)
+    from svdgrow.policy import Policy
+    from svdgrow.resizer import Resizer
+    from svdgrow.spectrum import group_matrix
+
+    torch.manual_seed(0)
+    model = build_model().to(device)
+    x = torch.randn(args.batch, 1, 28, 28, device=device)
+    t = torch.randint(0, 10, (args.batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train_step(m, o):
+        o.zero_grad(set_to_none=True)
+        loss_fn(m(x), t).backward()
+        o.step()
+
+    for _ in range(2):  # warm-up, and momentum state exists
+        train_step(model, opt)
+    sync(device)
+    train_times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        train_step(model, opt)
+        sync(device)
+        train_times.append(time.perf_counter() - t0)
+    params = sum(p.numel() for p in model.parameters())
+
+    def fresh():
+        m = copy.deepcopy(model)
+        o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        o.load_state_dict(opt.state_dict())
+        return m, o
+
+    prune_policy = Policy(energy_eps=0.5, min_width=1, max_prune_fraction=args.fraction, grow_threshold=1e9)
+    example = x[:1]
+    # one-time trace
+    m, o = fresh()
+    t0 = time.perf_counter()
+    rs = Resizer(m, example, policy=prune_policy, optimizer=o)
+    trace_s = time.perf_counter() - t0
+    graph = rs.graph
+    rep = rs.step()  # warm-up of the whole path
+    widths_before, widths_after = rep.widths_before, rep.widths_after
+
+    def timed_steps(mode, policy, data=None, explicit=None):
+        total, parts = [], []
+        for _ in range(args.repeats):
+            m, o = fresh()
+            rs = Resizer(m, example, policy=policy, optimizer=o, mode=mode, graph=graph)
+            sync(device)
+            t0 = time.perf_counter()
+            r = rs.apply(explicit, data=data) if explicit is not None else rs.step(data=data)
+            sync(device)
+            total.append(time.perf_counter() - t0)
+            parts.append(r.seconds)
+            # training still works on the same objects
+            train_step(m, o)
+        return total, parts, r
+
+    resize_t, resize_parts, rep_w = timed_steps("weights", prune_policy)
+    data_t, data_parts, rep_d = timed_steps("data", prune_policy, data=x)
+    grow_w = {n: min(w + max(1, round(w * args.fraction)), 10**9) for n, w in rs.widths().items() if n in {g.name for g in rs.resizable()}}
+    caps = {s.name: s.cap for s in rs.analyse()}
+    grow_w = {n: min(w, caps[n]) for n, w in grow_w.items() if min(w, caps[n]) > widths_after[n]}
+    m0, _ = fresh()
+    grow_w = {n: w for n, w in grow_w.items() if w > Resizer(m0, example, graph=graph).widths()[n]}
+    grow_t, grow_parts, rep_g = timed_steps("weights", prune_policy, explicit=grow_w)
+
+    # SVD of the group matrices: one batched op call vs a loop of torch.linalg.svd
+    mods = dict(model.named_modules())
+    mats = [group_matrix(mods, g)[0] for g in graph.groups if g.frozen is None and g.producers]
+    svd_op, svd_loop = [], []
+    for _ in range(args.repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        ops.batched_svd(mats)
+        sync(device)
+        svd_op.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for a in mats:
+            torch.linalg.svd(a, full_matrices=False)
+        sync(device)
+        svd_loop.append(time.perf_counter() - t0)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    res = {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "model": "mnist-2m ResNet",
+        "params": params,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "prune_fraction": args.fraction,
+        "groups": len(mats),
+        "group_matrix_shapes": [list(a.shape) for a in mats],
+        "trace_s": trace_s,
+        "train_step_s": {"median": med(train_times), "all": train_times},
+        "resize_step_s": {"median": med(resize_t), "all": resize_t, "parts_median": {k: med([p[k] for p in resize_parts]) for k in resize_parts[0]}},
+        "resize_step_data_mode_s": {"median": med(data_t), "all": data_t, "parts_median": {k: med([p[k] for p in data_parts]) for k in data_parts[0]}},
+        "grow_step_s": {"median": med(grow_t), "all": grow_t},
+        "svd_batched_op_s": med(svd_op),
+        "svd_torch_loop_s": med(svd_loop),
+        "params_after_prune": rep_w.params_after,
+        "params_after_grow": rep_g.params_after,
+        "widths_before": widths_before,
+        "widths_after_prune": widths_after,
+        "ratio_resize_over_train": med(resize_t) / med(train_times),
+    }
+    rows = [
+        ("training step (SGD, batch %d)" % args.batch, med(train_times)),
+        ("resize step, weights mode (prune every group %d%%)" % round(100 * args.fraction), med(resize_t)),
+        ("  analyse (one batched SVD)", res["resize_step_s"]["parts_median"]["analyse"]),
+        ("  decide", res["resize_step_s"]["parts_median"]["decide"]),
+        ("  apply (fold + one slice_copy + commit)", res["resize_step_s"]["parts_median"]["apply"]),
+        ("resize step, data mode (features of batch %d)" % args.batch, med(data_t)),
+        ("grow step (every group +%d%%, apply)" % round(100 * args.fraction), med(grow_t)),
+        ("trace (once per Resizer)", trace_s),
+        ("SVD of %d group matrices: svdgrow.ops.batched_svd" % len(mats), med(svd_op)),
+        ("SVD of %d group matrices: loop of torch.linalg.svd" % len(mats), med(svd_loop)),
+    ]
+    head = (
+        f"bench_resize on {name} ({device.type}, {res['threads']} threads), torch {torch.__version__}, "
+        f"model {params:,} params, median of {args.repeats}"
+    )
+    table = [head, "", "| what | seconds |", "|---|---:|"] + [f"| {a} | {b:.4f} |" for a, b in rows]
+    table.append("")
+    table.append(f"resize step / training step = {res['ratio_resize_over_train']:.3f} (target <= 1)")
+    text = "\n".join(table)
+    print(text)
+    stem = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_resize_{device.type}")
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

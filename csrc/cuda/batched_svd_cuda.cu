@@ -5,16 +5,19 @@
 // (A' = A^T when m > n), in float64, scaled by a power of two so that max|A'| lies in [0.5, 1).
 //
 //   exact path (k is None, or l = min(k + oversample, s) == s):
-//       G = A' A'^T (s x s), G = W diag(lam) W^T (Jacobi), sigma = sqrt(lam),
-//       U' = W, V'^T = rows of W^T A' normalised (and re-orthonormalised).
+//       B = A' (l = s), G = B B^T, G = W diag(lam) W^T (Jacobi, sorted descending);
 //   randomized path (l < s): range finder with power iterations,
 //       Y = A' Omega, Q = orth(Y); niter x { P = orth(A'^T Q), Q = orth(A' P) };
-//       B = Q^T A' (l x L), G = B B^T (l x l) = W diag(lam) W^T,
-//       U' = Q W[:, :k], V'^T = rows of W[:, :k]^T B normalised (and re-orthonormalised).
+//       B = Q^T A' (l x L), G = B B^T (l x l) = W diag(lam) W^T;
+//   both: U' = Q W[:, :r] (Q = I on the exact path); rows of X = W[:, :r]^T B give
+//       sigma_j = ||X_j|| and V'^T_j = X_j / sigma_j, re-orthonormalised in order by
+//       Gram-Schmidt (rows at the rounding floor are completed to an orthonormal set); the
+//       triplets are finally ordered by sigma, descending.
 //
-// The Gram matrix squares the condition number, which float64 absorbs: eigenvalues carry an
-// absolute error of about 1e-16 lam_max, so every sigma >= 1e-3 sigma_max keeps a relative
-// error near 1e-10.
+// The Gram matrix squares the condition number, which float64 absorbs: its eigenvalues carry
+// an absolute error near 1e-16 lam_max (relative 1e-10 at sigma = 1e-3 sigma_max); sigma from
+// the row norm is accurate to about eps * sigma_max even for tiny values, and U S Vh rebuilds
+// A' = W W^T A' to rounding.
 //
 // Stages (one launch each, all problems): scale, pack, [sketch, gemm, orth, niter x
 // (gemm, orth, gemm, orth), gemm], gemm (Gram), jacobi, [gemm (U)], gemm (V), orth (V), finalize.
@@ -57,6 +60,8 @@ struct SvdProblem {
   int64_t scale_off, a_off, g_off, wt_off, ws_off, lam_off, rot_off, coef_off;
   int64_t y_off, p_off, ut_off, vt_off;
   int64_t u_off;  // r rows of length s holding U'^T: ws_off (exact) or ut_off (randomized)
+  int64_t sig_off;   // r: norms of the rows of W^T B before normalisation (the singular values)
+  int64_t perm_off;  // r int64: output position t takes triplet perm[t] (sigma descending)
 };
 
 // C (M x N, row stride c_rs, unit column stride) = A (M x K) B (K x N), arbitrary strides.
@@ -262,8 +267,16 @@ __global__ void __launch_bounds__(kThreads)
   double* coef = ws + P.coef_off;
   const uint64_t key = splitmix64(key_base ^ splitmix64(0x0127000000ull + static_cast<uint64_t>(pi)));
 
+  const bool is_v = (target == kOrthV);
+  double* sig = ws + P.sig_off;
   for (int j = 0; j < nvec; ++j) {
     double* v = X + static_cast<int64_t>(j) * len;
+    if (is_v) {
+      // sigma_j = ||w_j^T B||, not sqrt(lambda_j): accurate down to eps * sigma_max (the Gram
+      // eigenvalue only to sqrt(eps) * sigma_max), and U S Vh then rebuilds A' = W W^T A'.
+      const double n0 = row_norm(v, len, sh);
+      if (threadIdx.x == 0) sig[j] = n0;
+    }
     cgs_pass(X, v, len, j, coef);
     const double n1 = row_norm(v, len, sh);
     cgs_pass(X, v, len, j, coef);
@@ -281,6 +294,21 @@ __global__ void __launch_bounds__(kThreads)
     const double inv = (n2 > 0.0) ? 1.0 / n2 : 0.0;
     for (int64_t c = threadIdx.x; c < len; c += blockDim.x) v[c] *= inv;
     __syncthreads();
+  }
+  if (!is_v) return;
+  // The norms follow the eigenvalue order except among ties and rounding-level values: output
+  // position t takes triplet perm[t], sigma descending (NaN last, ties by index).
+  int64_t* perm = reinterpret_cast<int64_t*>(ws + P.perm_off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int i = warp; i < nvec; i += nwarps) {
+    const double ki = isnan(sig[i]) ? -INFINITY : sig[i];
+    int cnt = 0;
+    for (int j = lane; j < nvec; j += 32) {
+      const double kj = isnan(sig[j]) ? -INFINITY : sig[j];
+      cnt += (kj > ki || (kj == ki && j < i)) ? 1 : 0;
+    }
+    cnt = warp_sum_int(cnt);
+    if (lane == 0) perm[cnt] = i;
   }
 }
 
@@ -439,21 +467,22 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t nu = m * r, nv = r * n;
   const int64_t total = r + nu + nv;
   const double scale = ws[P.scale_off];
-  const double* lam = ws + P.lam_off;
+  const double* sig = ws + P.sig_off;
+  const int64_t* perm = reinterpret_cast<const int64_t*>(ws + P.perm_off);
   const double* urows = ws + P.u_off;  // U'^T, r x s
   const double* vt = ws + P.vt_off;    // V'^T, r x L
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (e < r) {
-      store_output(P.s_ptr, P.is_double, e, scale * sqrt(fmax(lam[e], 0.0)));
+      store_output(P.s_ptr, P.is_double, e, scale * sig[perm[e]]);
     } else if (e < r + nu) {
       const int64_t idx = e - r;  // U is m x r
-      const int64_t i = idx / r, j = idx % r;
+      const int64_t i = idx / r, j = perm[idx % r];
       const double v = P.transposed ? vt[j * L + i] : urows[j * s + i];
       store_output(P.u_ptr, P.is_double, idx, v);
     } else {
       const int64_t idx = e - r - nu;  // Vh is r x n
-      const int64_t j = idx / n, c = idx % n;
+      const int64_t j = perm[idx / n], c = idx % n;
       const double v = P.transposed ? urows[j * s + c] : vt[j * L + c];
       store_output(P.vh_ptr, P.is_double, idx, v);
     }
@@ -555,6 +584,8 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
     P.rot_off = take(kRotStride * ((l + 1) / 2));
     P.coef_off = take(l);
     P.vt_off = take(r * L);
+    P.sig_off = take(r);
+    P.perm_off = take(r);
     if (exact) {
       P.y_off = P.p_off = P.ut_off = -1;
       P.u_off = P.ws_off;  // U'^T = first r rows of Ws (rows of length l = s)

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The GPU check in one call: build svdgrow with its CUDA kernels, run the op tests (CUDA and
+# CPU) and the SVD benchmark on the GPU, and keep every log.
+#
+#   OUT=/path/to/results bash benchmarks/gpu_check.sh
+#
+# Writes into $OUT (default benchmarks/results/gpu_check):
+#   env.txt      machine, driver, torch, which svdgrow was imported, its CUDA registrations
+#   build.log    pip's build output (nvcc included)
+#   pytest.txt   pytest -q of tests/test_ops_cuda.py and tests/test_ops.py; junit.xml beside it
+#   bench_svd.txt  python benchmarks/bench_svd.py --device cuda (and any file it wrote)
+#   summary.txt  one line per step with its exit status
+# Needs: an NVIDIA GPU, nvcc (CUDA_HOME, or nvcc on PATH), and a Python with torch installed
+# (.venv is used when present). Nothing is downloaded (pip --no-index --no-deps).
+# Environment: MAX_JOBS (default 16), TORCH_CUDA_ARCH_LIST (default 9.0, Hopper), PYTHON.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu_check}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [ -x .venv/bin/python ]; then
+  . .venv/bin/activate
+fi
+PY=${PYTHON:-python}
+
+# CUDA toolkit root; nvcc on PATH may be a wrapper script (as in scripts/setup.sh).
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  nvcc_bin=$(command -v nvcc)
+  real=$(grep -o '/[^ "]*/bin/nvcc' "$nvcc_bin" 2>/dev/null | head -n 1 || true)
+  [ -n "$real" ] || real=$(readlink -f "$nvcc_bin")
+  export CUDA_HOME=$(dirname "$(dirname "$real")")
+fi
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+
+summary() { echo "$1" | tee -a "$OUT/summary.txt"; }
+: > "$OUT/summary.txt"
+{
+  date -u
+  uname -a
+  nvidia-smi || echo "nvidia-smi: not found"
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+  "${CUDA_HOME:-/nonexistent}/bin/nvcc" --version || echo "nvcc: not found"
+  "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+} > "$OUT/env.txt" 2>&1
+
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1 \
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -v . > "$OUT/build.log" 2>&1
+rc=$?
+summary "build: rc=$rc ($(( $(date +%s) - start )) s)"
+if [ $rc -ne 0 ]; then
+  tail -n 60 "$OUT/build.log"
+  exit 1
+fi
+
+# PYTHONSAFEPATH keeps the source tree (which has no CUDA build) off sys.path, so the
+# installed svdgrow is the one imported.
+export PYTHONSAFEPATH=1
+"$PY" - >> "$OUT/env.txt" 2>&1 <<'EOF'
+import torch, svdgrow
+print("svdgrow imported from", svdgrow.__file__)
+for op in ("batched_svd", "slice_copy", "slice_copy_"):
+    lines = [l for l in torch._C._dispatch_dump("svdgrow::" + op).splitlines() if l.startswith(("CPU", "CUDA"))]
+    print(op, lines)
+EOF
+
+tests=()
+for t in tests/test_ops_cuda.py tests/test_ops.py; do
+  if [ -f "$t" ]; then tests+=("$t"); else summary "pytest: $t not found, left out"; fi
+done
+start=$(date +%s)
+timeout 900 "$PY" -m pytest -q -rs --durations=15 "${tests[@]}" \
+  --junitxml "$OUT/junit.xml" > "$OUT/pytest.txt" 2>&1
+rc=$?
+tail -n 40 "$OUT/pytest.txt"
+summary "pytest: rc=$rc ($(( $(date +%s) - start )) s)"
+
+unset PYTHONSAFEPATH  # a script's own folder stays importable (benchmarks/, not the repo root)
+if [ -f benchmarks/bench_svd.py ]; then
+  start=$(date +%s)
+  stamp="$OUT/.bench_start"
+  touch "$stamp"
+  timeout 900 "$PY" benchmarks/bench_svd.py --device cuda > "$OUT/bench_svd.txt" 2>&1
+  rc=$?
+  tail -n 40 "$OUT/bench_svd.txt"
+  # Keep whatever the benchmark wrote under benchmarks/results (JSON with the device named).
+  find "$(pwd)/benchmarks/results" -type f -newer "$stamp" -not -path "$OUT/*" -exec cp {} "$OUT/" \; 2>/dev/null
+  rm -f "$stamp"
+  summary "bench_svd: rc=$rc ($(( $(date +%s) - start )) s)"
+else
+  summary "bench_svd: benchmarks/bench_svd.py not found, skipped"
+fi
+cat "$OUT/summary.txt"

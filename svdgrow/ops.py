@@ -57,7 +57,8 @@ def batched_svd(
         ``S[i] (Tensor[r])``, ``U[i] (Tensor[m_i, r])``, ``Vh[i] (Tensor[r, n_i])``.
 
     Raises:
-        RuntimeError: On an empty list, a matrix that is not 2-D, not float32/float64 or empty,
+        ValueError: On an empty list.
+        RuntimeError: On a matrix that is not 2-D, not float32/float64 or empty,
             matrices on different devices, or ``k`` outside ``(0, min(m_i, n_i)]``; the message
             names the argument and the matrix index.
 
@@ -68,6 +69,8 @@ def batched_svd(
         of singular values at the rounding floor are completed to an orthonormal set.
     """
     mats = list(mats)
+    if not mats:
+        raise ValueError("batched_svd: mats is an empty list; pass at least one 2-D matrix")
     return tuple(torch.ops.svdgrow.batched_svd.default(mats, k, niter, oversample, seed))  # type: ignore[return-value]
 
 
@@ -222,8 +225,12 @@ def _batched_svd_fake(mats, k=None, niter=2, oversample=8, seed=0):
 def _slice_dst_shape(i, src, row, col, block):
     _check(src.dim() >= 1, f"slice_copy: src[{i}] must have at least one dimension")
     shape = list(src.shape)
+    for name, idx in (("row_index", row), ("col_index", col)):
+        if idx is not None:
+            _check(idx.dtype == torch.int64, f"slice_copy: {name}[{i}] must be an int64 tensor, got {idx.dtype}")
+            _check(idx.dim() == 1, f"slice_copy: {name}[{i}] must be 1-D, got shape {tuple(idx.shape)}")
+            _check(idx.device == src.device, f"slice_copy: {name}[{i}] is on {idx.device} but src[{i}] is on {src.device}; move the index to the tensor's device")
     if row is not None:
-        _check(row.dtype == torch.int64 and row.dim() == 1, f"slice_copy: row_index[{i}] must be a 1-D int64 tensor")
         shape[0] = row.shape[0]
     if src.dim() == 1:
         _check(col is None or col.shape[0] == 1, f"slice_copy: col_index[{i}] must be None (or of length 1) for the 1-D src[{i}]")
@@ -236,7 +243,6 @@ def _slice_dst_shape(i, src, row, col, block):
            f"slice_copy: block[{i}] = {block} does not fit src[{i}] of shape {tuple(src.shape)}")
     t = block // trailing
     if col is not None:
-        _check(col.dtype == torch.int64 and col.dim() == 1, f"slice_copy: col_index[{i}] must be a 1-D int64 tensor")
         shape[1] = col.shape[0] * t
     return shape
 

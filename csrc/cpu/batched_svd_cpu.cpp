@@ -85,7 +85,8 @@ struct SvdResult {
 // Accuracy of the Gram route: X's column j loses orthogonality to the columns before it by
 // about c * eps64 * (sigma_max / sigma_j)^2 (measured: c < 20 for p <= 256; we use
 // 4 sqrt(p)). The leading columns that meet the output dtype's target are kept as they are
-// ("good"). The trailing block B_b = A^T W_b is solved again, one-sided: orthogonalised
+// ("good"). The trailing block B_b = A^T W_b (all p - good trailing eigenvectors, even with
+// top-k) is solved again, one-sided: orthogonalised
 // against the good columns (classical Gram-Schmidt twice), B_b = Q R (Householder, with
 // null-space columns of Q restarted from seeded random vectors), then R^T = U_r S_r V_r^T
 // (small dense SVD), so that W_b R^T Q^T = (W_b U_r) S_r (Q V_r)^T. That keeps U and Vh
@@ -101,7 +102,8 @@ SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed) {
   Tensor A64 = wide ? input.to(at::kDouble).contiguous() : input.t().to(at::kDouble).contiguous();
   Tensor G = gram_lower(A64);                                 // p x p, lower triangle
   Tensor W = std::get<1>(at::linalg_eigh(G, "L"));            // eigenvalues ascending
-  Tensor Wr = W.flip(1).narrow(1, 0, r).contiguous();         // p x r, descending
+  Tensor Wd = W.flip(1);                                      // p x p, descending
+  Tensor Wr = Wd.narrow(1, 0, r).contiguous();                // p x r
   Tensor X = at::mm(A64.t(), Wr);                             // q x r: sigma_j * x_j
   Tensor s = X.norm(2, {0});                                  // r
   const double* sp = s.const_data_ptr<double>();
@@ -113,12 +115,15 @@ SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed) {
 
   if (good > 0) X.narrow(1, 0, good).div_(s.narrow(0, 0, good).unsqueeze(0));
   if (good < r) {
-    const int64_t nb = r - good;
+    // The block runs over all trailing eigenvectors, not just those up to r: with top-k, the
+    // eigenvectors of tiny eigenvalues mix across position r as well.
+    const int64_t nb = p - good, nr = r - good;
     Tensor Xg = X.narrow(1, 0, good);
     auto project_out = [&](Tensor& Z) {
       for (int pass = 0; pass < 2 && good > 0; ++pass) Z.sub_(at::mm(Xg, at::mm(Xg.t(), Z)));
     };
-    Tensor Bb = X.narrow(1, good, nb).clone();  // q x nb
+    Tensor Wb = Wd.narrow(1, good, nb);
+    Tensor Bb = nb == nr ? X.narrow(1, good, nb).clone() : at::mm(A64.t(), Wb);  // q x nb
     project_out(Bb);
     Tensor Q = orthonormalize(Bb);
     // Q spans Bb, but where Bb is (numerically) rank-deficient Householder completes Q with
@@ -144,18 +149,18 @@ SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed) {
     }
     Tensor R = at::mm(Q.t(), Bb);  // nb x nb, Bb ~= Q R
     auto [Ur, Sr, Vrh] = at::linalg_svd(R.t(), /*full_matrices=*/false);
-    Tensor Wb = Wr.narrow(1, good, nb);
-    Wb.copy_(at::mm(Wb, Ur));
-    X.narrow(1, good, nb).copy_(at::mm(Q, Vrh.t()));
-    s.narrow(0, good, nb).copy_(Sr);
-    // The re-solved block may interleave with the good values: keep them descending.
-    const double* sp2 = s.const_data_ptr<double>();
-    if (!std::is_sorted(sp2, sp2 + r, std::greater<double>())) {
-      Tensor perm = at::argsort(s, /*stable=*/true, /*dim=*/0, /*descending=*/true);
-      Wr = Wr.index_select(1, perm);
-      X = X.index_select(1, perm);
-      s = s.index_select(0, perm);
-    }
+    Wr.narrow(1, good, nr).copy_(at::mm(Wb, Ur.narrow(1, 0, nr)));
+    X.narrow(1, good, nr).copy_(at::mm(Q, Vrh.narrow(0, 0, nr).t()));
+    s.narrow(0, good, nr).copy_(Sr.narrow(0, 0, nr));
+  }
+  // Column norms of equal or clustered values, and the re-solved block, can come out of
+  // order by a rounding error: keep them descending.
+  const double* sp2 = s.const_data_ptr<double>();
+  if (!std::is_sorted(sp2, sp2 + r, std::greater<double>())) {
+    Tensor perm = at::argsort(s, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+    Wr = Wr.index_select(1, perm);
+    X = X.index_select(1, perm);
+    s = s.index_select(0, perm);
   }
   SvdResult out;
   out.S = s.to(dtype);

@@ -100,6 +100,75 @@ def med(xs):
     return statistics.median(xs)
 
 
+QUALITY_SPEC = {
+    "arch": "resnet", "in_channels": 1, "num_classes": 10, "input_size": 28, "bn": True, "stem": 32,
+    "blocks": [
+        {"mid": 64, "out": 64, "stride": 2, "projection": True},
+        {"mid": 32, "out": 64, "stride": 1, "projection": False},
+        {"mid": 32, "out": 64, "stride": 2, "projection": True},
+    ],
+}
+
+
+def quality(steps: int = 300, fractions=(0.25, 0.5), seed: int = 0) -> dict:
+    """Prune a briefly trained MNIST ResNet by each mode; compare output change and accuracy.
+
+    DESIGN.md asks to measure the weights-mode fold and the data-mode fold against naive
+    magnitude pruning (keep the largest rows, fold nothing) by the change in network output on
+    held data. Every resizable group is cut by ``fraction`` at once, no fine-tuning.
+    """
+    from svdgrow import models
+    from svdgrow.data import load_dataset
+    from svdgrow.resizer import Resizer
+
+    torch.manual_seed(seed)
+    train = load_dataset("mnist", True, subset=20000, download=False)
+    test = load_dataset("mnist", False, subset=2000, download=False)
+    m = models.build_model(QUALITY_SPEC)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        xb, yb = train.batch(torch.randint(0, len(train), (128,), generator=g))
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(m(xb), yb).backward()
+        opt.step()
+    train_s = time.perf_counter() - t0
+    m.eval()
+    xt, yt = test.batch(torch.arange(len(test)))
+    xfit, _ = train.batch(torch.arange(256))
+    with torch.no_grad():
+        y0 = m(xt)
+    acc0 = float((y0.argmax(1) == yt).float().mean())
+    rows = []
+    for frac in fractions:
+        for mode in ("weights", "data", "magnitude"):
+            mm = copy.deepcopy(m)
+            rs = Resizer(mm, xt[:1], mode=mode)
+            names = {gr.name for gr in rs.resizable()}
+            new = {n: max(1, w - int(w * frac)) for n, w in rs.widths().items() if n in names}
+            rep = rs.apply(new, data=xfit)
+            with torch.no_grad():
+                y1 = mm(xt)
+            rows.append({
+                "fraction": frac,
+                "mode": mode,
+                "params": rep.params_after,
+                "rel_output_change": float((y1 - y0).norm() / y0.norm()),
+                "accuracy": float((y1.argmax(1) == yt).float().mean()),
+                "agreement_with_unpruned": float((y1.argmax(1) == y0.argmax(1)).float().mean()),
+            })
+    return {
+        "spec": QUALITY_SPEC,
+        "train_steps": steps,
+        "train_seconds": train_s,
+        "params": sum(p.numel() for p in m.parameters()),
+        "test_samples": len(test),
+        "accuracy_unpruned": acc0,
+        "rows": rows,
+    }
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -107,6 +176,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats; medians are reported")
     ap.add_argument("--fraction", type=float, default=0.1, help="fraction of every group pruned (default 0.1)")
+    ap.add_argument("--quality-steps", type=int, default=300, help="training steps of the quality comparison (0: skip it)")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/bench_resize_<device>)")
     args = ap.parse_args(argv)
 
@@ -246,6 +316,26 @@ def main(argv=None) -> dict:
     table = [head, "", "| what | seconds |", "|---|---:|"] + [f"| {a} | {b:.4f} |" for a, b in rows]
     table.append("")
     table.append(f"resize step / training step = {res['ratio_resize_over_train']:.3f} (target <= 1)")
+    if args.quality_steps and device.type == "cpu":
+        try:
+            q = quality(args.quality_steps)
+        except Exception as e:  # data missing: the timing still stands
+            q = {"skipped": f"{type(e).__name__}: {e}"}
+        res["quality"] = q
+        table += ["", "Output change on held data after cutting every group at once (no fine-tuning):", ""]
+        if "rows" in q:
+            table.append(
+                f"MNIST ResNet {q['params']:,} params, {q['train_steps']} SGD steps, test accuracy "
+                f"{q['accuracy_unpruned']:.4f} on {q['test_samples']} held samples"
+            )
+            table += ["", "| cut | mode | params | rel. output change | accuracy | agrees with unpruned |", "|---:|---|---:|---:|---:|---:|"]
+            for r in q["rows"]:
+                table.append(
+                    f"| {r['fraction']:.0%} | {r['mode']} | {r['params']:,} | {r['rel_output_change']:.4f} | "
+                    f"{r['accuracy']:.4f} | {r['agreement_with_unpruned']:.4f} |"
+                )
+        else:
+            table.append(f"skipped: {q['skipped']}")
     text = "\n".join(table)
     print(text)
     stem = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_resize_{device.type}")

@@ -27,7 +27,17 @@ from torch import Tensor, nn
 
 from .policy import Decision, Policy
 from .spectrum import GroupSpectrum, analyse_groups, input_dim
-from .surgery import NORMS, SUPPORTED, GroupChange, build_plan, capture_features, commit_plan, plan_prune_data, plan_prune_weights
+from .surgery import (
+    NORMS,
+    SUPPORTED,
+    GroupChange,
+    build_plan,
+    capture_features,
+    commit_plan,
+    plan_prune_data,
+    plan_prune_magnitude,
+    plan_prune_weights,
+)
 from .trace import CouplingGraph, Group
 
 __all__ = ["Resizer", "StepReport", "CostModel"]
@@ -182,8 +192,9 @@ class Resizer:
         example_input: an input (or a tuple of inputs) for tracing and FLOP counting.
         policy: the width :class:`Policy` (default ``Policy()``).
         optimizer: its per-parameter state follows every resize (the same object keeps working).
-        mode: ``"weights"`` (fold from the weight spectrum) or ``"data"`` (fold fitted on the
-            consumers' input features of a batch passed to :meth:`step` / :meth:`apply`).
+        mode: ``"weights"`` (fold from the weight spectrum), ``"data"`` (fold fitted on the
+            consumers' input features of a batch passed to :meth:`step` / :meth:`apply`), or
+            ``"magnitude"`` (a baseline: keep the largest rows, fold nothing).
         strict: passed to the tracer (refuse untraceable ops instead of freezing their groups).
         graph: a ready :class:`CouplingGraph` (skips tracing).
         seed: for grown directions and feature sub-sampling.
@@ -204,8 +215,8 @@ class Resizer:
         ridge: float = 1e-3,
         max_samples: int = 16384,
     ):
-        if mode not in ("weights", "data"):
-            raise ValueError(f"mode must be 'weights' or 'data', got {mode!r}")
+        if mode not in ("weights", "data", "magnitude"):
+            raise ValueError(f"mode must be 'weights', 'data' or 'magnitude', got {mode!r}")
         self.model = model
         self.example_input = example_input
         self.policy = policy if policy is not None else Policy()
@@ -412,6 +423,9 @@ class Resizer:
             for gid in prunes:
                 g = self.graph.groups[gid]
                 changes[gid] = plan_prune_data(self._mods, self.graph, g, wid, changes_w[gid], feats, self.ridge, offsets)
+        elif prunes and self.mode == "magnitude":
+            for gid in prunes:
+                changes[gid] = plan_prune_magnitude(self._mods, self.graph.groups[gid], wid[gid], changes_w[gid])
         elif prunes:
             have = {s.group_id: s for s in (spectra or []) if s.U is not None}
             need = [self.graph.groups[gid] for gid in prunes if gid not in have]

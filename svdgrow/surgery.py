@@ -55,6 +55,7 @@ __all__ = [
     "GroupChange",
     "plan_prune_weights",
     "plan_prune_data",
+    "plan_prune_magnitude",
     "grow_rows",
     "capture_features",
     "build_plan",
@@ -368,6 +369,14 @@ def plan_prune_data(modules, graph: CouplingGraph, group: Group, widths: dict[in
     return change
 
 
+def plan_prune_magnitude(modules, group: Group, n: int, r: int) -> GroupChange:
+    """Baseline prune: keep the ``r`` channels whose group-matrix rows are largest, fold
+    nothing (what the prototype's "first r by index" improves on only by the choice)."""
+    G, _, _, _ = group_matrix(modules, group)
+    K = torch.sort(torch.topk(G.norm(dim=1), r).indices).values
+    return GroupChange(group, n, r, "prune", keep=K, drop=_complement(K, n))
+
+
 def grow_rows(W: Tensor, a: int, generator: torch.Generator | None = None) -> Tensor:
     """``a`` new rows for a producer matrix, orthogonal to its rows and to each other.
 
@@ -578,7 +587,7 @@ def build_plan(modules: dict[str, nn.Module], graph: CouplingGraph, widths: dict
                     K = ch.keep.to(W.device)
                     Dn = ch.drop.to(W.device)
                     parts.append(o + K)
-                    if (seg, name) not in done_fold:  # a group read twice is folded once per segment
+                    if name in ch.folds and (seg, name) not in done_fold:  # no fold: plain drop
                         M, c = ch.folds[name]
                         M = M.to(W.device)
                         c = c.to(W.device)

@@ -192,9 +192,13 @@ class Resizer:
         example_input: an input (or a tuple of inputs) for tracing and FLOP counting.
         policy: the width :class:`Policy` (default ``Policy()``).
         optimizer: its per-parameter state follows every resize (the same object keeps working).
-        mode: ``"weights"`` (fold from the weight spectrum), ``"data"`` (fold fitted on the
-            consumers' input features of a batch passed to :meth:`step` / :meth:`apply`), or
-            ``"magnitude"`` (a baseline: keep the largest rows, fold nothing).
+        mode: how a prune compensates for the dropped channels. ``"data"``: a fold fitted on
+            the consumers' input features of the batch passed to :meth:`step` / :meth:`apply`
+            (the best by far on trained networks, see benchmarks/results); ``"weights"``: the
+            data-free fold from the weight spectrum (exact through linear maps, approximate
+            through activations); ``"auto"`` (default): ``"data"`` when a batch is passed,
+            else ``"weights"``; ``"magnitude"``: a baseline that keeps the largest rows and
+            folds nothing.
         strict: passed to the tracer (refuse untraceable ops instead of freezing their groups).
         graph: a ready :class:`CouplingGraph` (skips tracing).
         seed: for grown directions and feature sub-sampling.
@@ -208,15 +212,15 @@ class Resizer:
         example_input,
         policy: Policy | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-        mode: str = "weights",
+        mode: str = "auto",
         strict: bool = False,
         graph: CouplingGraph | None = None,
         seed: int = 0,
         ridge: float = 1e-3,
         max_samples: int = 16384,
     ):
-        if mode not in ("weights", "data", "magnitude"):
-            raise ValueError(f"mode must be 'weights', 'data' or 'magnitude', got {mode!r}")
+        if mode not in ("auto", "weights", "data", "magnitude"):
+            raise ValueError(f"mode must be 'auto', 'weights', 'data' or 'magnitude', got {mode!r}")
         self.model = model
         self.example_input = example_input
         self.policy = policy if policy is not None else Policy()
@@ -415,7 +419,8 @@ class Resizer:
         warnings: list[str] = []
         changes: dict[int, GroupChange] = {}
         prunes = [gid for gid, w in changes_w.items() if w < wid[gid]]
-        if prunes and self.mode == "data":
+        mode = self.mode if self.mode != "auto" else ("data" if data is not None else "weights")
+        if prunes and mode == "data":
             if data is None:
                 raise ValueError("mode='data' prunes need a batch: pass data=... to step() or apply()")
             groups = [self.graph.groups[gid] for gid in prunes]
@@ -423,7 +428,7 @@ class Resizer:
             for gid in prunes:
                 g = self.graph.groups[gid]
                 changes[gid] = plan_prune_data(self._mods, self.graph, g, wid, changes_w[gid], feats, self.ridge, offsets)
-        elif prunes and self.mode == "magnitude":
+        elif prunes and mode == "magnitude":
             for gid in prunes:
                 changes[gid] = plan_prune_magnitude(self._mods, self.graph.groups[gid], wid[gid], changes_w[gid])
         elif prunes:
@@ -466,7 +471,7 @@ class Resizer:
             params_after=self.param_count(),
             widths_before=widths_before,
             widths_after=self.widths(),
-            mode=self.mode,
+            mode=mode,
             warnings=warnings,
             index=index,
         )

@@ -142,3 +142,26 @@ def test_frozen_output_group_and_budget_in_flops():
     rep = rs.step(budget=0.7 * f0)
     assert rep.cost_kind == "flops" and rep.cost_after <= 0.7 * f0
     assert rs.cost("flops")(None) == pytest.approx(rep.cost_after)
+
+
+def test_data_mode_beats_magnitude_pruning_on_held_data_and_auto_picks_it():
+    m = quick(0)
+    randomise_bn(m, 0)
+    m.eval()
+    g = torch.Generator().manual_seed(0)
+    x_fit, x_held = torch.randn(64, 1, 28, 28, generator=g), torch.randn(64, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        y0 = m(x_held)
+    err = {}
+    for mode in ("auto", "magnitude"):
+        mm = copy.deepcopy(m)
+        rs = Resizer(mm, x_fit[:1], mode=mode)
+        names = {gr.name for gr in rs.resizable()}
+        rep = rs.apply({n: w - w // 4 for n, w in rs.widths().items() if n in names}, data=x_fit)
+        assert rep.mode == ("data" if mode == "auto" else "magnitude")
+        with torch.no_grad():
+            err[mode] = float((mm(x_held) - y0).norm() / y0.norm())
+    assert err["auto"] < 0.5 * err["magnitude"], err
+    # without a batch, auto falls back to the data-free weights fold
+    rs = Resizer(copy.deepcopy(m), x_fit[:1])
+    assert rs.apply({"blocks.0.conv1": 12}).mode == "weights"

@@ -4,3 +4,8 @@ from svdgrow import _C  # noqa: F401  (registers torch.ops.svdgrow.*)
 from svdgrow import ops  # noqa: F401
 
 __version__ = "0.1.0"
+
+# Resizing API (spectrum -> policy -> surgery -> optimizer remap)
+from svdgrow.policy import Decision, Policy  # noqa: E402
+from svdgrow.resizer import Resizer, StepReport  # noqa: E402
+from svdgrow.spectrum import GroupSpectrum  # noqa: E402

@@ -21,21 +21,17 @@ import torch
 import svdgrow  # noqa: F401  (loads the extension: torch.ops.svdgrow.*)
 from svdgrow import ops
 
-# Also skip here in case conftest.py's needs_cuda handling is missing.
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 DEV = "cuda"
 svd_op = torch.ops.svdgrow.batched_svd.default
 slice_op = torch.ops.svdgrow.slice_copy.default
 slice_op_ = torch.ops.svdgrow.slice_copy_.default
 
-# Tolerances per input dtype: (sigma relative for sigma >= 1e-3 sigma_max, sigma absolute /
-# sigma_max, orthonormality, relative reconstruction). The float64 Gram matrix leaves singular
-# vectors of sigma below ~sqrt(eps64) sigma_max = 1e-8 sigma_max unresolved, which bounds the
-# float64 reconstruction error near 1e-8 for graded spectra.
+# Tolerances per input dtype: sigma relative (for sigma >= 1e-3 sigma_max), sigma absolute /
+# sigma_max (all sigma), orthonormality (max |U^T U - I|), relative reconstruction. The same
+# as tests/test_ops.py; float64 inputs get the kernel's refinement pass.
 TOL = {
     torch.float32: dict(sig=1e-4, sig_abs=2e-6, orth=5e-5, rec=2e-5),
-    torch.float64: dict(sig=1e-9, sig_abs=2e-6, orth=1e-10, rec=5e-8),
+    torch.float64: dict(sig=1e-10, sig_abs=1e-12, orth=1e-10, rec=1e-10),
 }
 
 
@@ -57,13 +53,11 @@ def projector(U, k):
     return Uk @ Uk.T
 
 
-def check_svd(A, S, U, Vh, k=None, what="", sig_tol=None):
+def check_svd(A, S, U, Vh, k=None, what="", **tol_overrides):
     """Checks one CUDA result against float64 torch.linalg.svd of the same (upcast) input."""
     m, n = A.shape
     r = min(m, n) if k is None else k
-    tol = dict(TOL[A.dtype])
-    if sig_tol is not None:
-        tol["sig"] = sig_tol
+    tol = {**TOL[A.dtype], **tol_overrides}
     assert S.shape == (r,) and U.shape == (m, r) and Vh.shape == (r, n), what
     assert S.dtype == U.dtype == Vh.dtype == A.dtype, what
     assert S.device == U.device == Vh.device == A.device, what
@@ -183,7 +177,8 @@ def test_batched_svd_topk_randomized(dtype):
     for a, s, u, vh in zip(mats, S, U, Vh):
         # Ritz values converge like (sigma_{l+1} / sigma_j) ** (4 niter + 2): 1e-9 is out of
         # reach for the 0.8 ** i spectrum, 1e-4 (the float32 bound) is not.
-        check_svd(a, s, u, vh, k=k, what=f"{tuple(a.shape)} k={k}", sig_tol=1e-4 if dtype == torch.float32 else 1e-7)
+        loose = {} if dtype == torch.float32 else dict(sig=1e-7, sig_abs=1e-7)
+        check_svd(a, s, u, vh, k=k, what=f"{tuple(a.shape)} k={k}", **loose)
 
 
 @pytest.mark.needs_cuda

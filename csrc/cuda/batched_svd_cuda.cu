@@ -13,6 +13,11 @@
 //       sigma_j = ||X_j|| and V'^T_j = X_j / sigma_j, re-orthonormalised in order by
 //       Gram-Schmidt (rows at the rounding floor are completed to an orthonormal set); the
 //       triplets are finally ordered by sigma, descending.
+//   float64 inputs, refinement: X is A' (or Q^T A') turned by an orthogonal W, but for sigma
+//       below ~sqrt(eps) sigma_max its rows are not yet orthogonal. A second Jacobi pass on
+//       H = X X^T (whose rounding errors scale with sigma_i sigma_j, so it is solved to high
+//       relative accuracy) gives W2; X <- W2^T X and U'^T <- W2^T U'^T before the step above.
+//       That brings tiny singular values to ~1e-12 sigma_max and U S Vh to ~1e-15.
 //
 // The Gram matrix squares the condition number, which float64 absorbs: its eigenvalues carry
 // an absolute error near 1e-16 lam_max (relative 1e-10 at sigma = 1e-3 sigma_max); sigma from
@@ -20,7 +25,8 @@
 // A' = W W^T A' to rounding.
 //
 // Stages (one launch each, all problems): scale, pack, [sketch, gemm, orth, niter x
-// (gemm, orth, gemm, orth), gemm], gemm (Gram), jacobi, [gemm (U)], gemm (V), orth (V), finalize.
+// (gemm, orth, gemm, orth), gemm], gemm (Gram), jacobi, [gemm (U)], gemm (X),
+// [gemm (H), jacobi, gemm (X2), gemm (U2)], orth (V), finalize; [] = only where needed.
 // The problem table (SvdProblem) and the GEMM descriptors are built on the host from shapes only
 // and uploaded in one non-blocking copy from pinned memory.
 #include <ATen/ATen.h>
@@ -39,7 +45,7 @@ namespace svdgrow_cuda {
 namespace {
 
 constexpr int kThreads = 256;        // flat kernels, GEMM, orthonormalisation
-constexpr int kJacobiThreads = 512;  // one block per eigenproblem
+constexpr int kJacobiThreads = 1024; // one block per eigenproblem (memory-latency bound)
 constexpr int kMaxSweeps = 40;       // Jacobi converges in about 6-12 sweeps in float64
 constexpr double kJacobiTol = 1e-14; // rotate when |g_pq| > tol * sqrt(|g_pp g_qq|)
 constexpr int kRotStride = 5;        // per pair: c, s, new g_pp, new g_qq, active
@@ -56,12 +62,18 @@ struct SvdProblem {
   int32_t l, r;          // subspace width (l = s on the exact path), singular triplets kept
   int32_t transposed;    // A' = A^T
   int32_t is_double;     // dtype of input and outputs
+  int32_t refine;        // second Jacobi pass on X X^T (float64 inputs)
+  int32_t pad_;
   // Workspace offsets, in float64 elements. y/p/ut exist on the randomized path only.
   int64_t scale_off, a_off, g_off, wt_off, ws_off, lam_off, rot_off, coef_off;
   int64_t y_off, p_off, ut_off, vt_off;
   int64_t u_off;  // r rows of length s holding U'^T: ws_off (exact) or ut_off (randomized)
   int64_t sig_off;   // r: norms of the rows of W^T B before normalisation (the singular values)
   int64_t perm_off;  // r int64: output position t takes triplet perm[t] (sigma descending)
+  // Refinement (float64 only; -1 otherwise): H = X X^T (r x r) = W2 diag W2^T, its Jacobi
+  // work (hwt) and sorted eigenvectors (hws), X2 = W2^T X (r x L), U2'^T = W2^T U'^T (r x s).
+  int64_t h_off, hwt_off, hws_off, lam2_off, x2_off, u2_off;
+  int64_t vfin_off, ufin_off;  // final V'^T rows (vt_off or x2_off), U'^T rows (u_off or u2_off)
 };
 
 // C (M x N, row stride c_rs, unit column stride) = A (M x K) B (K x N), arbitrary strides.
@@ -261,7 +273,7 @@ __global__ void __launch_bounds__(kThreads)
   } else if (target == kOrthP) {
     off = P.p_off, nvec = P.l, len = P.L;
   } else {
-    off = P.vt_off, nvec = P.r, len = P.L;
+    off = P.vfin_off, nvec = P.r, len = P.L;
   }
   double* X = ws + off;
   double* coef = ws + P.coef_off;
@@ -272,8 +284,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < nvec; ++j) {
     double* v = X + static_cast<int64_t>(j) * len;
     if (is_v) {
-      // sigma_j = ||w_j^T B||, not sqrt(lambda_j): accurate down to eps * sigma_max (the Gram
-      // eigenvalue only to sqrt(eps) * sigma_max), and U S Vh then rebuilds A' = W W^T A'.
+      // sigma_j = ||X_j||, not sqrt(lambda_j): the row norm holds tiny singular values far
+      // better than the Gram eigenvalue does, and U S Vh then rebuilds A' = W X.
       const double n0 = row_norm(v, len, sh);
       if (threadIdx.x == 0) sig[j] = n0;
     }
@@ -325,19 +337,21 @@ __device__ __forceinline__ void round_robin_pair(int round, int k, int nplayers,
   }
 }
 
-// Stage: symmetric eigen-solve of G (l x l, global memory), one block per problem, by cyclic
-// Jacobi in parallel (round-robin) order: each round rotates l/2 disjoint pairs at once
-// (rows, then columns; eigenvectors kept as the rows of Wt). A sweep without any rotation ends
-// the iteration; kMaxSweeps bounds it. Then eigenvalues sorted descending into lam, and the
-// matching eigenvectors into the rows of Ws.
+// Stage: symmetric eigen-solve, one block per problem (plist), by cyclic Jacobi in parallel
+// (round-robin) order: each round rotates l/2 disjoint pairs at once (rows, then columns;
+// eigenvectors kept as the rows of Wt). A sweep without any rotation ends the iteration;
+// kMaxSweeps bounds it. Then eigenvalues sorted descending into lam, and the matching
+// eigenvectors into the rows of Ws. Pass 0: G (l x l). Pass 1 (refinement): H (r x r).
+// The matrix lives in global memory (256 x 256 float64 does not fit in shared memory).
 __global__ void __launch_bounds__(kJacobiThreads)
-    batched_svd_jacobi_kernel(const SvdProblem* __restrict__ probs, double* ws) {
+    batched_svd_jacobi_kernel(const SvdProblem* __restrict__ probs,
+                              const int32_t* __restrict__ plist, int pass, double* ws) {
   __shared__ int any_rotation;
-  const SvdProblem& P = probs[blockIdx.x];
-  const int l = P.l;
+  const SvdProblem& P = probs[plist[blockIdx.x]];
+  const int l = pass == 0 ? P.l : P.r;
   const int64_t ll = static_cast<int64_t>(l) * l;
-  double* G = ws + P.g_off;
-  double* Wt = ws + P.wt_off;
+  double* G = ws + (pass == 0 ? P.g_off : P.h_off);
+  double* Wt = ws + (pass == 0 ? P.wt_off : P.hwt_off);
   double* rot = ws + P.rot_off;
   const int tid = threadIdx.x, bs = blockDim.x;
   const int nplayers = l + (l & 1);
@@ -438,8 +452,8 @@ __global__ void __launch_bounds__(kJacobiThreads)
 
   // Sort descending (NaN last, ties by index): rank of eigenvalue i = number of eigenvalues
   // ahead of it. One warp per eigenvalue.
-  double* lam = ws + P.lam_off;
-  double* Ws = ws + P.ws_off;
+  double* lam = ws + (pass == 0 ? P.lam_off : P.lam2_off);
+  double* Ws = ws + (pass == 0 ? P.ws_off : P.hws_off);
   const int lane = tid & 31, warp = tid >> 5, nwarps = bs >> 5;
   for (int i = warp; i < l; i += nwarps) {
     const double gi = G[static_cast<int64_t>(i) * l + i];
@@ -469,8 +483,8 @@ __global__ void __launch_bounds__(kThreads)
   const double scale = ws[P.scale_off];
   const double* sig = ws + P.sig_off;
   const int64_t* perm = reinterpret_cast<const int64_t*>(ws + P.perm_off);
-  const double* urows = ws + P.u_off;  // U'^T, r x s
-  const double* vt = ws + P.vt_off;    // V'^T, r x L
+  const double* urows = ws + P.ufin_off;  // U'^T, r x s
+  const double* vt = ws + P.vfin_off;     // V'^T, r x L
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (e < r) {
@@ -543,7 +557,7 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
 
   // Plan: shapes -> workspace offsets, problem table, GEMM descriptor lists.
   std::vector<SvdProblem> probs;
-  std::vector<int32_t> plist_all, plist_rand;
+  std::vector<int32_t> plist_all, plist_rand, plist_ref;
   int64_t ws_size = 0;
   auto take = [&](int64_t count) {
     const int64_t off = ws_size;
@@ -597,6 +611,22 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
       plist_rand.push_back(static_cast<int32_t>(probs.size()));
       max_rand = std::max(max_rand, l * L);
     }
+    P.vfin_off = P.vt_off;
+    P.ufin_off = P.u_off;
+    P.refine = P.is_double;
+    if (P.refine) {
+      P.h_off = take(r * r);
+      P.hwt_off = take(r * r);
+      P.hws_off = take(r * r);
+      P.lam2_off = take(r);
+      P.x2_off = take(r * L);
+      P.u2_off = take(r * s);
+      P.vfin_off = P.x2_off;
+      P.ufin_off = P.u2_off;
+      plist_ref.push_back(static_cast<int32_t>(probs.size()));
+    } else {
+      P.h_off = P.hwt_off = P.hws_off = P.lam2_off = P.x2_off = P.u2_off = -1;
+    }
     plist_all.push_back(static_cast<int32_t>(probs.size()));
     max_pack = std::max(max_pack, s * L);
     max_fin = std::max(max_fin, r + m * r + r * n);
@@ -604,7 +634,7 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
   }
   // GEMM stages. Buffers (row-major): A' s x L; Y^T l x s (columns of Y as rows); P buffer
   // l x L (Omega^T, then Z^T, then B); G, Wt, Ws l x l; U'^T r x s; V'^T r x L.
-  GemmList g_y, g_z, g_gram, g_u, g_v;
+  GemmList g_y, g_z, g_gram, g_u, g_v, g_h, g_x2, g_u2;
   for (const SvdProblem& P : probs) {
     const int64_t s = P.s, L = P.L, l = P.l, r = P.r;
     const bool exact = P.y_off < 0;
@@ -621,6 +651,13 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
     g_gram.add(l, l, L, bmat, L, 1, bmat, 1, L, P.g_off, l);
     // V'^T before normalisation (r x L) = Ws[:r] (r x l) * B (l x L)
     g_v.add(r, L, l, P.ws_off, l, 1, bmat, L, 1, P.vt_off, L);
+    if (P.refine) {
+      // H (r x r) = X X^T, X = V'^T before normalisation
+      g_h.add(r, r, L, P.vt_off, L, 1, P.vt_off, 1, L, P.h_off, r);
+      // X2 (r x L) = W2^T X and U2'^T (r x s) = W2^T U'^T, W2^T = rows of hws
+      g_x2.add(r, L, r, P.hws_off, r, 1, P.vt_off, L, 1, P.x2_off, L);
+      g_u2.add(r, s, r, P.hws_off, r, 1, P.u_off, s, 1, P.u2_off, s);
+    }
   }
 
   // Table: problems, problem lists, GEMM descriptors; one upload.
@@ -628,7 +665,8 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
   const int64_t off_probs = table.append(probs);
   const int64_t off_all = table.append(plist_all);
   const int64_t off_rand = plist_rand.empty() ? -1 : table.append(plist_rand);
-  for (GemmList* gl : {&g_y, &g_z, &g_gram, &g_u, &g_v}) {
+  const int64_t off_ref = plist_ref.empty() ? -1 : table.append(plist_ref);
+  for (GemmList* gl : {&g_y, &g_z, &g_gram, &g_u, &g_v, &g_h, &g_x2, &g_u2}) {
     if (!gl->empty()) gl->table_off = table.append(gl->descs());
   }
 
@@ -640,8 +678,10 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
   const SvdProblem* d_probs = reinterpret_cast<const SvdProblem*>(base + off_probs);
   const int32_t* d_all = reinterpret_cast<const int32_t*>(base + off_all);
   const int32_t* d_rand = off_rand >= 0 ? reinterpret_cast<const int32_t*>(base + off_rand) : nullptr;
+  const int32_t* d_ref = off_ref >= 0 ? reinterpret_cast<const int32_t*>(base + off_ref) : nullptr;
   const unsigned nprob = static_cast<unsigned>(probs.size());
   const unsigned nrand = static_cast<unsigned>(plist_rand.size());
+  const unsigned nref = static_cast<unsigned>(plist_ref.size());
   const uint64_t seed_key = splitmix64(static_cast<uint64_t>(seed));
   uint64_t orth_salt = 0;
 
@@ -681,11 +721,18 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
     gemm(g_z);                       // B = Q^T A'
   }
   gemm(g_gram);                      // G = B B^T
-  batched_svd_jacobi_kernel<<<nprob, kJacobiThreads, 0, stream>>>(d_probs, ws);
+  batched_svd_jacobi_kernel<<<nprob, kJacobiThreads, 0, stream>>>(d_probs, d_all, 0, ws);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   gemm(g_u);                         // U' = Q W (randomized problems)
-  gemm(g_v);                         // V'^T = W^T B
-  orth(d_all, nprob, kOrthV);        // normalise, re-orthonormalise
+  gemm(g_v);                         // X = W^T B (V'^T before normalisation)
+  if (nref > 0) {                    // float64: second pass on X X^T
+    gemm(g_h);
+    batched_svd_jacobi_kernel<<<nref, kJacobiThreads, 0, stream>>>(d_probs, d_ref, 1, ws);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gemm(g_x2);
+    gemm(g_u2);
+  }
+  orth(d_all, nprob, kOrthV);        // sigma = row norms; normalise, re-orthonormalise
   batched_svd_finalize_kernel<<<dim3(grid_blocks(max_fin, kThreads, 1024), nprob), kThreads, 0,
                                 stream>>>(d_probs, ws);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

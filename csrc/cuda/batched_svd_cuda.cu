@@ -576,7 +576,7 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
     U_out.push_back(at::empty({m, r}, opts));
     Vh_out.push_back(at::empty({r, n}, opts));
 
-    const int64_t l = k.has_value() ? std::min(*k + oversample, s) : s;
+    const int64_t l = k.has_value() ? std::min(*k + std::min(oversample, s), s) : s;
     const bool exact = (l == s);
     SvdProblem P{};
     P.in_ptr = reinterpret_cast<uint64_t>(A.data_ptr());

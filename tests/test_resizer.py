@@ -165,3 +165,37 @@ def test_data_mode_beats_magnitude_pruning_on_held_data_and_auto_picks_it():
     # without a batch, auto falls back to the data-free weights fold
     rs = Resizer(copy.deepcopy(m), x_fit[:1])
     assert rs.apply({"blocks.0.conv1": 12}).mode == "weights"
+
+
+class _Cat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 6, 3, padding=1)
+        self.b = nn.Conv2d(2, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+        self.c = nn.Conv2d(11, 7, 3, padding=1)
+        self.fc = nn.Linear(7 * 16, 3)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.bn(self.b(x)))], 1)
+        return self.fc(torch.relu(self.c(h)).flatten(1))
+
+
+def test_concatenated_groups_resize_at_their_offsets():
+    torch.manual_seed(0)
+    m = _Cat().eval()
+    x = torch.randn(16, 2, 4, 4)
+    rs = Resizer(m, x[:1])
+    assert len(rs.graph.consumers["c"].segments) == 2
+    with torch.no_grad():
+        y0 = m(x)
+    rs.apply({"a": 9, "b": 8, "c": 9})  # both segments of c grow, and c itself
+    assert m.c.weight.shape == (9, 17, 3, 3) and m.fc.in_features == 9 * 16
+    with torch.no_grad():
+        assert float((m(x) - y0).abs().max()) <= 1e-5 * float(y0.abs().max())
+        # the old columns of c moved to their new offsets: a's 6 first, b's 5 after a's 9
+        y0 = m(x)
+    rep = rs.apply({"a": 4, "b": 3}, data=x)
+    assert m.c.in_channels == 7 and rep.mode == "data"
+    with torch.no_grad():
+        assert float((m(x) - y0).norm() / y0.norm()) < 0.5

@@ -359,6 +359,8 @@ def plan_prune_data(modules, graph: CouplingGraph, group: Group, widths: dict[in
     change = GroupChange(group, n, r, "prune", keep=K, drop=Dn)
     for cons in group.consumers:
         key = (group.id, cons)
+        if key not in feats:  # this consumer did not run on the batch: drop without a fold
+            continue
         mu, cov, _ = feats[key]
         SKK = cov[K][:, K]
         SKD = cov[K][:, Dn]
@@ -497,10 +499,6 @@ class Plan:
     attrs: list[tuple[object, str, object]] = field(default_factory=list)
     clear_grads: list[Tensor] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def _idx(t: list[int] | Tensor, device) -> Tensor:
-    return torch.as_tensor(t, dtype=torch.long, device=device)
 
 
 @torch.no_grad()

@@ -527,7 +527,6 @@ def build_plan(modules: dict[str, nn.Module], graph: CouplingGraph, widths: dict
                 touched.append(name)
     # running-mean corrections for consumers without a bias: norm name -> delta over its rows
     mean_delta: dict[str, Tensor] = {}
-    norm_rows_ext: dict[str, int] = {}
     params_resized: dict[Tensor, str] = {}
     pending = []  # (param, name, src, row_param, row_state, col, block)
     for name in touched:
@@ -615,7 +614,6 @@ def build_plan(modules: dict[str, nn.Module], graph: CouplingGraph, widths: dict
                             norm = norm_directly_after(g).get(name)
                 if norm is not None and getattr(modules[norm], "running_mean", None) is not None:
                     mean_delta[norm] = -delta
-                    norm_rows_ext[norm] = work.shape[0]
                 elif float(delta.abs().max()) > 0:
                     plan.warnings.append(
                         f"consumer {name!r} has no bias and no BatchNorm right after it: the folded "

@@ -1,5 +1,7 @@
 """svdgrow: let a network find its own layer widths while it trains, from each layer's spectrum."""
 
+import torch  # noqa: F401  (loads libc10/libtorch, which svdgrow._C links against)
+
 from svdgrow import _C  # noqa: F401  (registers torch.ops.svdgrow.*)
 from svdgrow import ops  # noqa: F401
 

@@ -256,12 +256,13 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CKPT_NAME
 
 
-def baseline_config(run_dir: str | os.PathLike, **overrides: Any) -> TrainConfig:
-    """A config that trains ``run_dir``'s final architecture from scratch, without resizing.
+def baseline_config(source: str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """A config that trains run ``source``'s final architecture from scratch, without resizing.
 
-    Same dataset, epochs, optimizer and schedule as the run; ``overrides`` replace fields.
+    Same dataset, epochs, optimizer and schedule as the run; ``overrides`` replace fields
+    (e.g. ``run_dir``, ``epochs``, ``device``).
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(source)
     cfg_path = run_dir / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {run_dir.resolve()}: not a run folder")
@@ -423,8 +424,16 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
     elif cfg is None:
         cfg = TrainConfig()
     cfg.validate()
+    threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, resume_ckpt)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, Any]:
     device = _pick_device(cfg.device)
     run = _setup_run_dir(cfg)
     t_start = time.perf_counter()

@@ -26,8 +26,9 @@ needs_data = pytest.mark.skipif(
 TEST_SUBSET = 500
 ARGS = [
     "train", "--dataset", "mnist", "--preset", "quick", "--data-dir", str(DATA), "--no-download",
-    "--subset", "1500", "--test-subset", str(TEST_SUBSET), "--batch-size", "50", "--epochs", "3",
-    "--resize-every", "5", "--target-params", "8000", "--shrink-steps", "40", "--resize-until", "0.7",
+    "--subset", "1000", "--test-subset", str(TEST_SUBSET), "--batch-size", "50", "--epochs", "3",
+    "--resize-every", "5", "--target-params", "8000", "--shrink-steps", "30", "--resize-until", "0.7",
+    "--threads", "1",
     "--lr", "0.05", "--seed", "1", "--no-progress", "--checkpoint-minutes", "0",
 ]
 
@@ -62,7 +63,7 @@ def test_run_completes_and_shrinks(run_a):
     start = events[0]["params"]
     assert epochs[-1]["params"] < start, "the parameter count did not fall"
     assert epochs[-1]["params"] <= 1.25 * 8000
-    assert epochs[-1]["test_acc"] > 0.5  # learnt something on 1500 samples
+    assert epochs[-1]["test_acc"] > 0.5  # learnt something on 1000 samples
     assert (run_a / "params_accuracy.png").is_file() and (run_a / "widths.png").is_file()
     assert json.loads((run_a / "final_spec.json").read_text()) == events[-1]["spec"]
 
@@ -98,7 +99,7 @@ def test_resume_after_interrupt_matches_uninterrupted(run_a, tmp_path, monkeypat
     def interrupting_batch(self, index, augment=False, *args, **kwargs):
         if augment:  # training batches only
             calls["n"] += 1
-            if calls["n"] == 47:  # mid epoch 2 (30 steps per epoch), after a few resizes
+            if calls["n"] == 28:  # mid epoch 2 (20 steps per epoch), after a few resizes
                 raise KeyboardInterrupt
         return real_batch(self, index, augment, *args, **kwargs)
 
@@ -107,7 +108,7 @@ def test_resume_after_interrupt_matches_uninterrupted(run_a, tmp_path, monkeypat
         main(ARGS + ["--run-dir", str(run_b)])
     monkeypatch.setattr(DeviceDataset, "batch", real_batch)
     ck = load_checkpoint(run_b / "checkpoints" / "last.pt")
-    assert ck["step"] == 46 and ck["epoch"] == 1 and ck["extra"]["batch_in_epoch"] == 16
+    assert ck["step"] == 27 and ck["epoch"] == 1 and ck["extra"]["batch_in_epoch"] == 7
     assert main(["train", "--resume", str(run_b), "--no-progress"]) == 0
     kinds = [e["event"] for e in read_log(run_b)]
     assert "interrupted" in kinds and "resume" in kinds and kinds[-1] == "end"
@@ -157,3 +158,21 @@ def test_missing_data_default_search_lists_all_roots(tmp_path, monkeypatch):
     assert str(tmp_path / "envdir" / "FashionMNIST" / "raw") in msg
     assert str(tmp_path / "data" / "FashionMNIST" / "raw") in msg
     assert "shared" in msg
+
+
+def test_random_shift_is_a_shift_with_plain_strides():
+    from svdgrow.data import random_shift
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(1, 255, (64, 1, 12, 12), dtype=torch.uint8)
+    out = random_shift(imgs, 2, g)
+    # plain NCHW strides (channels-last strides once crashed oneDNN's conv backward)
+    assert out.shape == imgs.shape and out.stride() == (144, 144, 12, 1)
+    pad = torch.nn.functional.pad(imgs, (2, 2, 2, 2))
+    for i in range(64):  # each output is some 12x12 window of the zero-padded image
+        hits = [
+            (dy, dx) for dy in range(5) for dx in range(5)
+            if torch.equal(pad[i, :, dy:dy + 12, dx:dx + 12], out[i])
+        ]
+        assert hits, i
+    assert len({tuple(out[i].flatten()[:20].tolist()) for i in range(64)}) > 1

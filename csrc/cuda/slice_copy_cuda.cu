@@ -25,7 +25,6 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <string>
 #include <vector>
 
 #include "../common.h"

@@ -31,8 +31,8 @@ inline unsigned int grid_blocks(int64_t total, int threads, int64_t cap = 4096) 
 }
 
 // A byte table built on the host. Sections are 16-byte aligned; kernels receive the device base
-// pointer plus section offsets, and records refer to each other by offset, never by pointer, so
-// the table can be filled completely before the device copy exists.
+// pointer plus a section's offset. Records hold device pointers of tensors allocated before the
+// table is built, never pointers into the table itself.
 class HostTable {
  public:
   template <typename T>

@@ -2,6 +2,8 @@
 //
 // Each src[i] is viewed as [R, C, B]; destination row r' takes source row row_index[r'] and,
 // within it, channel c' takes source channel col_index[c'] (a contiguous run of B elements).
+// The channel map is split once per tensor into runs of consecutive sources, so kept channels
+// that stay in order move with one memcpy per run and row.
 // A -1 in either index marks a new slice, taken from fill[i] (same shape as the destination)
 // or zero. The index values are checked once, serially, before any data moves, so a bad
 // index raises a message naming the argument and never writes half a result.
@@ -23,16 +25,46 @@ namespace {
 using at::Tensor;
 using OptTensorList = c10::List<std::optional<Tensor>>;
 
+// A run of destination channels whose sources are consecutive (or all new), in elements.
+struct ChannelRun {
+  int64_t dst = 0;  // offset in the destination row
+  int64_t src = 0;  // offset in the source row, or -1 for new slices
+  int64_t len = 0;
+};
+
 // One tensor's work, with raw pointers into contiguous storage.
 struct SliceJob {
   const void* src = nullptr;
   void* dst = nullptr;
   const void* fill = nullptr;     // null: new slices are zero
   const int64_t* rows = nullptr;  // null: identity
-  const int64_t* cols = nullptr;  // null: identity
+  std::vector<ChannelRun> runs;   // one destination row, as runs over the source row
   int64_t C = 0, B = 1, Rn = 0, Cn = 0;
   at::ScalarType dtype = at::kFloat;
 };
+
+// Splits the channel map (col_index, or the identity when null) into runs of consecutive
+// sources, so that kept channels that stay in order move with one copy per run.
+std::vector<ChannelRun> channel_runs(const int64_t* cols, int64_t C, int64_t Cn, int64_t B) {
+  std::vector<ChannelRun> runs;
+  if (cols == nullptr) {
+    runs.push_back({0, 0, C * B});
+    return runs;
+  }
+  int64_t c = 0;
+  while (c < Cn) {
+    const int64_t first = cols[c];
+    int64_t len = 1;
+    if (first < 0) {
+      while (c + len < Cn && cols[c + len] < 0) ++len;
+    } else {
+      while (c + len < Cn && cols[c + len] == first + len) ++len;
+    }
+    runs.push_back({c * B, first < 0 ? -1 : first * B, len * B});
+    c += len;
+  }
+  return runs;
+}
 
 // Checks that idx's values lie in [-1, limit) and that no non-negative value repeats.
 void check_index_values(const Tensor& idx, int64_t limit, const char* name, size_t i, const char* dim) {
@@ -52,39 +84,39 @@ void check_index_values(const Tensor& idx, int64_t limit, const char* name, size
 }
 
 template <typename scalar_t>
+inline void copy_n(const scalar_t* s, int64_t n, scalar_t* d) {
+  if (n <= 16) {
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+  } else {
+    std::memcpy(d, s, static_cast<size_t>(n) * sizeof(scalar_t));
+  }
+}
+
+template <typename scalar_t>
+inline void zero_n(int64_t n, scalar_t* d) {
+  for (int64_t i = 0; i < n; ++i) d[i] = scalar_t(0);
+}
+
+template <typename scalar_t>
 void copy_rows(const SliceJob& job, int64_t r0, int64_t r1) {
   const scalar_t* src = static_cast<const scalar_t*>(job.src);
   scalar_t* dst = static_cast<scalar_t*>(job.dst);
   const scalar_t* fill = static_cast<const scalar_t*>(job.fill);
-  const int64_t B = job.B, C = job.C, Cn = job.Cn;
-  const int64_t src_row = C * B, dst_row = Cn * B;
+  const int64_t src_row = job.C * job.B, dst_row = job.Cn * job.B;
   for (int64_t r = r0; r < r1; ++r) {
     scalar_t* d = dst + r * dst_row;
     const scalar_t* f = fill ? fill + r * dst_row : nullptr;
     const int64_t sr = job.rows ? job.rows[r] : r;
     if (sr < 0) {
-      if (f) std::copy(f, f + dst_row, d);
-      else std::fill(d, d + dst_row, scalar_t(0));
+      if (f) copy_n(f, dst_row, d);
+      else zero_n(dst_row, d);
       continue;
     }
     const scalar_t* s = src + sr * src_row;
-    if (!job.cols) {
-      std::copy(s, s + src_row, d);
-      continue;
-    }
-    if (B == 1) {
-      for (int64_t c = 0; c < Cn; ++c) {
-        const int64_t sc = job.cols[c];
-        d[c] = sc >= 0 ? s[sc] : (f ? f[c] : scalar_t(0));
-      }
-      continue;
-    }
-    for (int64_t c = 0; c < Cn; ++c) {
-      const int64_t sc = job.cols[c];
-      scalar_t* dc = d + c * B;
-      if (sc >= 0) std::copy(s + sc * B, s + sc * B + B, dc);
-      else if (f) std::copy(f + c * B, f + c * B + B, dc);
-      else std::fill(dc, dc + B, scalar_t(0));
+    for (const ChannelRun& run : job.runs) {
+      if (run.src >= 0) copy_n(s + run.src, run.len, d + run.dst);
+      else if (f) copy_n(f + run.dst, run.len, d + run.dst);
+      else zero_n(run.len, d + run.dst);
     }
   }
 }
@@ -128,8 +160,9 @@ void slice_copy_impl(at::TensorList src, at::TensorList dst, const OptTensorList
     if (ci.has_value() && ci->defined()) {
       Tensor c = ci->contiguous();
       check_index_values(c, g.C, "col_index", i, "channels");
-      keep.push_back(c);
-      job.cols = c.const_data_ptr<int64_t>();
+      job.runs = channel_runs(c.const_data_ptr<int64_t>(), g.C, g.Cn, g.B);
+    } else {
+      job.runs = channel_runs(nullptr, g.C, g.Cn, g.B);
     }
     if (fi.has_value() && fi->defined()) {
       Tensor f = fi->contiguous();

@@ -197,7 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if ns.command == "train":
-            return _train(args)
+            try:
+                return _train(args)
+            except KeyboardInterrupt as exc:
+                from .train import TrainingInterrupted
+
+                print("svdgrow: interrupted; the run was checkpointed: continue it with "
+                      "svdgrow train --resume RUN_DIR", file=sys.stderr)
+                return 143 if isinstance(exc, TrainingInterrupted) else 130
         if ns.command == "plot":
             from .plot import plot_run
 

@@ -44,6 +44,7 @@ from .models import build_model, count_flops, count_params, layer_widths, preset
 
 __all__ = [
     "TrainConfig",
+    "TrainingInterrupted",
     "train",
     "evaluate",
     "budget_at",
@@ -369,8 +370,11 @@ def _make_resizer(cfg: TrainConfig, model: nn.Module, example: torch.Tensor, opt
     return Resizer(model, example, policy=policy, optimizer=optimizer, mode=cfg.mode)
 
 
-class _Stop(Exception):
-    """Raised from the SIGTERM handler to checkpoint and stop."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised from the SIGTERM handler: the run checkpoints, then stops (resume with --resume)."""
+
+
+_Stop = TrainingInterrupted
 
 
 def _setup_run_dir(cfg: TrainConfig) -> Path:

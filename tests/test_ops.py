@@ -466,6 +466,15 @@ def test_batched_svd_bad_input(device):
         ops.batched_svd([good], k=0)
 
 
+def test_batched_svd_nan_input():
+    bad = torch.randn(5, 7)
+    bad[1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match=r"mats\[1\] contains NaN or Inf"):
+        ops.batched_svd([torch.randn(3, 3), bad])
+    with pytest.raises(RuntimeError, match=r"mats\[0\] contains NaN or Inf"):
+        ops.batched_svd([torch.full((4, 2), float("inf"))])
+
+
 def test_batched_svd_mixed_devices():
     with pytest.raises(RuntimeError, match=r"one device"):
         ops.batched_svd([torch.randn(3, 3), torch.randn(3, 3, device="meta")])

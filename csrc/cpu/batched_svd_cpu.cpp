@@ -93,7 +93,7 @@ struct SvdResult {
 // (small dense SVD), so that W_b R^T Q^T = (W_b U_r) S_r (Q V_r)^T. That keeps U and Vh
 // orthonormal to working precision, sigma accurate to ~eps64 * sigma_max, and U S Vh = A to
 // ~eps64 * ||A||, also for rank-deficient matrices.
-SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed) {
+SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed, int64_t index) {
   const at::ScalarType dtype = input.scalar_type();
   const int64_t m = input.size(0), n = input.size(1);
   const bool wide = m <= n;
@@ -104,6 +104,9 @@ SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed) {
   // times slower when it also converts to float64.)
   Tensor A64 = wide ? input.to(at::kDouble).contiguous() : input.t().contiguous().to(at::kDouble);
   Tensor G = gram_lower(A64);                                 // p x p, lower triangle
+  // A NaN or Inf anywhere in A reaches every entry of its row of G, and the diagonal.
+  TORCH_CHECK(at::isfinite(G.diagonal()).all().item<bool>(), "batched_svd: mats[", index,
+              "] contains NaN or Inf (or float64 values too large to square); its SVD is undefined");
   Tensor W = std::get<1>(at::linalg_eigh(G, "L"));            // eigenvalues ascending
   Tensor Wd = W.flip(1);                                      // p x p, descending
   Tensor Wr = Wd.narrow(1, 0, r).contiguous();                // p x r
@@ -210,7 +213,7 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> batche
 
   std::vector<SvdResult> res(nmat);
   auto run = [&](int64_t i) {
-    res[i] = svd_one(inputs[i], rank[i], static_cast<uint64_t>(seed) * 1000003ULL + static_cast<uint64_t>(i));
+    res[i] = svd_one(inputs[i], rank[i], static_cast<uint64_t>(seed) * 1000003ULL + static_cast<uint64_t>(i), i);
   };
   const int64_t nthreads = at::get_num_threads();
   // Matrices larger than a thread's share of the work go first, alone, with threaded BLAS.

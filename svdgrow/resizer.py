@@ -34,9 +34,12 @@ from .surgery import (
     build_plan,
     capture_features,
     commit_plan,
+    data_pivot_gram,
+    pivoted_cholesky_batched,
     plan_prune_data,
     plan_prune_magnitude,
     plan_prune_weights,
+    weights_pivot_gram,
 )
 from .trace import CouplingGraph, Group
 
@@ -425,9 +428,11 @@ class Resizer:
                 raise ValueError("mode='data' prunes need a batch: pass data=... to step() or apply()")
             groups = [self.graph.groups[gid] for gid in prunes]
             feats, offsets = capture_features(self.model, self._mods, self.graph, groups, wid, data, self.max_samples, self._gen)
-            for gid in prunes:
+            grams = [data_pivot_gram(self._mods, self.graph, g, wid, feats, offsets) for g in groups]
+            pivots = pivoted_cholesky_batched(grams, [changes_w[gid] for gid in prunes])
+            for gid, piv in zip(prunes, pivots):
                 g = self.graph.groups[gid]
-                changes[gid] = plan_prune_data(self._mods, self.graph, g, wid, changes_w[gid], feats, self.ridge, offsets)
+                changes[gid] = plan_prune_data(self._mods, self.graph, g, wid, changes_w[gid], feats, self.ridge, offsets, piv)
         elif prunes and mode == "magnitude":
             for gid in prunes:
                 changes[gid] = plan_prune_magnitude(self._mods, self.graph.groups[gid], wid[gid], changes_w[gid])
@@ -437,8 +442,10 @@ class Resizer:
             if need:
                 for s in analyse_groups(self._mods, self.graph, need, wid):
                     have[s.group_id] = s
-            for gid in prunes:
-                changes[gid] = plan_prune_weights(self._mods, self.graph.groups[gid], have[gid], changes_w[gid], warnings)
+            grams, qs = zip(*(weights_pivot_gram(have[gid], changes_w[gid]) for gid in prunes))
+            pivots = pivoted_cholesky_batched(list(grams), list(qs))
+            for gid, piv in zip(prunes, pivots):
+                changes[gid] = plan_prune_weights(self._mods, self.graph.groups[gid], have[gid], changes_w[gid], warnings, piv)
         for gid, w in changes_w.items():
             if w > wid[gid]:
                 changes[gid] = GroupChange(self.graph.groups[gid], wid[gid], w, "grow")

@@ -50,6 +50,9 @@ from .trace import CouplingGraph, Group
 __all__ = [
     "pivoted_columns",
     "pivoted_cholesky",
+    "pivoted_cholesky_batched",
+    "weights_pivot_gram",
+    "data_pivot_gram",
     "slice_copy",
     "Journal",
     "GroupChange",
@@ -78,7 +81,7 @@ def pivoted_columns(A: Tensor, r: int) -> Tensor:
     At each step the column with the largest residual norm (after projecting out the columns
     already chosen) is taken, as in LAPACK's ``geqp3``; the chosen columns' block is then as well
     conditioned as greedy pivoting makes it. Run in the Gram form (pivoted Cholesky of
-    ``A^T A``, float64): the same choices, O(n r) work per step, no host synchronisation.
+    ``A^T A``, float64): the same choices, O(n r) work per step.
 
     Args:
         A (Tensor[m, n]): columns to choose from. r: how many (``r <= n``).
@@ -106,21 +109,68 @@ def pivoted_cholesky(G: Tensor, r: int) -> Tensor:
     G = G.double()
     d = G.diagonal().clone()
     tiny = 1e-14 * float(d.abs().max()) if n else 0.0
-    L = G.new_zeros(n, r)
+    L = G.new_zeros(r, n)  # row t: the t-th Cholesky column (contiguous rows)
     order = torch.empty(r, dtype=torch.long, device=G.device)
     for t in range(r):
-        j = torch.argmax(d).view(1)
-        order[t : t + 1] = j
-        dj = d.index_select(0, j)
-        col = G.index_select(1, j).squeeze(1)
-        if t:
-            col = col - L[:, :t] @ L.index_select(0, j).squeeze(0)[:t]
-        ok = dj > tiny
-        l = torch.where(ok, col / dj.clamp_min(tiny).sqrt(), torch.zeros_like(col))
-        L[:, t] = l
-        d -= l * l
-        d.index_fill_(0, j, float("-inf"))
+        j = torch.argmax(d)
+        order[t] = j
+        dj = d[j]
+        col = G[j] - L[:t, j] @ L[:t] if t else G[j].clone()
+        L[t] = col * torch.rsqrt(dj.clamp_min(tiny)) * (dj > tiny)
+        d.sub_(L[t] * L[t])
+        d[j] = float("-inf")
     return order
+
+
+def pivoted_cholesky_batched(grams: list[Tensor], rs: list[int]) -> list[Tensor]:
+    """:func:`pivoted_cholesky` of several Gram matrices at once. On a GPU one padded batch, so
+    every step is a handful of batched ops (no host synchronisation) for all groups instead of
+    a handful per group; on the CPU a loop over the groups.
+
+    Args:
+        grams: PSD matrices ``Tensor[n_i, n_i]`` (on one device). rs: pivots wanted, ``r_i <= n_i``.
+
+    Returns:
+        one ``Tensor[r_i]`` (int64) of pivots per matrix, in the order chosen.
+    """
+    if not grams:
+        return []
+    if grams[0].device.type == "cpu":  # small ops: a loop is as fast on the CPU, and cheaper
+        return [pivoted_cholesky(g, r) for g, r in zip(grams, rs)]  # under thread contention
+    return _pivoted_cholesky_padded(grams, rs)
+
+
+def _pivoted_cholesky_padded(grams: list[Tensor], rs: list[int]) -> list[Tensor]:
+    b = len(grams)
+    N = max(g.shape[0] for g in grams)
+    R = max(rs)
+    dev = grams[0].device
+    Gp = torch.zeros(b, N, N, dtype=torch.float64, device=dev)
+    d = torch.full((b, N), float("-inf"), dtype=torch.float64, device=dev)
+    for i, g in enumerate(grams):
+        n = g.shape[0]
+        if rs[i] > n:
+            raise ValueError(f"pivoted selection: asked for {rs[i]} columns out of {n}")
+        Gp[i, :n, :n] = g.double()
+        d[i, :n] = g.diagonal().double()
+    tiny = 1e-14 * torch.where(torch.isfinite(d), d.abs(), torch.zeros_like(d)).amax(1, keepdim=True)
+    L = torch.zeros(b, N, R, dtype=torch.float64, device=dev)
+    order = torch.zeros(b, R, dtype=torch.long, device=dev)
+    for t in range(R):
+        j = torch.argmax(d, dim=1)  # [b]
+        order[:, t] = j
+        dj = d.gather(1, j[:, None])  # [b, 1]
+        col = Gp.gather(2, j[:, None, None].expand(b, N, 1)).squeeze(2)  # [b, N]
+        if t:
+            Lj = L.gather(1, j[:, None, None].expand(b, 1, R))[:, :, :t]  # [b, 1, t]
+            col = col - (L[:, :, :t] @ Lj.transpose(1, 2)).squeeze(2)
+        ok = dj > tiny
+        safe = torch.where(ok & torch.isfinite(dj), dj, torch.ones_like(dj))
+        l = torch.where(ok & torch.isfinite(dj), col / safe.sqrt(), torch.zeros_like(col))
+        L[:, :, t] = l
+        d = d - l * l
+        d.scatter_(1, j[:, None], float("-inf"))
+    return [order[i, : rs[i]].clone() for i in range(b)]
 
 
 def weight_block(module: nn.Module, layout, widths: dict[int, int]) -> int:
@@ -282,15 +332,28 @@ def _post_add_norm(modules, group: Group, warnings_out: list[str]):
     return None
 
 
-def plan_prune_weights(modules, group: Group, spec: GroupSpectrum, r: int, warnings_out: list[str]) -> GroupChange:
-    """Weights-mode prune of ``group`` to ``r`` channels (see the module docstring)."""
+def weights_pivot_gram(spec: GroupSpectrum, r: int) -> tuple[Tensor, int]:
+    """The Gram matrix ``U_q U_q^T`` (``q = min(r, rank)``) whose pivoted Cholesky is the
+    pivoted QR of ``U_q^T``, and ``q``: the input of the weights-mode channel choice."""
+    q = min(r, spec.U.shape[1])
+    Uq = spec.U[:, :q].double()
+    return Uq @ Uq.T, q
+
+
+def plan_prune_weights(modules, group: Group, spec: GroupSpectrum, r: int, warnings_out: list[str], pivots: Tensor | None = None) -> GroupChange:
+    """Weights-mode prune of ``group`` to ``r`` channels (see the module docstring).
+
+    Args:
+        pivots: the ``q`` channels chosen by pivoted QR of ``U_q^T`` when already computed
+            (batched over groups by :func:`pivoted_cholesky_batched`); computed here if None.
+    """
     n = spec.width
     G, blocks, scales, b_eff = group_matrix(modules, group)
     U, Vh = spec.U.to(G.device).double(), spec.Vh.to(G.device).double()
     S = spec.singular_values.to(G.device)
     q = min(r, U.shape[1])
     Ur = U[:, :q]
-    K = pivoted_columns(Ur.T, q)
+    K = pivoted_columns(Ur.T, q) if pivots is None else pivots.to(G.device)
     if q < r:  # more channels kept than the matrix has rank: add the largest remaining rows
         rest = _complement(K, n)
         extra = rest[torch.argsort(G[rest].norm(dim=1), descending=True)[: r - q]]
@@ -327,7 +390,7 @@ def plan_prune_weights(modules, group: Group, spec: GroupSpectrum, r: int, warni
     return change
 
 
-def plan_prune_data(modules, graph: CouplingGraph, group: Group, widths: dict[int, int], r: int, feats: dict, ridge: float, offsets: dict) -> GroupChange:
+def plan_prune_data(modules, graph: CouplingGraph, group: Group, widths: dict[int, int], r: int, feats: dict, ridge: float, offsets: dict, pivots: Tensor | None = None) -> GroupChange:
     """Data-mode prune of ``group`` to ``r`` channels from captured consumer features.
 
     Args:
@@ -335,7 +398,33 @@ def plan_prune_data(modules, graph: CouplingGraph, group: Group, widths: dict[in
         widths: current width of every group id.
         ridge: relative ridge ``lambda = ridge * trace(S_KK) / r``.
         offsets: (group id, consumer) -> channel offset of the group in that consumer.
+        pivots: the kept channels when already chosen (batched over groups); else chosen here
+            by pivoted Cholesky of :func:`data_pivot_gram`.
     """
+    n = widths[group.id]
+    if pivots is None:
+        pivots = pivoted_cholesky(data_pivot_gram(modules, graph, group, widths, feats, offsets), r)
+    K = torch.sort(pivots).values
+    Dn = _complement(K, n)
+    change = GroupChange(group, n, r, "prune", keep=K, drop=Dn)
+    for cons in group.consumers:
+        key = (group.id, cons)
+        if key not in feats:  # this consumer did not run on the batch: drop without a fold
+            continue
+        mu, cov, _ = feats[key]
+        SKK = cov[K][:, K]
+        SKD = cov[K][:, Dn]
+        lam = ridge * float(torch.diagonal(SKK).sum()) / max(r, 1) + 1e-12
+        M = torch.linalg.solve(SKK + lam * torch.eye(r, dtype=SKK.dtype, device=SKK.device), SKD).T
+        c = mu[Dn] - M @ mu[K]
+        change.folds[cons] = (M, c)
+    return change
+
+
+def data_pivot_gram(modules, graph: CouplingGraph, group: Group, widths: dict[int, int], feats: dict, offsets: dict) -> Tensor:
+    """Covariance of the group's features pooled over its consumers, each channel weighted by
+    the norm of the consumer columns that read it (trace-normalised per consumer): the Gram
+    matrix whose pivoted Cholesky chooses the kept channels in data mode."""
     n = widths[group.id]
     pooled = None
     for cons in group.consumers:
@@ -354,21 +443,7 @@ def plan_prune_data(modules, graph: CouplingGraph, group: Group, widths: dict[in
         pooled = w if pooled is None else pooled + w
     if pooled is None:
         raise RuntimeError(f"group {group.name!r}: data mode captured no features for its consumers {group.consumers}")
-    K = torch.sort(pivoted_cholesky(pooled, r)).values
-    Dn = _complement(K, n)
-    change = GroupChange(group, n, r, "prune", keep=K, drop=Dn)
-    for cons in group.consumers:
-        key = (group.id, cons)
-        if key not in feats:  # this consumer did not run on the batch: drop without a fold
-            continue
-        mu, cov, _ = feats[key]
-        SKK = cov[K][:, K]
-        SKD = cov[K][:, Dn]
-        lam = ridge * float(torch.diagonal(SKK).sum()) / max(r, 1) + 1e-12
-        M = torch.linalg.solve(SKK + lam * torch.eye(r, dtype=SKK.dtype, device=SKK.device), SKD).T
-        c = mu[Dn] - M @ mu[K]
-        change.folds[cons] = (M, c)
-    return change
+    return pooled
 
 
 def plan_prune_magnitude(modules, group: Group, n: int, r: int) -> GroupChange:

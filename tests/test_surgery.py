@@ -489,3 +489,29 @@ def test_one_slice_copy_call_per_resize(monkeypatch):
     # conv1 w,b (+3 Adam states each), bn1 w,b (+3 each) + 2 buffers, conv2 w,b (+3 each),
     # fc w (+3); fc.bias does not change
     assert calls == [2 * 4 + 2 * 4 + 2 + 2 * 4 + 4]
+
+
+def test_batched_pivoting_matches_one_group_at_a_time():
+    g = torch.Generator().manual_seed(9)
+    grams, rs = [], []
+    for n, r, rank in ((12, 5, 12), (7, 7, 7), (20, 9, 6), (3, 1, 3)):
+        A = torch.randn(rank, n, generator=g, dtype=torch.float64)
+        grams.append(A.T @ A)
+        rs.append(min(r, rank) if rank < n else r)
+    batched = surgery.pivoted_cholesky_batched(grams, rs)
+    for G, r, piv in zip(grams, rs, batched):
+        assert piv.tolist() == surgery.pivoted_cholesky(G, r).tolist()
+        assert len(set(piv.tolist())) == r
+
+
+def test_padded_batched_pivoting_path():
+    """The padded batch (used on GPUs) gives the per-group choices too (run here on the CPU)."""
+    g = torch.Generator().manual_seed(10)
+    grams, rs = [], []
+    for n, r, rank in ((12, 5, 12), (7, 7, 7), (20, 6, 6), (3, 1, 3)):
+        A = torch.randn(rank, n, generator=g, dtype=torch.float64)
+        grams.append(A.T @ A)
+        rs.append(r)
+    got = surgery._pivoted_cholesky_padded(grams, rs)
+    for G, r, piv in zip(grams, rs, got):
+        assert piv.tolist() == surgery.pivoted_cholesky(G, r).tolist()

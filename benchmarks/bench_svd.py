@@ -7,7 +7,8 @@ Two matrix sets, each a list of layer weights reshaped to ``out x (in * kh * kw)
   stride-2 block with a projection, and the 10 x 256*7*7 head.
 * ``resnet18``: every convolution of torchvision's resnet18 with a 1-channel stem.
 
-Methods, all timed in the same run (warm-up, then the median of ``--repeats``):
+Methods, all timed in the same run: warm-up, then ``--repeats`` rounds that run each method
+once in turn (so that changes in machine load hit all alike); the median is reported:
 
 * ``batched_svd full``: one ``svdgrow.ops.batched_svd(mats)`` call.
 * ``batched_svd top-k``: ``k = min(m, n) // 4`` per matrix (at least 1); the op takes one ``k``
@@ -105,28 +106,35 @@ def machine(device: torch.device) -> dict:
         pass
     info["cpu"] = cpu
     info["cpu_count"] = os.cpu_count()
+    if hasattr(os, "getloadavg"):
+        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
 
 
-def timeit(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, list[float]]:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
+
+def time_round_robin(fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> list[list[float]]:
+    """Wall times of each function, taken in turns (one run of each per round), so that a
+    change in machine load hits all methods alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+        for i, fn in enumerate(fns):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[i].append(time.perf_counter() - t0)
+    return times
 
 
 def reference(mats):
@@ -196,7 +204,8 @@ def run_set(name: str, mats, device, repeats: int, warmup: int) -> list[dict]:
         ("loop svd_lowrank top-k", loop_lowrank, "topk"),
     ]
     rows = []
-    for label, fn, kind in methods:
+    all_times = time_round_robin([fn for _, fn, _ in methods], device, repeats, warmup)
+    for (label, fn, kind), times in zip(methods, all_times):
         out = fn()
         if kind == "vals":
             s_list, u_list = out, None
@@ -204,13 +213,12 @@ def run_set(name: str, mats, device, repeats: int, warmup: int) -> list[dict]:
             s_list, u_list = out[0], out[1]
         else:
             s_list, u_list = out
-        med, times = timeit(fn, device, repeats, warmup)
         rows.append(
             dict(
                 set=name,
                 method=label,
                 kind=kind,
-                median_s=med,
+                median_s=statistics.median(times),
                 times_s=times,
                 sigma_rel_err=sigma_error(s_list, refs),
                 proj_err_topk=None if u_list is None else projector_error(u_list, refs, ks),
@@ -227,7 +235,8 @@ def run_set(name: str, mats, device, repeats: int, warmup: int) -> list[dict]:
 def table(rows, info) -> str:
     head = (
         f"Device: {info.get('gpu', info['cpu'])} ({info['device']}), torch {info['torch']}, "
-        f"{info['threads']} threads\n\n"
+        f"{info['threads']} threads, load average {info.get('loadavg_at_start', ['?'])[0]} at start, "
+        f"{info.get('loadavg_at_end', ['?'])[0]} at end (1 min; the machine is shared)\n\n"
         "| set | method | median ms | speedup vs loop svd | max rel sigma err (>=1e-3 smax) | top-k projector err |\n"
         "|---|---|---:|---:|---:|---:|\n"
     )
@@ -270,6 +279,8 @@ def main() -> None:
         print(f"{name}: {len(shapes)} matrices {shapes}")
         mats = make_weights(shapes, args.spectrum, args.seed, device, dtype)
         rows += run_set(name, mats, device, args.repeats, args.warmup)
+    if hasattr(os, "getloadavg"):
+        info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = table(rows, info)
     print()
     print(text)

@@ -104,8 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shrink-steps", type=int, default=S,
                    help="steps over which the budget reaches --target-params (default 600)")
     g.add_argument("--energy-eps", type=float, default=S,
-                   help="energy policy epsilon: keep the directions holding 1-eps of a group's energy "
-                        "(default: the Policy's)")
+                   help="energy policy epsilon after the budget schedule (or throughout without "
+                        "--target-params): keep the directions holding 1-eps of a group's energy "
+                        "(default: the Policy's, 0.01)")
+    g.add_argument("--shrink-energy-eps", type=float, default=S,
+                   help="energy epsilon while the budget schedule runs (default 0: the budget alone "
+                        "decides, ranking channels network-wide; larger values add energy pruning, which "
+                        "can cut far below the budget)")
     g.add_argument("--policy", metavar="JSON", default=S,
                    help="extra Policy(...) keyword arguments as a JSON object, e.g. '{\"floor\": 4}'")
     g = t.add_argument_group("data, device, output")

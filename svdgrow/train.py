@@ -86,8 +86,13 @@ class TrainConfig:
         mode: ``weights`` (compensation from weights only) or ``data`` (fit on a real batch).
         target_params: the parameter budget to shrink to (None: energy policy only).
         shrink_steps: steps over which the budget falls geometrically to ``target_params``.
-        energy_eps: the energy policy's epsilon (keep 1 - eps of every group's energy);
-            None keeps the Policy default.
+        energy_eps: the energy policy's epsilon (keep 1 - eps of every group's energy) once
+            the budget schedule is over (or throughout without ``target_params``); None keeps
+            the Policy default.
+        shrink_energy_eps: the epsilon while the budget schedule runs. 0 (the default) lets
+            the budget alone decide how far to prune, ranking every channel network-wide;
+            a larger value adds energy pruning on top, which can cut far below the budget
+            (the spectrum of a freshly trained net is concentrated).
         policy: extra keyword arguments for ``Policy(...)``.
         augment: random shifts of up to ``shift`` pixels on the training batches.
         shift: largest augmentation shift in pixels.
@@ -124,6 +129,7 @@ class TrainConfig:
     target_params: int | None = None
     shrink_steps: int = 600
     energy_eps: float | None = None
+    shrink_energy_eps: float = 0.0
     policy: dict[str, Any] = field(default_factory=dict)
     augment: bool = True
     shift: int = 2
@@ -179,6 +185,8 @@ class TrainConfig:
             raise ValueError("--target-params needs resizing: give --resize-every N with N >= 1")
         if self.target_params is not None and self.target_params < 1:
             raise ValueError(f"--target-params must be positive, got {self.target_params}")
+        if not 0.0 <= self.shrink_energy_eps < 1.0:
+            raise ValueError(f"--shrink-energy-eps must be in [0, 1), got {self.shrink_energy_eps}")
         if not 0.0 <= self.resize_until <= 1.0:
             raise ValueError(f"--resize-until is a fraction of all steps in [0, 1], got {self.resize_until}")
 
@@ -537,6 +545,7 @@ def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, An
                                  step=step, epoch=epoch, rng=rng, extra=extra)
 
     resize_last = int(cfg.resize_until * total_steps)
+    eps_after = resizer.policy.energy_eps if resizer is not None else None
     n_checks = 0
     last_ckpt_time = time.perf_counter()
     result: dict[str, Any] = {}
@@ -587,6 +596,8 @@ def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, An
 
                 if resizer is not None and step % cfg.resize_every == 0 and step <= resize_last:
                     budget = budget_at(step, start_params, cfg.target_params, cfg.shrink_steps)
+                    shrinking = cfg.target_params is not None and step <= cfg.shrink_steps
+                    resizer.policy.energy_eps = cfg.shrink_energy_eps if shrinking else eps_after
                     before = count_params(model)
                     t0 = time.perf_counter()
                     report = resizer.step(data=(x if cfg.mode == "data" else None), budget=budget)

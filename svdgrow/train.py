@@ -617,6 +617,7 @@ def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, An
                                   flops=count_flops(model), widths=_widths(model, resizer),
                                   decisions=[d for d in decisions if d.get("action") != "keep"],
                                   warnings=rep.get("warnings", []), seconds=time.perf_counter() - t0,
+                                  seconds_by_stage=rep.get("seconds", {}),
                                   elapsed=elapsed(), lr=lr)
 
                 if bar is not None:

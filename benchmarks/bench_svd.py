@@ -262,7 +262,11 @@ def main() -> None:
     parser.add_argument("--out", default=None,
                         help="JSON output path (default benchmarks/results/bench_svd_<device>.json); a .md table is written beside it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: leave torch's default, all cores)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -33,6 +33,7 @@ from .surgery import (
     GroupChange,
     build_plan,
     capture_features,
+    all_finite,
     commit_plan,
     data_pivot_gram,
     pivoted_cholesky_batched,
@@ -315,6 +316,9 @@ class Resizer:
 
     # ------------------------------------------------------------------------------------------
     def _check_finite(self) -> None:
+        tensors = [p for p in self.model.parameters()] + [b for b in self.model.buffers() if b.is_floating_point()]
+        if bool(all_finite(tensors)):
+            return
         for name, p in self.model.named_parameters():
             if not torch.isfinite(p).all():
                 raise FloatingPointError(

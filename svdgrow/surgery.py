@@ -253,6 +253,13 @@ def _slice_copy_reference(src, row_index, col_index, block, fill=None):
     return out
 
 
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """One 0-d bool: every element of every tensor is finite (one reduction per tensor, one
+    check in all; a sum is NaN/inf when any element is)."""
+    sums = torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point() and t.numel()])
+    return torch.isfinite(sums).all() if sums.numel() else torch.tensor(True)
+
+
 class Journal:
     """Rollback journal: every assignment is recorded, and :meth:`rollback` undoes them all in
     reverse order."""
@@ -761,9 +768,10 @@ def commit_plan(plan: Plan) -> None:
     journal: either every assignment happens or none does."""
     e = plan.entries
     new = slice_copy([x.src for x in e], [x.row for x in e], [x.col for x in e], [x.block for x in e], None)
-    for x, t in zip(e, new):
-        if not torch.isfinite(t).all() and torch.isfinite(x.src).all():
-            raise FloatingPointError(f"resize produced non-finite values for {x.key!r}; nothing was changed")
+    computed = [(x, t) for x, t in zip(e, new) if x.kind != "state"]  # state: plain copies
+    if computed and not bool(all_finite([t for _, t in computed])):
+        bad = [x.key for x, t in computed if not torch.isfinite(t).all()]
+        raise FloatingPointError(f"resize produced non-finite values for {bad}; nothing was changed")
     journal = Journal()
     try:
         for x, t in zip(e, new):

@@ -461,12 +461,13 @@ def plan_prune_magnitude(modules, group: Group, n: int, r: int) -> GroupChange:
     return GroupChange(group, n, r, "prune", keep=K, drop=_complement(K, n))
 
 
-def grow_rows(W: Tensor, a: int, generator: torch.Generator | None = None) -> Tensor:
+def grow_rows(W: Tensor, a: int, generator: torch.Generator | None = None, sv: Tensor | None = None) -> Tensor:
     """``a`` new rows for a producer matrix, orthogonal to its rows and to each other.
 
     Args:
         W (Tensor[n, D]): the producer's current rows (``n + a <= D``).
         a: how many rows. generator: CPU random generator.
+        sv: the singular values of ``W`` when already known (else computed here).
 
     Returns:
         Tensor[a, D] (float64): orthonormal rows with ``W``'s row space projected out, scaled to
@@ -486,7 +487,9 @@ def grow_rows(W: Tensor, a: int, generator: torch.Generator | None = None) -> Te
         for _ in range(2):
             Q2 = Q2 - Q @ (Q.T @ Q2)
         Q2, _ = torch.linalg.qr(Q2)
-    sv = torch.linalg.svdvals(W) if n else torch.zeros(0, dtype=torch.float64)
+    if sv is None:
+        sv = torch.linalg.svdvals(W) if n else torch.zeros(0, dtype=torch.float64)
+    sv = sv.double()
     nz = sv[sv > 1e-10 * float(sv.max())] if sv.numel() and float(sv.max()) > 0 else sv[:0]
     scale = 0.5 * float(nz.min()) if nz.numel() else 1e-2
     return scale * Q2.T
@@ -596,11 +599,13 @@ def build_plan(modules: dict[str, nn.Module], graph: CouplingGraph, widths: dict
     plan = Plan()
     prod_of = {p: gid for gid in changes for p in changes[gid].group.producers}
     # grown rows
-    for gid, ch in changes.items():
-        if ch.action == "grow":
-            a = ch.new - ch.old
-            for p in ch.group.producers:
-                ch.rows[p] = grow_rows(producer_matrix(modules[p]), a, generator)
+    growing = [(ch, p) for ch in changes.values() if ch.action == "grow" for p in ch.group.producers]
+    if growing:  # singular values of every growing producer: one batched SVD call
+        from .spectrum import batched_svd  # noqa: PLC0415
+
+        svs, _, _ = batched_svd([producer_matrix(modules[p]).detach().double() for _, p in growing])
+        for (ch, p), sv in zip(growing, svs):
+            ch.rows[p] = grow_rows(producer_matrix(modules[p]), ch.new - ch.old, generator, sv)
     # modules touched: producers (rows) and consumers (columns) of changed groups
     touched = []
     for ch in changes.values():

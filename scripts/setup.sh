@@ -34,4 +34,5 @@ if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 python -m pip install --no-build-isolation --no-deps .
-python -c "import svdgrow, torch; print('setup: svdgrow', svdgrow.__version__, 'torch', torch.__version__)"
+# -P: import the installed package, not the source folder (which has no compiled extension).
+python -P -c "import svdgrow, torch; torch.ops.svdgrow.batched_svd; torch.ops.svdgrow.slice_copy; print('setup: svdgrow', svdgrow.__version__, 'with torch', torch.__version__, 'ready')"

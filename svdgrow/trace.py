@@ -107,10 +107,14 @@ class Group:
 class ConsumerLayout:
     """How a consumer's input channels are laid out.
 
-    A consumer's weight is viewed as ``[out, C, B]``: for Conv2d ``C = in_channels`` and
-    ``B = kh*kw``; for a Linear after Flatten ``C`` channels of ``B = h*w`` columns each; for
-    a plain Linear ``B = 1``. The C channels are the concatenation of ``segments`` (group ids,
-    in order; more than one after torch.cat), each as wide as that group currently is.
+    A consumer's weight is viewed as ``[out, C, B_w]``: for Conv2d ``C = in_channels`` and
+    ``B_w = kh*kw``; for a Linear after Flatten ``C`` channels of ``h*w`` columns each; for a
+    plain Linear one column each. The C channels are the concatenation of ``segments`` (group
+    ids, in order; more than one after torch.cat), each as wide as that group currently is.
+
+    ``block`` counts *activation entries* per channel at the consumer's input: ``h*w`` for a
+    Linear after Flatten, 1 for a Conv2d (its ``kh*kw`` is a property of the weight, which
+    surgery reads from the weight itself: ``svdgrow.surgery.weight_block``).
     """
 
     module: str

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="energy epsilon while the budget schedule runs (default 0: the budget alone "
                         "decides, ranking channels network-wide; larger values add energy pruning, which "
                         "can cut far below the budget)")
+    g.add_argument("--no-renorm", dest="renorm", action="store_false", default=S,
+                   help="keep the row norms that folding leaves in BatchNorm-followed convolutions "
+                        "(by default they are scaled back after every resize: function unchanged, "
+                        "but inflated rows would otherwise all but stop learning)")
     g.add_argument("--policy", metavar="JSON", default=S,
                    help="extra Policy(...) keyword arguments as a JSON object, e.g. '{\"floor\": 4}'")
     g = t.add_argument_group("data, device, output")

@@ -40,7 +40,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_mod
 from .data import DeviceDataset, load_dataset
-from .models import build_model, count_flops, count_params, layer_widths, preset_spec, spec_of
+from .models import build_model, conv_bn_pairs, count_flops, count_params, layer_widths, preset_spec, spec_of
 
 __all__ = [
     "TrainConfig",
@@ -52,6 +52,8 @@ __all__ = [
     "read_log",
     "last_checkpoint",
     "baseline_config",
+    "row_norm_snapshot",
+    "renormalize_bn_convs_",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,9 @@ class TrainConfig:
             the budget alone decide how far to prune, ranking every channel network-wide;
             a larger value adds energy pruning on top, which can cut far below the budget
             (the spectrum of a freshly trained net is concentrated).
+        renorm: after every resize, scale the rows of BatchNorm-followed convolutions whose
+            shape changed back to their RMS norm from before the resize (see
+            :func:`renormalize_bn_convs_`).
         policy: extra keyword arguments for ``Policy(...)``.
         augment: random shifts of up to ``shift`` pixels on the training batches.
         shift: largest augmentation shift in pixels.
@@ -130,6 +135,7 @@ class TrainConfig:
     shrink_steps: int = 600
     energy_eps: float | None = None
     shrink_energy_eps: float = 0.0
+    renorm: bool = True
     policy: dict[str, Any] = field(default_factory=dict)
     augment: bool = True
     shift: int = 2
@@ -293,6 +299,59 @@ def baseline_config(source: str | os.PathLike, **overrides: Any) -> TrainConfig:
         if v is not None:
             setattr(base, k, v)
     return base
+
+
+@torch.no_grad()
+def row_norm_snapshot(model: nn.Module) -> dict[str, tuple[tuple[int, ...], float]]:
+    """Shape and RMS row norm of every BatchNorm-followed convolution (see :func:`renormalize_bn_convs_`)."""
+    out = {}
+    for name, conv, _ in conv_bn_pairs(model):
+        w = conv.weight
+        out[name] = (tuple(w.shape), float(w.reshape(w.shape[0], -1).norm(dim=1).pow(2).mean().sqrt()))
+    return out
+
+
+@torch.no_grad()
+def renormalize_bn_convs_(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, before: dict[str, tuple[tuple[int, ...], float]]
+) -> dict[str, float]:
+    """Undo the weight-norm growth that a resize leaves in BatchNorm-followed convolutions.
+
+    Folding pruned channels into a consumer (``A_K += A_D M``) inflates the consumer's rows,
+    and over a long shrink they grew ~100x here. Behind a BatchNorm a row's scale does not
+    change the function but divides its effective learning rate by the scale squared, which
+    all but froze those layers. For every such convolution whose shape changed, each row is
+    scaled back to the layer's RMS row norm from ``before`` (:func:`row_norm_snapshot` taken
+    just before the resize), with the BatchNorm's running mean/var scaled to match (the
+    function is unchanged in training mode, and in eval mode up to the BatchNorm's eps) and
+    the optimizer's per-row state scaled as the gradients are (momentum and first moments by
+    ``1/c``, second moments by ``1/c**2``).
+
+    Returns:
+        module name -> mean factor applied to its rows, for every rescaled convolution.
+    """
+    applied: dict[str, float] = {}
+    for name, conv, bn in conv_bn_pairs(model):
+        shape, target = before.get(name, (None, 0.0))
+        w = conv.weight
+        if shape is None or tuple(w.shape) == shape or not target > 0:
+            continue
+        rows = w.reshape(w.shape[0], -1).norm(dim=1)
+        c = torch.where(rows > 0, target / rows.clamp_min(1e-30), torch.ones_like(rows))
+        view = c.view(-1, *([1] * (w.dim() - 1)))
+        w.mul_(view)
+        if bn.running_mean is not None:
+            bn.running_mean.mul_(c)
+            bn.running_var.mul_(c * c)
+        state = optimizer.state.get(w, {}) if optimizer is not None else {}
+        for key, t in state.items():
+            if isinstance(t, torch.Tensor) and t.shape == w.shape:
+                if key in ("exp_avg_sq", "max_exp_avg_sq"):
+                    t.div_(view * view)
+                elif key in ("momentum_buffer", "exp_avg"):
+                    t.div_(view)
+        applied[name] = float(c.mean())
+    return applied
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,8 +658,10 @@ def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, An
                     shrinking = cfg.target_params is not None and step <= cfg.shrink_steps
                     resizer.policy.energy_eps = cfg.shrink_energy_eps if shrinking else eps_after
                     before = count_params(model)
+                    norms = row_norm_snapshot(model) if cfg.renorm else {}
                     t0 = time.perf_counter()
                     report = resizer.step(data=(x if cfg.mode == "data" else None), budget=budget)
+                    renorm = renormalize_bn_convs_(model, optimizer, norms) if cfg.renorm else {}
                     n_checks += 1
                     after = count_params(model)
                     rep = report.as_dict() if hasattr(report, "as_dict") else _as_dict(report)
@@ -617,7 +678,7 @@ def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, An
                                   flops=count_flops(model), widths=_widths(model, resizer),
                                   decisions=[d for d in decisions if d.get("action") != "keep"],
                                   warnings=rep.get("warnings", []), seconds=time.perf_counter() - t0,
-                                  seconds_by_stage=rep.get("seconds", {}),
+                                  seconds_by_stage=rep.get("seconds", {}), renorm=renorm,
                                   elapsed=elapsed(), lr=lr)
 
                 if bar is not None:

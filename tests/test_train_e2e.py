@@ -175,3 +175,39 @@ def test_random_shift_is_a_shift_with_plain_strides():
         ]
         assert hits, i
     assert len({tuple(out[i].flatten()[:20].tolist()) for i in range(64)}) > 1
+
+
+def test_renormalize_bn_convs_keeps_function_and_rescales_rows():
+    import copy
+
+    from svdgrow.models import build_model, preset_spec
+    from svdgrow.train import renormalize_bn_convs_, row_norm_snapshot
+
+    torch.manual_seed(0)
+    model = build_model(preset_spec("quick"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(32, 1, 28, 28)
+    for _ in range(2):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    conv = model.blocks[0].conv2
+    with torch.no_grad():  # inflate one layer's rows, as folding does
+        conv.weight.mul_(50.0)
+        model.blocks[0].bn2.running_var.mul_(2500.0)
+        model.blocks[0].bn2.running_mean.mul_(50.0)
+    mom = opt.state[conv.weight]["momentum_buffer"].clone()
+    snap = row_norm_snapshot(model)
+    target = snap["blocks.0.conv2"][1] / 50.0
+    snap = {"blocks.0.conv2": ((0,), target)}  # as if its shape had changed
+    ref = copy.deepcopy(model)
+    applied = renormalize_bn_convs_(model, opt, snap)
+    assert set(applied) == {"blocks.0.conv2"}
+    rows = conv.weight.reshape(conv.weight.shape[0], -1).norm(dim=1)
+    torch.testing.assert_close(rows, torch.full_like(rows, target), rtol=1e-5, atol=0)
+    c = rows / ref.blocks[0].conv2.weight.reshape(rows.shape[0], -1).norm(dim=1)
+    torch.testing.assert_close(opt.state[conv.weight]["momentum_buffer"], mom / c.view(-1, 1, 1, 1))
+    ref.train(), model.train()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)  # BN in train mode: same function
+    ref.eval(), model.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)

@@ -403,6 +403,23 @@ def _as_dict(obj: Any) -> Any:
     return str(obj)
 
 
+@torch.no_grad()
+def _probe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Training-mode loss on one batch, leaving every BatchNorm buffer as it was."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0  # running stats stay put
+        return float(F.cross_entropy(model(x).float(), y))
+    finally:
+        for m, mom, nbt in saved:
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -659,9 +676,12 @@ def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, An
                     resizer.policy.energy_eps = cfg.shrink_energy_eps if shrinking else eps_after
                     before = count_params(model)
                     norms = row_norm_snapshot(model) if cfg.renorm else {}
+                    with autocast():
+                        probe_before = _probe_loss(model, x, y)
                     t0 = time.perf_counter()
                     report = resizer.step(data=(x if cfg.mode == "data" else None), budget=budget)
                     renorm = renormalize_bn_convs_(model, optimizer, norms) if cfg.renorm else {}
+                    t_resize = time.perf_counter() - t0
                     n_checks += 1
                     after = count_params(model)
                     rep = report.as_dict() if hasattr(report, "as_dict") else _as_dict(report)
@@ -673,11 +693,14 @@ def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, An
                             for d in decisions
                         )
                     if changed:
+                        with autocast():
+                            probe_after = _probe_loss(model, x, y)
                         log.write("resize", step=step, epoch=epoch + batch_in_epoch / steps_per_epoch,
                                   budget=budget, params_before=before, params=after,
                                   flops=count_flops(model), widths=_widths(model, resizer),
                                   decisions=[d for d in decisions if d.get("action") != "keep"],
-                                  warnings=rep.get("warnings", []), seconds=time.perf_counter() - t0,
+                                  batch_loss_before=probe_before, batch_loss_after=probe_after,
+                                  warnings=rep.get("warnings", []), seconds=t_resize,
                                   seconds_by_stage=rep.get("seconds", {}), renorm=renorm,
                                   elapsed=elapsed(), lr=lr)
 

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop resizing after this fraction of all steps, so the final net trains "
                         "undisturbed (default 0.6)")
     g.add_argument("--mode", choices=["weights", "data"], default=S,
-                   help="pruning compensation from the weights alone, or fitted on the current batch (default weights)")
+                   help="pruning fold fitted on the current batch, or on moments predicted from the weights alone (default data)")
     g.add_argument("--target-params", type=_int_or_float, default=S,
                    help="global parameter budget to shrink to (e.g. 12000, 12k); the budget falls "
                         "geometrically from the start size over --shrink-steps, then caps growth")

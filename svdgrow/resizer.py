@@ -39,12 +39,14 @@ from .surgery import (
     pivoted_cholesky_batched,
     plan_prune_data,
     plan_prune_magnitude,
-    plan_prune_weights,
-    weights_pivot_gram,
+    predict_features,
+    detect_activation,
 )
 from .trace import CouplingGraph, Group
 
 __all__ = ["Resizer", "StepReport", "CostModel"]
+
+DETECT = object()  # Resizer(activation=...) default: read it from the model
 
 logger = logging.getLogger(__name__)
 
@@ -198,15 +200,19 @@ class Resizer:
         optimizer: its per-parameter state follows every resize (the same object keeps working).
         mode: how a prune compensates for the dropped channels. ``"data"``: a fold fitted on
             the consumers' input features of the batch passed to :meth:`step` / :meth:`apply`
-            (the best by far on trained networks, see benchmarks/results); ``"weights"``: the
-            data-free fold from the weight spectrum (exact through linear maps, approximate
-            through activations); ``"auto"`` (default): ``"data"`` when a batch is passed,
-            else ``"weights"``; ``"magnitude"``: a baseline that keeps the largest rows and
-            folds nothing.
+            (the best on trained networks, see README "Pruning quality"); ``"weights"``: the
+            same fold on moments predicted from the weights and BatchNorm statistics, pushed
+            through the model's activation (no data; exact through linear maps up to the
+            ridge); ``"auto"`` (default): ``"data"`` when a batch is passed, else
+            ``"weights"``; ``"magnitude"``: a baseline that keeps the largest rows and folds
+            nothing.
         strict: passed to the tracer (refuse untraceable ops instead of freezing their groups).
         graph: a ready :class:`CouplingGraph` (skips tracing).
         seed: for grown directions and feature sub-sampling.
-        ridge: relative ridge of the data-mode least squares.
+        ridge: relative ridge of the fold's least squares (``ridge * trace(S_KK) / r``).
+        activation: the elementwise activation weights mode pushes its predicted
+            pre-activations through; default: the model's, when it uses one kind of activation
+            module (:func:`svdgrow.surgery.detect_activation`), else linear.
         max_samples: feature vectors per consumer used by data mode (random positions).
     """
 
@@ -222,6 +228,7 @@ class Resizer:
         seed: int = 0,
         ridge: float = 1e-3,
         max_samples: int = 16384,
+        activation=DETECT,
     ):
         if mode not in ("auto", "weights", "data", "magnitude"):
             raise ValueError(f"mode must be 'auto', 'weights', 'data' or 'magnitude', got {mode!r}")
@@ -240,6 +247,9 @@ class Resizer:
         self.graph = graph
         self._gen = torch.Generator().manual_seed(seed)
         self._mods = dict(model.named_modules())
+        self.activation = detect_activation(model) if activation is DETECT else activation
+        if self.activation is None and mode in ("auto", "weights") and activation is DETECT:
+            logger.info("weights-mode folds are linear: no single activation module kind found in the model")
         names = [g.name for g in graph.groups]
         if len(set(names)) != len(names):
             raise ValueError(f"coupling graph has duplicate group names: {names}")
@@ -364,7 +374,7 @@ class Resizer:
         decisions = self.policy.decide(spectra, cost, widths, budget)
         t2 = time.perf_counter()
         new = {d.group: d.new_width for d in decisions if d.action != "keep"}
-        report = self._apply(new, data, spectra, decisions)
+        report = self._apply(new, data, decisions)
         t3 = time.perf_counter()
         if cost is not None:
             report.cost_kind = self.policy.budget_kind
@@ -391,13 +401,13 @@ class Resizer:
         """
         t0 = time.perf_counter()
         self._check_finite()
-        report = self._apply(dict(new_widths), data, None, None)
+        report = self._apply(dict(new_widths), data, None)
         report.seconds = {"apply": time.perf_counter() - t0}
         self.history.append(report)
         return report
 
     # ------------------------------------------------------------------------------------------
-    def _apply(self, new_widths, data, spectra, decisions) -> StepReport:
+    def _apply(self, new_widths, data, decisions) -> StepReport:
         wid = self._widths_by_id()
         widths_before = self.widths()
         params_before = self.param_count()
@@ -427,29 +437,23 @@ class Resizer:
         changes: dict[int, GroupChange] = {}
         prunes = [gid for gid, w in changes_w.items() if w < wid[gid]]
         mode = self.mode if self.mode != "auto" else ("data" if data is not None else "weights")
-        if prunes and mode == "data":
-            if data is None:
-                raise ValueError("mode='data' prunes need a batch: pass data=... to step() or apply()")
-            groups = [self.graph.groups[gid] for gid in prunes]
-            feats, offsets = capture_features(self.model, self._mods, self.graph, groups, wid, data, self.max_samples, self._gen)
-            grams = [data_pivot_gram(self._mods, self.graph, g, wid, feats, offsets) for g in groups]
-            pivots = pivoted_cholesky_batched(grams, [changes_w[gid] for gid in prunes])
-            for gid, piv in zip(prunes, pivots):
-                g = self.graph.groups[gid]
-                changes[gid] = plan_prune_data(self._mods, self.graph, g, wid, changes_w[gid], feats, self.ridge, offsets, piv)
-        elif prunes and mode == "magnitude":
+        if prunes and mode == "magnitude":
             for gid in prunes:
                 changes[gid] = plan_prune_magnitude(self._mods, self.graph.groups[gid], wid[gid], changes_w[gid])
         elif prunes:
-            have = {s.group_id: s for s in (spectra or []) if s.U is not None}
-            need = [self.graph.groups[gid] for gid in prunes if gid not in have]
-            if need:
-                for s in analyse_groups(self._mods, self.graph, need, wid):
-                    have[s.group_id] = s
-            grams, qs = zip(*(weights_pivot_gram(have[gid], changes_w[gid]) for gid in prunes))
-            pivots = pivoted_cholesky_batched(list(grams), list(qs))
-            for gid, piv in zip(prunes, pivots):
-                changes[gid] = plan_prune_weights(self._mods, self.graph.groups[gid], have[gid], changes_w[gid], warnings, piv)
+            # both folds are one least-squares fit on the consumers' input moments: measured on
+            # the batch (data mode) or predicted from the weights and norm statistics (weights)
+            groups = [self.graph.groups[gid] for gid in prunes]
+            if mode == "data":
+                if data is None:
+                    raise ValueError("mode='data' prunes need a batch: pass data=... to step() or apply()")
+                feats, offsets = capture_features(self.model, self._mods, self.graph, groups, wid, data, self.max_samples, self._gen)
+            else:
+                feats, offsets = predict_features(self._mods, self.graph, groups, wid, self.activation, generator=self._gen)
+            grams = [data_pivot_gram(self._mods, self.graph, g, wid, feats, offsets) for g in groups]
+            pivots = pivoted_cholesky_batched(grams, [changes_w[gid] for gid in prunes])
+            for g, piv in zip(groups, pivots):
+                changes[g.id] = plan_prune_data(self._mods, self.graph, g, wid, changes_w[g.id], feats, self.ridge, offsets, piv)
         for gid, w in changes_w.items():
             if w > wid[gid]:
                 changes[gid] = GroupChange(self.graph.groups[gid], wid[gid], w, "grow")

@@ -85,7 +85,8 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing.
         resize_every: call the resizer every this many steps (0: never resize).
         resize_until: stop resizing after this fraction of all steps.
-        mode: ``weights`` (compensation from weights only) or ``data`` (fit on a real batch).
+        mode: ``data`` (the fold fitted on the current training batch; default) or ``weights``
+            (fitted on moments predicted from the weights; no extra forward pass).
         target_params: the parameter budget to shrink to (None: energy policy only).
         shrink_steps: steps over which the budget falls geometrically to ``target_params``.
         energy_eps: the energy policy's epsilon (keep 1 - eps of every group's energy) once
@@ -130,7 +131,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     resize_every: int = 20
     resize_until: float = 0.6
-    mode: str = "weights"
+    mode: str = "data"
     target_params: int | None = None
     shrink_steps: int = 600
     energy_eps: float | None = None

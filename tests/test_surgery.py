@@ -158,7 +158,7 @@ def test_prune_is_exact_through_linear_maps_with_residual_group(bn):
         sc_b = m.bb.weight / torch.sqrt(m.bb.running_var + m.bb.eps) if bn else torch.ones(8)
         m.s.weight.copy_((U @ torch.randn(r, 10, generator=g)) / sc_s[:, None] / 3)
         m.b.weight.copy_((U @ torch.randn(r, 6, generator=g)) / sc_b[:, None] / 3)
-        # weights mode folds the constant of the whole stream (sum over producers), so a
+        # weights mode predicts one mean for the whole stream (sum over producers), so a
         # consumer reading the stream part-way (here 'a', before the add) is exact only when
         # the producers' effective biases vanish ('o' reads the full stream). Data mode
         # measures the constant per consumer instead.
@@ -169,7 +169,7 @@ def test_prune_is_exact_through_linear_maps_with_residual_group(bn):
                 nm.bias.copy_(nm.weight * nm.running_mean / torch.sqrt(nm.running_var + nm.eps))
     x = torch.randn(64, 10, generator=g)
     y0 = m(x).detach()
-    rs = Resizer(m, x[:2], graph=reslinear_graph(bn))
+    rs = Resizer(m, x[:2], graph=reslinear_graph(bn), ridge=1e-10)
     spec = {s.name: s for s in rs.analyse()}["s"]
     assert float(spec.energy_kept[r - 1]) > 1 - 1e-10
     rs.apply({"s": r})
@@ -191,7 +191,7 @@ def test_prune_is_exact_for_valid_convs_and_flatten_linear():
     low_rank_(m.conv2.weight.view(9, -1), 6, g)
     x = torch.randn(8, 3, 7, 7, generator=g)
     y0 = m(x).detach()
-    rs = Resizer(m, x[:1], graph=convnet_graph(m))
+    rs = Resizer(m, x[:1], graph=convnet_graph(m), ridge=1e-10)
     rs.apply({"conv1": 4, "conv2": 6})  # both at once: conv2 is producer AND consumer
     assert m.conv1.out_channels == 4 and m.conv2.in_channels == 4 and m.conv2.out_channels == 6
     assert m.fc.in_features == 6 * m.hw
@@ -264,9 +264,56 @@ def test_data_mode_fold_fits_features_and_beats_magnitude_pruning():
         else:
             Resizer(mm, x_fit[:1], graph=graph, mode=mode, ridge=1e-8).apply({"conv1": 8}, data=x_fit)
         errs[mode] = rel_change(mm(x_held).detach(), y0)
-    # channels 8..11 are exact positive multiples of 0..3: data mode removes them exactly
+    # channels 8..11 are exact positive multiples of 0..3: data mode removes them exactly, and
+    # so does weights mode (the relation holds in every sample of its predicted pre-activations)
     assert errs["data"] < 1e-3, errs
+    assert errs["weights"] < 1e-3, errs
     assert errs["data"] < 0.2 * errs["magnitude"], errs
+
+
+def test_detect_activation():
+    act = surgery.detect_activation(nn.Sequential(nn.Linear(2, 2), nn.LeakyReLU(0.1), nn.Linear(2, 2), nn.LeakyReLU(0.1, inplace=True)))
+    x = torch.randn(5, 3)
+    x0 = x.clone()
+    assert torch.equal(act(x), nn.functional.leaky_relu(x0, 0.1))
+    assert torch.equal(x, x0)  # an inplace module is applied to a copy
+    assert surgery.detect_activation(nn.Sequential(nn.ReLU(), nn.GELU())) is None  # two kinds
+    assert surgery.detect_activation(nn.Sequential(nn.LeakyReLU(0.1), nn.LeakyReLU(0.2))) is None
+    assert surgery.detect_activation(nn.Sequential(nn.Linear(2, 2))) is None
+    assert surgery.detect_activation(nn.Sequential(nn.PReLU())) is None  # learned slope
+
+
+def test_predicted_moments_match_measured_ones_on_a_batchnorm_net():
+    """Weights mode's Gaussian model is right when its assumptions hold (isotropic input,
+    statistics recorded on that input): the predicted mean and covariance of conv2's input
+    match the ones measured on data, through BatchNorm and LeakyReLU."""
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    m = ConvNet(c1=10, c2=6, act=nn.LeakyReLU(0.1), bn=True, k=1, pad=0, side=4)
+    with torch.no_grad():
+        m.bn1.weight.uniform_(0.5, 1.5, generator=g)
+        m.bn1.bias.normal_(0, 0.5, generator=g)
+        m.conv1.bias.normal_(0, 1, generator=g)
+    m.bn1.momentum = None  # cumulative average: exact statistics of the batches below
+    m.train()
+    with torch.no_grad():
+        for _ in range(8):
+            m(torch.randn(512, 3, 4, 4, generator=g))
+    m.eval()
+    graph = convnet_graph(m)
+    mods = dict(m.named_modules())
+    wid = {0: 3, 1: 10, 2: 6, 3: 5}
+    grp = [graph.groups[1]]
+    x = torch.randn(2048, 3, 4, 4, generator=g)
+    (mu_d, cov_d, _), = surgery.capture_features(m, mods, graph, grp, wid, x, max_samples=32768)[0].values()
+    act = surgery.detect_activation(m)
+    (mu_w, cov_w, _), = surgery.predict_features(mods, graph, grp, wid, act, samples=65536, generator=g)[0].values()
+    scale = float(cov_d.diagonal().mean())
+    assert float((mu_w - mu_d).abs().max()) < 0.05 * scale**0.5, (mu_w, mu_d)
+    assert float((cov_w - cov_d).abs().max()) < 0.05 * scale, (cov_w, cov_d)
+    # without the activation the prediction is the pre-activation moments: clearly different
+    (mu_l, _, _), = surgery.predict_features(mods, graph, grp, wid, None)[0].values()
+    assert float((mu_l - mu_d).abs().max()) > 0.1 * scale**0.5
 
 
 def test_data_mode_needs_a_batch():
@@ -310,7 +357,7 @@ def test_conv_consumer_without_bias_puts_the_constant_into_its_batchnorm():
     )
     x = torch.randn(16, 2, 2, 2, generator=g)
     y0 = m(x).detach()
-    rep = Resizer(m, x[:1], graph=graph).apply({"c1": 2})
+    rep = Resizer(m, x[:1], graph=graph, ridge=1e-10).apply({"c1": 2})
     assert rel_change(m(x).detach(), y0) < 1e-4
     assert not rep.warnings
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .trace import CouplingGraph, Group
 
 __all__ = [
@@ -165,41 +166,8 @@ def group_matrix(modules: dict[str, nn.Module], group: Group) -> tuple[Tensor, l
 
 
 def batched_svd(mats: list[Tensor], k: int | None = None) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """Thin SVD of every matrix in one call to ``svdgrow.ops.batched_svd``.
-
-    Falls back to a loop of ``torch.linalg.svd`` only when the compiled op is not available
-    (the extension is not built), logging that it did.
-    """
-    op = _compiled_batched_svd()
-    if op is not None:
-        return op(mats, k=k)
-    S, U, Vh = [], [], []
-    for A in mats:
-        u, s, vh = torch.linalg.svd(A, full_matrices=False)
-        if k is not None:
-            u, s, vh = u[:, :k], s[:k], vh[:k]
-        S.append(s)
-        U.append(u)
-        Vh.append(vh)
-    return S, U, Vh
-
-
-_OPS_WARNED = False
-
-
-def _compiled_batched_svd():
-    global _OPS_WARNED
-    try:
-        from . import ops  # noqa: PLC0415
-
-        fn = getattr(ops, "batched_svd")
-        torch.ops.svdgrow.batched_svd  # noqa: B018 - raises when the op is not registered
-        return fn
-    except (ImportError, OSError, AttributeError, RuntimeError) as e:
-        if not _OPS_WARNED:
-            logger.warning("svdgrow.ops.batched_svd unavailable (%s); using torch.linalg.svd", e)
-            _OPS_WARNED = True
-        return None
+    """Thin SVD of every matrix in one call to ``svdgrow.ops.batched_svd``."""
+    return ops.batched_svd(mats, k=k)
 
 
 def analyse_groups(

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .optim import state_to_slice
 from .spectrum import bn_affine, group_matrix, norm_directly_after, producer_matrix
 from .trace import CouplingGraph, Group
@@ -206,62 +207,11 @@ def _complement(K: Tensor, n: int) -> Tensor:
 
 
 def slice_copy(src: list[Tensor], row_index: list[Tensor | None], col_index: list[Tensor | None], block: list[int], fill=None) -> list[Tensor]:
-    """``svdgrow.ops.slice_copy`` (one call for all tensors); a pure-torch reference when the
-    compiled op is not built. Each ``src`` is viewed ``[R, C, B]``; ``row_index``/``col_index``
-    entries pick source rows/channels, ``-1`` makes a zero slice, None keeps the dimension."""
-    op = _compiled_slice_copy()
-    if op is not None:
-        return op(src, row_index, col_index, block, fill)
-    return _slice_copy_reference(src, row_index, col_index, block, fill)
-
-
-_OPS_WARNED = False
-
-
-def _compiled_slice_copy():
-    global _OPS_WARNED
-    try:
-        from . import ops  # noqa: PLC0415
-
-        fn = getattr(ops, "slice_copy")
-        torch.ops.svdgrow.slice_copy  # noqa: B018
-        return fn
-    except (ImportError, OSError, AttributeError, RuntimeError) as e:
-        if not _OPS_WARNED:
-            logger.warning("svdgrow.ops.slice_copy unavailable (%s); using a torch reference", e)
-            _OPS_WARNED = True
-        return None
-
-
-def _slice_copy_reference(src, row_index, col_index, block, fill=None):
-    out = []
-    for i, s in enumerate(src):
-        R = s.shape[0]
-        B = block[i]
-        C = s.numel() // max(R * B, 1)
-        v = s.reshape(R, C, B)
-        ri, ci = row_index[i], col_index[i]
-        new_r = R if ri is None else ri.to(s.device)
-        new_c = C if ci is None else ci.to(s.device)
-        if ri is not None:
-            v = v[new_r.clamp(min=0)]
-        if ci is not None:
-            v = v[:, new_c.clamp(min=0)]
-        v = v.clone()
-        mask = torch.zeros(v.shape[0], v.shape[1], 1, dtype=torch.bool, device=s.device)
-        if ri is not None:
-            mask |= (new_r < 0)[:, None, None]
-        if ci is not None:
-            mask |= (new_c < 0)[None, :, None]
-        if mask.any():
-            f = torch.zeros_like(v) if fill is None or fill[i] is None else fill[i].reshape(v.shape).to(v)
-            v = torch.where(mask, f, v)
-        shape = list(s.shape)
-        shape[0] = v.shape[0]
-        if s.dim() > 1 and ci is not None:
-            shape[1] = s.shape[1] * v.shape[1] // C
-        out.append(v.reshape(shape))
-    return out
+    """``svdgrow.ops.slice_copy``: one call for all tensors (a module-level name, so tests can
+    count the calls). Each ``src`` is viewed ``[R, C, B]``; ``row_index``/``col_index`` entries
+    pick source rows/channels, ``-1`` makes a slice from ``fill`` (zeros when None), None keeps
+    the dimension."""
+    return ops.slice_copy(src, row_index, col_index, block, fill)
 
 
 def all_finite(tensors: list[Tensor]) -> Tensor:

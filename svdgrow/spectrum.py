@@ -15,7 +15,6 @@ call. Energy is ``sigma**2``; its sum is ``||G||_F**2``.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +26,7 @@ from .trace import CouplingGraph, Group
 __all__ = [
     "GroupSpectrum",
     "bn_affine",
+    "bn_output_stats",
     "group_matrix",
     "analyse_groups",
     "batched_svd",
@@ -35,7 +35,6 @@ __all__ = [
     "norm_directly_after",
 ]
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +84,15 @@ class GroupSpectrum:
         }
 
 
+def _bn_weight_bias(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """A BatchNorm's affine weight and bias as float64 (ones / zeros when it has none)."""
+    C = bn.num_features
+    dev = _module_device(bn)
+    w = bn.weight.detach().double() if bn.weight is not None else torch.ones(C, dtype=torch.float64, device=dev)
+    b = bn.bias.detach().double() if bn.bias is not None else torch.zeros(C, dtype=torch.float64, device=dev)
+    return w, b
+
+
 def bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
     """Eval-mode per-channel affine map of a BatchNorm: ``y = scale * x + shift``.
 
@@ -92,16 +100,23 @@ def bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
         scale, shift (Tensor[C] each, float64). Without running statistics the batch
         statistics are unknown: mean 0, variance 1 are assumed.
     """
-    C = bn.num_features
-    dev = _module_device(bn)
-    w = bn.weight.detach().double() if bn.weight is not None else torch.ones(C, dtype=torch.float64, device=dev)
-    b = bn.bias.detach().double() if bn.bias is not None else torch.zeros(C, dtype=torch.float64, device=dev)
+    w, b = _bn_weight_bias(bn)
     if bn.running_var is not None and bn.running_mean is not None:
         scale = w / torch.sqrt(bn.running_var.detach().double() + bn.eps)
         shift = b - scale * bn.running_mean.detach().double()
     else:
         scale, shift = w / (1.0 + bn.eps) ** 0.5, b
     return scale, shift
+
+
+def bn_output_stats(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation of a BatchNorm's output over the data its running statistics
+    were taken on: ``bias`` and ``|weight| * sqrt(var / (var + eps))`` (float64)."""
+    w, b = _bn_weight_bias(bn)
+    if bn.running_var is None:
+        return b, w.abs()
+    v = bn.running_var.detach().double().clamp_min(0)
+    return b, w.abs() * torch.sqrt(v / (v + bn.eps))
 
 
 def _module_device(m: nn.Module) -> torch.device:

@@ -55,11 +55,10 @@ from torch import Tensor, nn
 
 from . import ops
 from .optim import state_to_slice
-from .spectrum import bn_affine, group_matrix, norm_directly_after, producer_matrix
+from .spectrum import bn_affine, bn_output_stats, group_matrix, norm_directly_after, producer_matrix
 from .trace import CouplingGraph, Group
 
 __all__ = [
-    "pivoted_columns",
     "pivoted_cholesky",
     "pivoted_cholesky_batched",
     "data_pivot_gram",
@@ -85,24 +84,6 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 # ----------------------------------------------------------------------------------------------
 # small numerical pieces
-
-
-def pivoted_columns(A: Tensor, r: int) -> Tensor:
-    """Greedy column-pivoted Gram-Schmidt: the ``r`` columns of ``A`` picked by pivoted QR.
-
-    At each step the column with the largest residual norm (after projecting out the columns
-    already chosen) is taken, as in LAPACK's ``geqp3``; the chosen columns' block is then as well
-    conditioned as greedy pivoting makes it. Run in the Gram form (pivoted Cholesky of
-    ``A^T A``, float64): the same choices, O(n r) work per step.
-
-    Args:
-        A (Tensor[m, n]): columns to choose from. r: how many (``r <= n``).
-
-    Returns:
-        Tensor[r] (int64): the chosen column indices, in the order chosen.
-    """
-    Ad = A.detach().double()
-    return pivoted_cholesky(Ad.T @ Ad, r)
 
 
 def pivoted_cholesky(G: Tensor, r: int) -> Tensor:
@@ -427,19 +408,6 @@ def consumer_offsets(graph: CouplingGraph, groups: list[Group], widths: dict[int
     return offsets
 
 
-def _norm_stats(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """Mean and standard deviation of a BatchNorm's output over the data its running statistics
-    were taken on: ``bias`` and ``|weight| * sqrt(var / (var + eps))``."""
-    C = bn.num_features
-    dev = bn.running_var.device if bn.running_var is not None else torch.device("cpu")
-    w = bn.weight.detach().double() if bn.weight is not None else torch.ones(C, dtype=torch.float64, device=dev)
-    b = bn.bias.detach().double() if bn.bias is not None else torch.zeros(C, dtype=torch.float64, device=dev)
-    if bn.running_var is not None:
-        v = bn.running_var.detach().double().clamp_min(0)
-        return b, w.abs() * torch.sqrt(v / (v + bn.eps))
-    return b, w.abs()
-
-
 @torch.no_grad()
 def predict_features(modules, graph: CouplingGraph, groups: list[Group], widths: dict[int, int], activation=None, samples: int = 8192, generator: torch.Generator | None = None):
     """Data-free stand-in for :func:`capture_features`: the mean and covariance of every
@@ -466,19 +434,20 @@ def predict_features(modules, graph: CouplingGraph, groups: list[Group], widths:
         after = norm_directly_after(g)
         G, blocks, _, b_eff = group_matrix(modules, g)
         target = torch.zeros_like(b_eff)
-        cov = torch.zeros(G.shape[0], G.shape[0], dtype=G.dtype, device=G.device)
+        gram = torch.zeros(G.shape[0], G.shape[0], dtype=G.dtype, device=G.device)  # G G^T
+        cov = torch.zeros_like(gram)
         for p, a, b in blocks:
-            Gp = G[:, a:b]
+            GGp = G[:, a:b] @ G[:, a:b].T
             if p in after:
-                m, s = _norm_stats(modules[after[p]])
-                alpha = float((s * s).sum()) / max(float((Gp * Gp).sum()), 1e-30)
+                m, s = bn_output_stats(modules[after[p]])
+                alpha = float((s * s).sum()) / max(float(GGp.diagonal().sum()), 1e-30)
             else:
                 bias = getattr(modules[p], "bias", None)
                 m = bias.detach().double() if bias is not None else torch.zeros_like(b_eff)
                 alpha = 1.0
             target += m
-            cov += alpha * (Gp @ Gp.T)
-        gram = G @ G.T
+            gram += GGp
+            cov += alpha * GGp
         lam = 1e-10 * float(gram.diagonal().sum()) + 1e-30
         eye = torch.eye(gram.shape[0], dtype=G.dtype, device=G.device)
         mean = b_eff + gram @ torch.linalg.solve(gram + lam * eye, target - b_eff)  # b + G mu
@@ -596,9 +565,7 @@ def build_plan(modules: dict[str, nn.Module], graph: CouplingGraph, widths: dict
     # grown rows
     growing = [(ch, p) for ch in changes.values() if ch.action == "grow" for p in ch.group.producers]
     if growing:  # singular values of every growing producer: one batched SVD call
-        from .spectrum import batched_svd  # noqa: PLC0415
-
-        svs, _, _ = batched_svd([producer_matrix(modules[p]).detach().double() for _, p in growing])
+        svs, _, _ = ops.batched_svd([producer_matrix(modules[p]).detach().double() for _, p in growing])
         for (ch, p), sv in zip(growing, svs):
             ch.rows[p] = grow_rows(producer_matrix(modules[p]), ch.new - ch.old, generator, sv)
     # modules touched: producers (rows) and consumers (columns) of changed groups

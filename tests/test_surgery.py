@@ -9,7 +9,6 @@ from torch import nn
 from svdgrow import surgery
 from svdgrow.policy import Policy
 from svdgrow.resizer import Resizer
-from svdgrow.surgery import pivoted_columns
 from svdgrow.trace import ConsumerLayout, CouplingGraph, Group
 
 
@@ -119,7 +118,12 @@ def rel_change(a, b):
 # pivoted Gram-Schmidt
 
 
-def test_pivoted_columns_picks_a_well_conditioned_block():
+def pivoted_columns(A, r):
+    """Column-pivoted Gram-Schmidt of ``A`` through the pivoted Cholesky of ``A^T A``."""
+    return surgery.pivoted_cholesky(A.T @ A, r)
+
+
+def test_pivoted_cholesky_picks_a_well_conditioned_block():
     g = torch.Generator().manual_seed(0)
     r, n = 5, 12
     Q, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
@@ -538,27 +542,17 @@ def test_one_slice_copy_call_per_resize(monkeypatch):
     assert calls == [2 * 4 + 2 * 4 + 2 + 2 * 4 + 4]
 
 
-def test_batched_pivoting_matches_one_group_at_a_time():
+@pytest.mark.parametrize("batched", ["auto", "padded"])
+def test_batched_pivoting_matches_one_group_at_a_time(batched):
+    """pivoted_cholesky_batched (a loop on the CPU) and the padded batch it uses on GPUs (run
+    here on the CPU) give the per-group choices."""
+    fn = surgery.pivoted_cholesky_batched if batched == "auto" else surgery._pivoted_cholesky_padded
     g = torch.Generator().manual_seed(9)
-    grams, rs = [], []
-    for n, r, rank in ((12, 5, 12), (7, 7, 7), (20, 9, 6), (3, 1, 3)):
-        A = torch.randn(rank, n, generator=g, dtype=torch.float64)
-        grams.append(A.T @ A)
-        rs.append(min(r, rank) if rank < n else r)
-    batched = surgery.pivoted_cholesky_batched(grams, rs)
-    for G, r, piv in zip(grams, rs, batched):
-        assert piv.tolist() == surgery.pivoted_cholesky(G, r).tolist()
-        assert len(set(piv.tolist())) == r
-
-
-def test_padded_batched_pivoting_path():
-    """The padded batch (used on GPUs) gives the per-group choices too (run here on the CPU)."""
-    g = torch.Generator().manual_seed(10)
     grams, rs = [], []
     for n, r, rank in ((12, 5, 12), (7, 7, 7), (20, 6, 6), (3, 1, 3)):
         A = torch.randn(rank, n, generator=g, dtype=torch.float64)
         grams.append(A.T @ A)
         rs.append(r)
-    got = surgery._pivoted_cholesky_padded(grams, rs)
-    for G, r, piv in zip(grams, rs, got):
+    for G, r, piv in zip(grams, rs, fn(grams, rs)):
         assert piv.tolist() == surgery.pivoted_cholesky(G, r).tolist()
+        assert len(set(piv.tolist())) == r

@@ -385,25 +385,6 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _as_dict(obj: Any) -> Any:
-    """A JSON-able view of a StepReport/decision (dataclass, namedtuple, object or dict)."""
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    if isinstance(obj, dict):
-        return {str(k): _as_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_asdict"):
-        return [_as_dict(v) for v in obj]
-    if hasattr(obj, "_asdict"):
-        return _as_dict(obj._asdict())
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if hasattr(obj, "__dict__"):
-        return {k: _as_dict(v) for k, v in vars(obj).items() if not k.startswith("_")}
-    return str(obj)
-
-
 @torch.no_grad()
 def _probe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Training-mode loss on one batch, leaving every BatchNorm buffer as it was."""
@@ -685,15 +666,9 @@ def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, An
                     t_resize = time.perf_counter() - t0
                     n_checks += 1
                     after = count_params(model)
-                    rep = report.as_dict() if hasattr(report, "as_dict") else _as_dict(report)
-                    decisions = rep.get("decisions", []) if isinstance(rep, dict) else []
-                    changed = getattr(report, "changed", None)
-                    if changed is None:
-                        changed = after != before or any(
-                            isinstance(d, dict) and d.get("old_width", d.get("old")) != d.get("new_width", d.get("new"))
-                            for d in decisions
-                        )
-                    if changed:
+                    rep = report.as_dict()
+                    decisions = rep["decisions"]
+                    if report.changed:
                         with autocast():
                             probe_after = _probe_loss(model, x, y)
                         log.write("resize", step=step, epoch=epoch + batch_in_epoch / steps_per_epoch,
@@ -701,8 +676,8 @@ def _train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None) -> dict[str, An
                                   flops=count_flops(model), widths=_widths(model, resizer),
                                   decisions=[d for d in decisions if d.get("action") != "keep"],
                                   batch_loss_before=probe_before, batch_loss_after=probe_after,
-                                  warnings=rep.get("warnings", []), seconds=t_resize,
-                                  seconds_by_stage=rep.get("seconds", {}), renorm=renorm,
+                                  warnings=rep["warnings"], seconds=t_resize,
+                                  seconds_by_stage=rep["seconds"], renorm=renorm,
                                   elapsed=elapsed(), lr=lr)
 
                 if bar is not None:

@@ -114,5 +114,5 @@ setup(
     extras_require={"test": ["pytest", "hypothesis"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["svdgrow=svdgrow.cli:main"]},
+    entry_points={"console_scripts": ["svdgrow=svdgrow.app.cli:main"]},
 )

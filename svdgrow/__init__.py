@@ -22,9 +22,3 @@ __version__ = "0.1.0"
 from svdgrow.policy import Decision, Policy  # noqa: E402
 from svdgrow.resizer import Resizer, StepReport  # noqa: E402
 from svdgrow.spectrum import GroupSpectrum  # noqa: E402
-
-# Main job: architectures, data, checkpoints, training (run with `svdgrow train`)
-from svdgrow.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
-from svdgrow.data import load_dataset  # noqa: E402
-from svdgrow.models import PRESETS, build_model, count_params, preset_spec, spec_of  # noqa: E402
-from svdgrow.train import TrainConfig  # noqa: E402

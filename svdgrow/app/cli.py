@@ -147,7 +147,7 @@ _RESUME_OK = ("epochs", "device", "data_dir", "threads", "checkpoint_minutes", "
 
 
 def _train(args: dict[str, Any]) -> int:
-    from .train import TrainConfig, baseline_config, train
+    from .loop import TrainConfig, baseline_config, train
 
     resume = args.pop("resume", None)
     baseline = args.pop("baseline_from", None)
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 return _train(args)
             except KeyboardInterrupt as exc:
-                from .train import TrainingInterrupted
+                from .loop import TrainingInterrupted
 
                 print("svdgrow: interrupted; the run was checkpointed: continue it with "
                       "svdgrow train --resume RUN_DIR", file=sys.stderr)

@@ -79,7 +79,7 @@ def candidate_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
         roots.append(Path(env).expanduser())
     roots.append(Path("data"))
     roots.append(Path("..") / "shared" / "data")
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     roots.append(repo / "data")
     roots.append(repo.parent / "shared" / "data")
     unique: list[Path] = []

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def _events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    from .train import read_log
+    from .loop import read_log
 
     return read_log(run_dir)
 

@@ -422,8 +422,8 @@ def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim
 
 def _make_resizer(cfg: TrainConfig, model: nn.Module, example: torch.Tensor, optimizer: torch.optim.Optimizer):
     try:
-        from .policy import Policy
-        from .resizer import Resizer
+        from ..policy import Policy
+        from ..resizer import Resizer
     except ImportError as exc:  # pragma: no cover - only while the resizer is being written
         raise RuntimeError(
             f"resizing needs svdgrow.resizer and svdgrow.policy, which failed to import ({exc}); "

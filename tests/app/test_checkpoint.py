@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from svdgrow import checkpoint as ck
-from svdgrow.models import build_model, preset_spec, spec_of
+from svdgrow.app import checkpoint as ck
+from svdgrow.app.models import build_model, preset_spec, spec_of
 
 
 def _trained(seed=0):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from svdgrow.models import (
+from svdgrow.app.models import (
     PRESETS,
     build_model,
     count_flops,

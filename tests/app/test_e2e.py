@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from svdgrow.checkpoint import load_checkpoint, load_model
-from svdgrow.cli import main
-from svdgrow.data import DeviceDataset, load_dataset
-from svdgrow.train import evaluate, read_log
+from svdgrow.app.checkpoint import load_checkpoint, load_model
+from svdgrow.app.cli import main
+from svdgrow.app.data import DeviceDataset, load_dataset
+from svdgrow.app.loop import evaluate, read_log
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_data = pytest.mark.skipif(
     not (DATA / "MNIST" / "raw").is_dir(),
     reason=f"MNIST not found in {DATA} (the shared dataset folder); these tests train on it",
@@ -146,7 +146,7 @@ def test_missing_data_error_names_every_place(tmp_path, capsys):
 
 
 def test_missing_data_default_search_lists_all_roots(tmp_path, monkeypatch):
-    from svdgrow import data as data_mod
+    from svdgrow.app import data as data_mod
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SVDGROW_DATA", str(tmp_path / "envdir"))
@@ -160,7 +160,7 @@ def test_missing_data_default_search_lists_all_roots(tmp_path, monkeypatch):
 
 
 def test_random_shift_is_a_shift_with_plain_strides():
-    from svdgrow.data import random_shift
+    from svdgrow.app.data import random_shift
 
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(1, 255, (64, 1, 12, 12), dtype=torch.uint8)
@@ -180,8 +180,8 @@ def test_random_shift_is_a_shift_with_plain_strides():
 def test_renormalize_bn_convs_keeps_function_and_rescales_rows():
     import copy
 
-    from svdgrow.models import build_model, preset_spec
-    from svdgrow.train import renormalize_bn_convs_, row_norm_snapshot
+    from svdgrow.app.models import build_model, preset_spec
+    from svdgrow.app.loop import renormalize_bn_convs_, row_norm_snapshot
 
     torch.manual_seed(0)
     model = build_model(preset_spec("quick"))

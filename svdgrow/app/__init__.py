@@ -1,0 +1,1 @@
+"""The training application: ``svdgrow train|plot|summary`` (models, data, loop, run folders)."""

@@ -9,8 +9,20 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
 
-from svdgrow.trace import CouplingGraph, CouplingWarning, Group, trace
+from svdgrow.trace import (
+    CouplingGraph,
+    CouplingWarning,
+    Group,
+    dispatch,
+    layers,
+    optable,
+    rules,
+    trace,
+)
+from svdgrow.trace.builder import GroupBuilder
+from svdgrow.trace.groups import Layout
 
 
 def _trace_quiet(model: nn.Module, x: torch.Tensor, **kw) -> CouplingGraph:
@@ -30,7 +42,9 @@ def _trace_warns(model: nn.Module, x: torch.Tensor, match: str, **kw) -> tuple[C
     msgs = [str(w.message) for w in rec if issubclass(w.category, CouplingWarning)]
     text = "\n".join(msgs)
     assert re.search(match, text), f"no warning matches {match!r}: {msgs}"
-    assert len(msgs) == len(g.warnings) and all(m.endswith(w) for m, w in zip(msgs, g.warnings))
+    assert len(msgs) == len(g.warnings) and all(
+        m.endswith(w) for m, w in zip(msgs, g.warnings, strict=True)
+    )
     return g, text
 
 
@@ -105,7 +119,9 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.proj = None
         if stride != 1 or cin != cout:
-            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.proj = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -245,7 +261,12 @@ def test_small_resnet_identity_shortcuts_merge_groups():
     trunk = g.group_of("stem")
     assert trunk.producers == ["stem", "b1.conv2", "b2.conv2", "b3.conv2"]
     assert trunk.norms == ["bn", "b1.bn2", "b2.bn2", "b3.bn2"]
-    assert trunk.norm_after == {"bn": "stem", "b1.bn2": "b1.conv2", "b2.bn2": "b2.conv2", "b3.bn2": "b3.conv2"}
+    assert trunk.norm_after == {
+        "bn": "stem",
+        "b1.bn2": "b1.conv2",
+        "b2.bn2": "b2.conv2",
+        "b3.bn2": "b3.conv2",
+    }
     assert trunk.consumers == ["b1.conv1", "b2.conv1", "b3.conv1", "fc"]
     assert trunk.frozen is None
     # the inner width of each block is its own group
@@ -359,11 +380,12 @@ def test_resnet18_one_channel():
     producers = [p for grp in g.groups for p in grp.producers]
     assert sorted(producers) == sorted(convs + ["fc"])
     for stage in (2, 3, 4):
-        assert _same(g, f"layer{stage}.0.conv2", f"layer{stage}.0.downsample.0", f"layer{stage}.1.conv2")
-        assert not _same(g, f"layer{stage}.0.conv2", f"layer{stage}.0.conv1")
-        assert g.group_of(f"layer{stage}.0.downsample.1").norm_after[f"layer{stage}.0.downsample.1"] == (
-            f"layer{stage}.0.downsample.0"
+        assert _same(
+            g, f"layer{stage}.0.conv2", f"layer{stage}.0.downsample.0", f"layer{stage}.1.conv2"
         )
+        assert not _same(g, f"layer{stage}.0.conv2", f"layer{stage}.0.conv1")
+        bn = f"layer{stage}.0.downsample.1"
+        assert g.group_of(bn).norm_after[bn] == f"layer{stage}.0.downsample.0"
     assert _same(g, "conv1", "layer1.0.conv2", "layer1.1.conv2", "bn1")
     assert g.group_of("bn1").norm_after["bn1"] == "conv1"
     assert g.consumers["fc"].block == 1
@@ -640,7 +662,9 @@ class ProtoNet(nn.Module):
     def __init__(self, widths: tuple[int, ...]) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, widths[0], 3, padding=1)
-        self.blocks = nn.Sequential(*[ProtoBlock(a, 5, b) for a, b in zip(widths, widths[1:])])
+        self.blocks = nn.Sequential(
+            *[ProtoBlock(a, 5, b) for a, b in zip(widths, widths[1:], strict=False)]
+        )
         self.head = nn.Linear(widths[-1] * 8 * 8, 10)
 
     def forward(self, x):
@@ -652,7 +676,11 @@ def test_prototype_tiled_block_equal_widths_is_an_identity_shortcut():
     m = ProtoNet((4, 4, 4))
     g = _trace_quiet(m, X8)
     trunk = g.group_of("stem")
-    assert trunk.producers == ["stem", "blocks.0.layers_dict.conv2d_1", "blocks.1.layers_dict.conv2d_1"]
+    assert trunk.producers == [
+        "stem",
+        "blocks.0.layers_dict.conv2d_1",
+        "blocks.1.layers_dict.conv2d_1",
+    ]
     assert trunk.frozen is None and g.consumers["head"].block == 64
     _check_invariants(g, m)
 
@@ -743,14 +771,22 @@ def _random_spec(data) -> dict:
     from hypothesis import strategies as st
 
     width = data.draw(st.integers(1, 6), label="stem")
-    spec = {"arch": "resnet", "in_channels": 1, "num_classes": 3, "input_size": 8,
-            "bn": data.draw(st.booleans(), label="bn"), "stem": width, "blocks": []}
+    spec = {
+        "arch": "resnet",
+        "in_channels": 1,
+        "num_classes": 3,
+        "input_size": 8,
+        "bn": data.draw(st.booleans(), label="bn"),
+        "stem": width,
+        "blocks": [],
+    }
     for _ in range(data.draw(st.integers(0, 4), label="n_blocks")):
         proj = data.draw(st.booleans())
         stride = data.draw(st.sampled_from([1, 2])) if proj else 1
         out = data.draw(st.integers(1, 6)) if proj else width
-        spec["blocks"].append({"mid": data.draw(st.integers(1, 6)), "out": out, "stride": stride,
-                               "projection": proj})
+        spec["blocks"].append(
+            {"mid": data.draw(st.integers(1, 6)), "out": out, "stride": stride, "projection": proj}
+        )
         width = out
     return spec
 
@@ -761,7 +797,7 @@ def test_random_resnet_specs_property():
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
-    from svdgrow.models import build_model
+    from svdgrow.app.models import build_model
 
     @hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
     @hypothesis.given(st.data())
@@ -781,7 +817,9 @@ def test_random_resnet_specs_property():
             else:
                 assert _same(g, trunk, f"blocks.{i}.conv2")
             inner = g.group_of(f"blocks.{i}.conv1")
-            assert inner.producers == [f"blocks.{i}.conv1"] and inner.consumers == [f"blocks.{i}.conv2"]
+            assert inner.producers == [f"blocks.{i}.conv1"] and inner.consumers == [
+                f"blocks.{i}.conv2"
+            ]
             assert inner.frozen is None
         assert g.consumers["head"].segments == [g.group_of(trunk).id]
         assert g.consumers["head"].block == m.feature_size**2
@@ -843,3 +881,52 @@ def test_strict_accepts_supported_models():
     for m, x in ((SmallResNet(project=True), X16), (Concat(), X8), (PlainCNN(), X28)):
         g = trace(m, x, strict=True)
         assert g.warnings == [] and g.resizable()
+
+
+# --------------------------------------------------------------------------------------
+# the parts of the tracer
+
+
+def test_dispatch_tables_send_each_op_to_its_row():
+    """Every target of an OP_RULES row reaches that row's rule, so no op is in two rows and
+    the tables act like an ordered if-chain; shape queries never reach the tables."""
+    for funcs, methods, rule in dispatch.OP_RULES:
+        assert all(dispatch.FUNCTION_RULES[f] is rule for f in funcs)
+        assert all(dispatch.METHOD_RULES[m] is rule for m in methods)
+    assert dispatch.FUNCTION_RULES[torch.cat] is rules.cat
+    assert dispatch.METHOD_RULES["view"] is dispatch.METHOD_RULES["flatten"]
+    assert not optable.SHAPE_FUNCS & dispatch.FUNCTION_RULES.keys()
+    assert not optable.SHAPE_METHODS & dispatch.METHOD_RULES.keys()
+    first = {
+        t: next(r for types, r in dispatch.MODULE_RULES if issubclass(t, types))
+        for t in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU)
+    }
+    assert first == {
+        nn.Conv2d: layers.conv,
+        nn.Linear: layers.linear,
+        nn.BatchNorm2d: layers.batch_norm,
+        nn.ReLU: rules.pass_module,
+    }
+
+
+def test_join_layouts_unions_equal_layouts_and_freezes_the_others():
+    """The helper residual adds and cat along a non-channel dim share: layouts of one signature
+    are unioned segment by segment; different ones are frozen and their output gets a fresh
+    frozen group."""
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    ShapeProp(gm).propagate(torch.randn(2, 6))
+    node = next(iter(gm.graph.nodes))  # the input, [2, 6]
+    b = GroupBuilder(gm, strict=False, failed={})
+    g = [b.groups.new_group(f"g{i}", w) for i, w in enumerate((4, 2, 4, 2, 6))]
+
+    out = rules.join_layouts(b, node, [Layout((g[0], g[1])), Layout((g[2], g[3]))], "a sum", "no")
+    assert out == Layout((g[0], g[1]))
+    assert [b.groups.find(i) for i in g] == [g[0], g[1], g[0], g[1], g[4]]
+    assert b.groups.messages == []
+
+    out = rules.join_layouts(b, node, [Layout((g[0], g[1])), Layout((g[4],))], "a sum", "mixed")
+    assert b.groups.messages == ["mixed; frozen group(s): g0, g1, g4"]
+    assert all(b.groups.record(i).frozen == ["mixed"] for i in g)
+    assert len(out.segs) == 1 and out.segs[0] not in g
+    assert b.groups.record(out.segs[0]).frozen == [f"output of {node.name!r} mixes layouts"]
+    assert b.groups.width(out.segs[0]) == 6

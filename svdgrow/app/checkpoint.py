@@ -1,7 +1,7 @@
 """Checkpoints: an architecture spec plus tensors, written atomically, read with weights_only.
 
 A checkpoint holds no pickled modules or classes, only what ``torch.load(weights_only=True)``
-accepts: the architecture spec as a JSON string (see :mod:`svdgrow.models`), the model's
+accepts: the architecture spec as a JSON string (see :mod:`svdgrow.app.models`), the model's
 ``state_dict``, optionally the optimizer's ``state_dict`` with the names of its parameters in
 order (so it can be re-attached to a rebuilt model), the LR scheduler's and the grad scaler's
 state, the step and epoch, RNG states as tensors, and a JSON string of free-form extras.
@@ -13,12 +13,14 @@ checkpoint as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -35,6 +37,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "atomic_torch_save",
+    "atomic_write_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,8 +50,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, corrupt or not an svdgrow checkpoint."""
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` to ``path`` through a temp file in the same folder and ``os.replace``.
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a temp file in ``path``'s folder, fsync it and rename it over ``path``.
 
     If anything fails before the rename, the temp file is removed and ``path`` is untouched.
     """
@@ -57,15 +60,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     try:  # make the rename itself durable where the platform allows it
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -75,6 +76,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             os.close(dfd)
     except OSError:  # pragma: no cover - e.g. platforms without directory fds
         pass
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` through a temp file and ``os.replace`` (all or nothing)."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` through a temp file and ``os.replace`` (all or nothing)."""
+    _atomic_write(path, lambda fh: fh.write(data))
 
 
 def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
@@ -108,7 +119,9 @@ def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str,
     return state
 
 
-def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+def set_rng_state(
+    state: dict[str, Any], generators: dict[str, torch.Generator] | None = None
+) -> None:
     """Restore the states saved by :func:`rng_state` (missing entries are left as they are)."""
     if "torch" in state:
         torch.set_rng_state(state["torch"].cpu())
@@ -117,8 +130,11 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] 
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
         else:
-            logger.warning("checkpoint has %d CUDA RNG states, this machine %d GPUs: not restored",
-                           len(cuda), torch.cuda.device_count())
+            logger.warning(
+                "checkpoint has %d CUDA RNG states, this machine %d GPUs: not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
     for name, gen in (generators or {}).items():
         key = f"gen:{name}"
         if key in state:
@@ -149,12 +165,13 @@ def save_checkpoint(
         path: the file to write (its folder is created).
         model: the network; its spec is read with :func:`spec_of` unless ``spec`` is given.
         optimizer: saved with its parameters' names so it can be re-attached after a rebuild.
-        scheduler, scaler: anything with ``state_dict()`` (LR scheduler, ``GradScaler``), or a
-            plain dict of their state.
-        step, epoch: training position.
+        scheduler: an LR scheduler (anything with ``state_dict()``) or a dict of its state.
+        scaler: a ``GradScaler`` (anything with ``state_dict()``) or a dict of its state.
+        step: the number of optimizer steps taken.
+        epoch: the number of finished epochs.
         rng: RNG states from :func:`rng_state`.
         extra: JSON-able extras (stored as a JSON string).
-        spec: the architecture spec, when the model is not a :class:`svdgrow.models.ResNet`.
+        spec: the architecture spec, when the model is not a :class:`~svdgrow.app.models.ResNet`.
 
     Returns:
         the path written.
@@ -165,7 +182,9 @@ def save_checkpoint(
         "spec": json.dumps(spec, sort_keys=True),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": _state(optimizer),
-        "optimizer_param_names": optimizer_param_names(model, optimizer) if optimizer is not None else None,
+        "optimizer_param_names": optimizer_param_names(model, optimizer)
+        if optimizer is not None
+        else None,
         "scheduler": _state(scheduler),
         "scaler": _state(scaler),
         "step": int(step),
@@ -178,7 +197,9 @@ def save_checkpoint(
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``.
 
     Returns:
@@ -200,12 +221,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path.resolve()} is not an svdgrow checkpoint (format {got!r}, expected {FORMAT!r})")
+        raise CheckpointError(
+            f"{path.resolve()} is not an svdgrow checkpoint (format {got!r}, expected {FORMAT!r})"
+        )
     try:
         ckpt["spec"] = json.loads(ckpt["spec"])
         ckpt["extra"] = json.loads(ckpt.get("extra") or "{}")
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path.resolve()} has a malformed spec/extra: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint {path.resolve()} has a malformed spec/extra: {exc}"
+        ) from exc
     return ckpt
 
 

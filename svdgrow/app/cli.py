@@ -7,23 +7,50 @@ Examples::
     svdgrow train --baseline-from runs/mnist-mnist-2m-20240101-120000
     svdgrow summary runs/mnist-mnist-2m-20240101-120000
     svdgrow plot runs/mnist-mnist-2m-20240101-120000
+
+Every user error (a bad flag, a missing or corrupt file, an unusable device) ends in one line
+on stderr and exit status 2; an interrupted run exits with 130 (Ctrl-C) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import re
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["main", "build_parser"]
+from svdgrow import Policy
+
+from .checkpoint import CheckpointError
+from .config import DEFAULT_LR, DEFAULT_WD, TrainConfig
+from .loop import TrainingInterrupted, train
+from .models import PRESETS
+from .plot import format_summary, plot_run, summarize_run
+from .rundir import baseline_config, read_json
+
+__all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("svdgrow")
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # policy: MISSING
+_RESUME_OK = ("epochs", "device", "data_dir", "threads", "checkpoint_minutes", "progress")
+_USER_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
+"""What the CLI reports in one line with exit status 2 (DataNotFoundError is an OSError)."""
 
-def _int_or_float(text: str) -> int:
-    """Parse 12500, 12.5k, 2e6, 2M."""
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    """Parse a count: 12500, 12.5k, 2e6, 2M."""
     t = text.strip().lower().replace("_", "")
     mult = 1
     if t.endswith("k"):
@@ -32,109 +59,50 @@ def _int_or_float(text: str) -> int:
         mult, t = 1_000_000, t[:-1]
     try:
         return int(round(float(t) * mult))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count such as 12500, 12.5k or 2M, got {text!r}") from None
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"expected a count such as 12500, 12.5k or 2M, got {text!r}"
+        ) from None
+
+
+def _per_optimizer(values: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {name}" for name, v in values.items())
+
+
+def _flag(group: Any, flag: str, help: str, dest: str | None = None, **kwargs: Any) -> None:
+    """Add ``flag`` for a TrainConfig field; its help ends with the field's default."""
+    dest = dest or flag[2:].replace("-", "_")
+    default = _DEFAULTS[dest]
+    if kwargs.get("action") is None and isinstance(default, (str, int, float)):
+        help = f"{help} (default {default})"
+    group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``svdgrow`` command."""
-    from .models import PRESETS
-
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="svdgrow",
-        description="Train networks whose layer widths follow each layer's spectrum (SVD) while they train.",
+        description="Train networks whose layer widths follow each layer's spectrum (SVD).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Examples::", 1)[1],
     )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     t = sub.add_parser(
         "train",
         help="train (and resize) a network; writes a run folder",
         description=(
-            "Train a light ResNet on MNIST or Fashion-MNIST while svdgrow resizes its layer widths. "
-            "Every unset flag takes the default shown (or, with --resume/--baseline-from, the "
-            "value of that run)."
+            "Train a light ResNet on MNIST or Fashion-MNIST while svdgrow resizes its layer "
+            "widths. Every unset flag takes the default shown (or, with --resume or "
+            "--baseline-from, the value of that run)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    S = argparse.SUPPRESS  # noqa: N806 - unset flags stay out of the namespace
-    g = t.add_argument_group("what to train")
-    g.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default=S,
-                   help="dataset (default mnist)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=S,
-                   help="starting architecture (default quick; mnist-2m ~2.29M params, fashion-500k ~0.61M)")
-    g.add_argument("--spec", metavar="FILE", default=S,
-                   help="starting architecture from a JSON spec file (as final_spec.json of a run); "
-                        "no resizing unless --resize-every is given")
-    g.add_argument("--bn", choices=["on", "off"], default=S, help="force BatchNorm on or off (default: the spec's)")
-    g.add_argument("--baseline-from", metavar="RUN_DIR", default=S,
-                   help="train RUN_DIR's final architecture from scratch for the same epochs and "
-                        "schedule, without resizing (a fixed-architecture baseline)")
-    g.add_argument("--resume", metavar="RUN_DIR", default=S,
-                   help="continue RUN_DIR from its last checkpoint (widths, optimizer, schedule, RNG, "
-                        "log appended); only --epochs, --device, --data-dir, --threads, "
-                        "--checkpoint-minutes and --no-progress may change")
-    g = t.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=S, help="passes over the training set (default 10)")
-    g.add_argument("--batch-size", type=int, default=S, help="training batch size (default 128)")
-    g.add_argument("--lr", type=float, default=S, help="peak learning rate (default 0.05 sgd, 2e-3 adam/adamw)")
-    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=S,
-                   help="sgd = Nesterov momentum 0.9 (default sgd)")
-    g.add_argument("--weight-decay", type=float, default=S,
-                   help="weight decay (default 5e-4 sgd, 0 adam, 0.05 adamw)")
-    g.add_argument("--warmup-steps", type=int, default=S, help="linear LR warm-up steps, then cosine to 0 (default 50)")
-    g.add_argument("--label-smoothing", type=float, default=S, help="cross-entropy label smoothing (default 0)")
-    g.add_argument("--no-augment", dest="augment", action="store_false", default=S,
-                   help="turn off the random shifts (up to --shift px) of training images")
-    g.add_argument("--shift", type=int, default=S, help="largest augmentation shift in pixels (default 2)")
-    g = t.add_argument_group("resizing")
-    g.add_argument("--resize-every", type=int, default=S,
-                   help="call the resizer every N steps; 0 = never (default 20; 0 with --spec/--baseline-from)")
-    g.add_argument("--resize-until", type=float, default=S,
-                   help="stop resizing after this fraction of all steps, so the final net trains "
-                        "undisturbed (default 0.6)")
-    g.add_argument("--mode", choices=["weights", "data"], default=S,
-                   help="pruning fold fitted on the current batch, or on moments predicted from the weights alone (default data)")
-    g.add_argument("--target-params", type=_int_or_float, default=S,
-                   help="global parameter budget to shrink to (e.g. 12000, 12k); the budget falls "
-                        "geometrically from the start size over --shrink-steps, then caps growth")
-    g.add_argument("--shrink-steps", type=int, default=S,
-                   help="steps over which the budget reaches --target-params (default 600)")
-    g.add_argument("--energy-eps", type=float, default=S,
-                   help="energy policy epsilon after the budget schedule (or throughout without "
-                        "--target-params): keep the directions holding 1-eps of a group's energy "
-                        "(default: the Policy's, 0.01)")
-    g.add_argument("--shrink-energy-eps", type=float, default=S,
-                   help="energy epsilon while the budget schedule runs (default 0: the budget alone "
-                        "decides, ranking channels network-wide; larger values add energy pruning, which "
-                        "can cut far below the budget)")
-    g.add_argument("--no-renorm", dest="renorm", action="store_false", default=S,
-                   help="keep the row norms that folding leaves in BatchNorm-followed convolutions "
-                        "(by default they are scaled back after every resize: function unchanged, "
-                        "but inflated rows would otherwise all but stop learning)")
-    g.add_argument("--policy", metavar="JSON", default=S,
-                   help="extra Policy(...) keyword arguments as a JSON object, e.g. '{\"floor\": 4}'")
-    g = t.add_argument_group("data, device, output")
-    g.add_argument("--data-dir", default=S,
-                   help="dataset root holding MNIST/raw or FashionMNIST/raw (default: $SVDGROW_DATA, "
-                        "./data, ../shared/data; downloaded into it when missing)")
-    g.add_argument("--no-download", dest="download", action="store_false", default=S,
-                   help="never download: fail with the list of places searched")
-    g.add_argument("--subset", type=int, default=S, help="train on a fixed random subset of N samples")
-    g.add_argument("--test-subset", type=int, default=S, help="evaluate on a fixed random subset of N test samples")
-    g.add_argument("--run-dir", default=S, help="run folder (default runs/<dataset>-<preset>-<time>)")
-    g.add_argument("--device", default=S, help="cpu, cuda, cuda:N or auto (default auto)")
-    g.add_argument("--amp", action="store_true", default=S,
-                   help="mixed precision on CUDA: bf16 autocast where supported, else fp16 + GradScaler")
-    g.add_argument("--seed", type=int, default=S, help="seed of init, batch order and augmentation (default 0)")
-    g.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's)")
-    g.add_argument("--checkpoint-minutes", type=float, default=S,
-                   help="also checkpoint mid-epoch every M minutes; 0 = at epoch ends only (default 5)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
-
+    _what_to_train(t.add_argument_group("what to train"))
+    _optimisation(t.add_argument_group("optimisation"))
+    _resizing(t.add_argument_group("resizing"))
+    _data_device_output(t.add_argument_group("data, device, output"))
     pl = sub.add_parser("plot", help="(re)draw a run's PNG plots from its log.jsonl")
     pl.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by svdgrow train")
     sm = sub.add_parser("summary", help="print a run's final params, accuracy, time and widths")
@@ -143,12 +111,83 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_RESUME_OK = ("epochs", "device", "data_dir", "threads", "checkpoint_minutes", "progress")
+def _what_to_train(g: Any) -> None:
+    S = argparse.SUPPRESS  # noqa: N806 - unset flags stay out of the namespace
+    _flag(g, "--dataset", "dataset", choices=["mnist", "fashion-mnist"])
+    _flag(g, "--preset", "starting architecture (mnist-2m ~2.29M params, fashion-500k ~0.61M)",
+          choices=sorted(PRESETS))  # fmt: skip
+    g.add_argument("--spec", metavar="FILE", default=S,
+                   help="starting architecture from a JSON spec file (as final_spec.json of a "
+                        "run); no resizing unless --resize-every is given")  # fmt: skip
+    g.add_argument("--bn", choices=["on", "off"], default=S,
+                   help="force BatchNorm on or off (default: the spec's)")  # fmt: skip
+    g.add_argument("--baseline-from", metavar="RUN_DIR", default=S,
+                   help="train RUN_DIR's final architecture from scratch for the same epochs "
+                        "and schedule, without resizing (a fixed-architecture baseline)")  # fmt: skip
+    g.add_argument("--resume", metavar="RUN_DIR", default=S,
+                   help="continue RUN_DIR from its last checkpoint (widths, optimizer, schedule, "
+                        "RNG, log appended); only --epochs, --device, --data-dir, --threads, "
+                        "--checkpoint-minutes and --no-progress may change")  # fmt: skip
+
+
+def _optimisation(g: Any) -> None:
+    _flag(g, "--epochs", "passes over the training set", type=int)
+    _flag(g, "--batch-size", "training batch size", type=int)
+    _flag(g, "--lr", f"peak learning rate (default {_per_optimizer(DEFAULT_LR)})", type=float)
+    _flag(g, "--optimizer", "sgd = Nesterov momentum 0.9", choices=["sgd", "adam", "adamw"])
+    _flag(g, "--weight-decay", f"weight decay (default {_per_optimizer(DEFAULT_WD)})", type=float)
+    _flag(g, "--warmup-steps", "linear LR warm-up steps, then cosine to 0", type=int)
+    _flag(g, "--label-smoothing", "cross-entropy label smoothing", type=float)
+    _flag(g, "--no-augment", "turn off the random shifts (up to --shift px) of training images",
+          dest="augment", action="store_false")  # fmt: skip
+    _flag(g, "--shift", "largest augmentation shift in pixels", type=int)
+
+
+def _resizing(g: Any) -> None:
+    policy_eps = next(f.default for f in dataclasses.fields(Policy) if f.name == "energy_eps")
+    _flag(g, "--resize-every", "call the resizer every N steps; 0 = never, the default with "
+          "--spec and --baseline-from", type=int)  # fmt: skip
+    _flag(g, "--resize-until", "stop resizing after this fraction of all steps, so the final "
+          "net trains undisturbed", type=float)  # fmt: skip
+    _flag(g, "--mode", "fit the pruning fold on the current batch (data) or on moments "
+          "predicted from the weights alone (weights)", choices=["weights", "data"])  # fmt: skip
+    _flag(g, "--target-params", "global parameter budget to shrink to (e.g. 12000, 12k); it "
+          "falls geometrically from the start size over --shrink-steps, then caps growth",
+          type=_count)  # fmt: skip
+    _flag(g, "--shrink-steps", "steps over which the budget reaches --target-params", type=int)
+    _flag(g, "--energy-eps", "energy policy epsilon after the budget schedule (or throughout "
+          "without --target-params): keep the directions holding 1-eps of a group's energy "
+          f"(default: the Policy's, {policy_eps})", type=float)  # fmt: skip
+    _flag(g, "--shrink-energy-eps", "energy epsilon while the budget schedule runs: 0 lets the "
+          "budget alone decide, ranking channels network-wide; larger values add energy "
+          "pruning, which can cut far below the budget", type=float)  # fmt: skip
+    _flag(g, "--no-renorm", "keep the row norms that folding leaves in BatchNorm-followed "
+          "convolutions (by default they are scaled back after every resize: same function, "
+          "but inflated rows would all but stop learning)", dest="renorm",
+          action="store_false")  # fmt: skip
+    _flag(g, "--policy", "extra svdgrow.Policy(...) settings as a JSON object, e.g. "
+          "'{\"min_width\": 4}'", metavar="JSON")  # fmt: skip
+
+
+def _data_device_output(g: Any) -> None:
+    _flag(g, "--data-dir", "dataset root holding MNIST/raw or FashionMNIST/raw (default: "
+          "$SVDGROW_DATA, ./data, ../shared/data; downloaded into it when missing)")  # fmt: skip
+    _flag(g, "--no-download", "never download: fail with the list of places searched",
+          dest="download", action="store_false")  # fmt: skip
+    _flag(g, "--subset", "train on a fixed random subset of N samples", type=int)
+    _flag(g, "--test-subset", "evaluate on a fixed random subset of N test samples", type=int)
+    _flag(g, "--run-dir", "run folder (default runs/<dataset>-<preset>-<time>)")
+    _flag(g, "--device", "cpu, cuda, cuda:N or auto")
+    _flag(g, "--amp", "mixed precision on CUDA: bf16 autocast where supported, else fp16 with "
+          "a GradScaler", action="store_true")  # fmt: skip
+    _flag(g, "--seed", "seed of init, batch order, augmentation and the resizer", type=int)
+    _flag(g, "--threads", "torch CPU threads (default: torch's)", type=int)
+    _flag(g, "--checkpoint-minutes", "also checkpoint mid-epoch every M minutes; 0 = at epoch "
+          "ends only", type=float)  # fmt: skip
+    _flag(g, "--no-progress", "no progress bar", dest="progress", action="store_false")
 
 
 def _train(args: dict[str, Any]) -> int:
-    from .loop import TrainConfig, baseline_config, train
-
     resume = args.pop("resume", None)
     baseline = args.pop("baseline_from", None)
     spec_file = args.pop("spec", None)
@@ -158,29 +197,49 @@ def _train(args: dict[str, Any]) -> int:
         try:
             args["policy"] = json.loads(args["policy"])
         except json.JSONDecodeError as exc:
-            raise SystemExit(f"svdgrow: --policy must be a JSON object: {exc}") from None
+            raise ValueError(f"--policy must be a JSON object: {exc}") from None
     if resume is not None:
-        extra = sorted(set(args) - set(_RESUME_OK))
-        if extra or baseline or spec_file:
-            given = extra + (["baseline_from"] if baseline else []) + (["spec"] if spec_file else [])
-            raise SystemExit(f"svdgrow: --resume keeps the run's settings; these flags cannot change "
-                             f"on resume: {', '.join('--' + k.replace('_', '-') for k in given)}")
+        given = sorted(set(args) - set(_RESUME_OK)) + ["baseline_from"] * bool(baseline)
+        given += ["spec"] * bool(spec_file)
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(
+                f"--resume keeps the run's settings; these flags cannot change: {flags}"
+            )
         result = train(resume=resume, overrides=args)
     elif baseline is not None:
         if spec_file:
-            raise SystemExit("svdgrow: give either --baseline-from or --spec, not both")
-        cfg = baseline_config(baseline, **args)
-        result = train(cfg)
+            raise ValueError("give either --baseline-from or --spec, not both")
+        result = train(baseline_config(baseline, **args))
     else:
         if spec_file is not None:
-            with open(spec_file) as fh:
-                args["spec"] = json.load(fh)
+            args["spec"] = read_json(spec_file, "spec file")
             args.setdefault("resize_every", 0)
-        cfg = TrainConfig(**args)
-        result = train(cfg)
-    print(f"done: {result['run_dir']}: {result['params']:,} params, test acc {100 * result['test_acc']:.2f}%, "
-          f"{result['elapsed']:.0f} s")
+        result = train(TrainConfig(**args))
+    print(f"done: {result['run_dir']}: {result['params']:,} params, test acc "
+          f"{100 * result['test_acc']:.2f}%, {result['elapsed']:.0f} s")  # fmt: skip
     return 0
+
+
+def _plot(args: dict[str, Any]) -> int:
+    for path in plot_run(args["run_dir"]):
+        print(path)
+    return 0
+
+
+def _summary(args: dict[str, Any]) -> int:
+    s = summarize_run(args["run_dir"])
+    print(json.dumps(s, indent=2) if args["json"] else format_summary(s))
+    return 0
+
+
+_COMMANDS = {"train": _train, "plot": _plot, "summary": _summary}
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, without control characters (terminal escapes)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,10 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments (default ``sys.argv[1:]``); lets tests call ``main([...])`` in-process.
 
     Returns:
-        the exit status (0 on success).
+        the exit status: 0 on success, 2 on a user error, 130/143 when interrupted.
     """
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad command line (2, message printed)
+        return int(exc.code or 0)
     level = logging.WARNING - 10 * min(2, ns.verbose + 1)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -201,38 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the resizer reports every step at INFO; show those only with -v
     logging.getLogger("svdgrow.resizer").setLevel(level if ns.verbose else logging.WARNING)
     args = {k: v for k, v in vars(ns).items() if k not in ("command", "verbose")}
-    from .checkpoint import CheckpointError
-    from .data import DataNotFoundError
-
     try:
-        if ns.command == "train":
-            try:
-                return _train(args)
-            except KeyboardInterrupt as exc:
-                from .loop import TrainingInterrupted
-
-                print("svdgrow: interrupted; the run was checkpointed: continue it with "
-                      "svdgrow train --resume RUN_DIR", file=sys.stderr)
-                return 143 if isinstance(exc, TrainingInterrupted) else 130
-        if ns.command == "plot":
-            from .plot import plot_run
-
-            for path in plot_run(ns.run_dir):
-                print(path)
-            return 0
-        if ns.command == "summary":
-            from .plot import format_summary, summarize_run
-
-            s = summarize_run(ns.run_dir)
-            print(json.dumps(s, indent=2) if ns.json else format_summary(s))
-            return 0
-    except (DataNotFoundError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        return _COMMANDS[ns.command](args)
+    except KeyboardInterrupt as exc:
+        print("svdgrow: interrupted; the run was checkpointed: continue it with "
+              "svdgrow train --resume RUN_DIR", file=sys.stderr)  # fmt: skip
+        return 143 if isinstance(exc, TrainingInterrupted) else 130
+    except _USER_ERRORS as exc:
         logger.debug("error details", exc_info=True)
-        print(f"svdgrow: error: {exc}", file=sys.stderr)
+        print(f"svdgrow: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {ns.command!r}")  # pragma: no cover
-    return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
+import torchvision.datasets as tvd
 
 __all__ = [
     "DATASETS",
@@ -120,7 +121,7 @@ def _load_split(cls, root: Path, train: bool, download: bool) -> tuple[torch.Ten
     """Parse one split (cached per process: repeated runs in one process parse it once)."""
     key = (cls.__name__, os.path.abspath(root), train)
     if key not in _CACHE:
-        _CACHE[key] = _parse_split(cls, root, train, download)
+        _CACHE[key] = _parse_split(cls, root, train=train, download=download)
     images, labels = _CACHE[key]
     return images.clone(), labels.clone()
 
@@ -141,7 +142,8 @@ class DeviceDataset:
     Attributes:
         images: ``Tensor[N, 1, H, W]``, uint8, on ``device``.
         labels: ``Tensor[N]``, int64, on ``device``.
-        mean, std: normalisation constants (of pixel values scaled to [0, 1]).
+        mean: normalisation mean (of pixel values scaled to [0, 1]).
+        std: normalisation standard deviation (of pixel values scaled to [0, 1]).
         name: dataset name.
     """
 
@@ -204,14 +206,18 @@ class DeviceDataset:
             order = torch.arange(n, device=self.device)
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
-            yield self.batch(order[start : start + batch_size], augment, shift, generator)
+            yield self.batch(
+                order[start : start + batch_size], augment=augment, shift=shift, generator=generator
+            )
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """Batches per epoch."""
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
 
-def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_shift(
+    images: torch.Tensor, shift: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Shift every image by its own random offset of up to ``shift`` pixels, vectorised.
 
     Args:
@@ -227,8 +233,8 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator | 
     padded = torch.nn.functional.pad(images, (shift, shift, shift, shift))
     dev = images.device
     offsets = torch.randint(0, 2 * shift + 1, (2, b), device=dev, generator=generator)
-    rows = (offsets[0][:, None] + torch.arange(h, device=dev)[None, :])  # [B, H]
-    cols = (offsets[1][:, None] + torch.arange(w, device=dev)[None, :])  # [B, W]
+    rows = offsets[0][:, None] + torch.arange(h, device=dev)[None, :]  # [B, H]
+    cols = offsets[1][:, None] + torch.arange(w, device=dev)[None, :]  # [B, W]
     bidx = torch.arange(b, device=dev)[:, None, None]
     # padded[b, :, rows[b, i], cols[b, j]] for every b, i, j
     out = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
@@ -262,8 +268,6 @@ def load_dataset(
         DataNotFoundError: when the files are in none of the searched places and downloading is
             off or failed; the message lists every place searched and how to point elsewhere.
     """
-    import torchvision.datasets as tvd
-
     key = _canonical(name)
     cls_name, folder, mean, std = DATASETS[key]
     cls = getattr(tvd, cls_name)
@@ -277,20 +281,20 @@ def load_dataset(
             logger.info("%s not found locally; downloading into %s", key, target)
             try:
                 target.mkdir(parents=True, exist_ok=True)
-                images, labels = _load_split(cls, target, train, download=True)
+                images, labels = _load_split(cls, target, train=train, download=True)
                 root = target
             except Exception as exc:  # noqa: BLE001 - reported below with the searched places
                 why = f"the download into {target.resolve()} failed: {type(exc).__name__}: {exc}"
         if root is None:
             raise DataNotFoundError(
                 f"{key} ({split} split) not found. Looked for the torchvision layout "
-                f"<root>/{folder}/raw/{{{','.join(_RAW_FILES)}}} in:\n  "
-                + "\n  ".join(searched)
-                + f"\nand {why}. Point svdgrow at a folder holding {folder}/raw with --data-dir DIR "
+                f"<root>/{folder}/raw/{{{','.join(_RAW_FILES)}}} in: "
+                + "; ".join(searched)
+                + f"; and {why}. Point svdgrow at a folder holding {folder}/raw with --data-dir DIR "
                 f"or the environment variable {ENV_VAR}=DIR, or allow the download (online)."
             )
     else:
-        images, labels = _load_split(cls, root, train, download=False)
+        images, labels = _load_split(cls, root, train=train, download=False)
     if subset is not None and subset < images.shape[0]:
         g = torch.Generator().manual_seed(subset_seed + (0 if train else 1))
         keep = torch.randperm(images.shape[0], generator=g)[:subset]

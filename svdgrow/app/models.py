@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from svdgrow._utils import eval_mode
 
 __all__ = [
     "PRESETS",
@@ -46,8 +48,6 @@ __all__ = [
     "layer_widths",
     "conv_bn_pairs",
 ]
-
-logger = logging.getLogger(__name__)
 
 NEGATIVE_SLOPE = 0.01
 """Slope of every LeakyReLU in the family."""
@@ -133,7 +133,9 @@ def validate_spec(spec: dict[str, Any]) -> None:
     for i, blk in enumerate(spec["blocks"]):
         for key in ("mid", "out"):
             if not isinstance(blk.get(key), int) or blk[key] < 1:
-                raise ValueError(f"spec['blocks'][{i}][{key!r}] must be a positive int, got {blk.get(key)!r}")
+                raise ValueError(
+                    f"spec['blocks'][{i}][{key!r}] must be a positive int, got {blk.get(key)!r}"
+                )
         stride = blk.get("stride", 1)
         if stride not in (1, 2):
             raise ValueError(f"spec['blocks'][{i}]['stride'] must be 1 or 2, got {stride!r}")
@@ -154,13 +156,23 @@ class ResBlock(nn.Module):
     or a 1x1 convolution (with BatchNorm when ``bn``) carrying the stride.
 
     Args:
-        cin: input channels. mid: channels between the two convolutions. cout: output channels.
+        cin: input channels.
+        mid: channels between the two convolutions.
+        cout: output channels.
         stride: 1 or 2 (on the first convolution and the projection).
         projection: use a 1x1 projection shortcut (required when stride != 1 or cin != cout).
         bn: add BatchNorm2d after every convolution.
     """
 
-    def __init__(self, cin: int, mid: int, cout: int, stride: int = 1, projection: bool = False, bn: bool = True):
+    def __init__(
+        self,
+        cin: int,
+        mid: int,
+        cout: int,
+        stride: int = 1,
+        projection: bool = False,
+        bn: bool = True,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, mid, 3, stride=stride, padding=1, bias=not bn)
         self.bn1 = nn.BatchNorm2d(mid) if bn else nn.Identity()
@@ -174,7 +186,6 @@ class ResBlock(nn.Module):
             self.shortcut = None
             self.shortcut_bn = None
         self.act2 = nn.LeakyReLU(NEGATIVE_SLOPE)
-        self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         out = self.act1(self.bn1(self.conv1(x)))
@@ -206,7 +217,9 @@ class ResNet(nn.Module):
         for blk in spec["blocks"]:
             stride = blk.get("stride", 1)
             projection = blk.get("projection", stride != 1)
-            blocks.append(ResBlock(width, blk["mid"], blk["out"], stride, projection, bn))
+            blocks.append(
+                ResBlock(width, blk["mid"], blk["out"], stride, projection=projection, bn=bn)
+            )
             width, size = blk["out"], _conv_out(size, stride)
         self.blocks = nn.Sequential(*blocks)
         self.flatten = nn.Flatten()
@@ -249,7 +262,7 @@ def spec_of(model: ResNet) -> dict[str, Any]:
         a JSON-able spec such that ``build_model(spec)`` has the same parameter shapes.
     """
     if not isinstance(model, ResNet):
-        raise TypeError(f"spec_of expects an svdgrow.models.ResNet, got {type(model).__name__}")
+        raise TypeError(f"spec_of expects an svdgrow.app.models.ResNet, got {type(model).__name__}")
     stem_w = model.stem.weight
     blocks = []
     for blk in model.blocks:
@@ -317,19 +330,12 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...] | None = None) ->
         model: the network (its device is used for the probe input).
         input_shape: ``(C, H, W)`` of one sample; defaults to the model's own.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     if input_shape is None:
         input_shape = (model.stem.weight.shape[1], model.input_size, model.input_size)
     param = next(model.parameters())
     x = torch.zeros((1, *input_shape), device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
     return int(counter.get_total_flops())
 
 

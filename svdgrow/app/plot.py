@@ -1,4 +1,4 @@
-"""Plots and summaries of a run folder (matplotlib with the Agg backend: no display needed).
+"""Plots and summaries of a run folder (matplotlib figures drawn without pyplot: no display).
 
 ``plot_run(run_dir)`` writes:
 
@@ -10,21 +10,15 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_run", "summarize_run", "format_summary"]
+from matplotlib.figure import Figure
 
-logger = logging.getLogger(__name__)
+from .rundir import CONFIG_NAME, load_run_config, read_log
 
-
-def _events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    from .loop import read_log
-
-    return read_log(run_dir)
+__all__ = ["format_summary", "plot_run", "summarize_run"]
 
 
 def _width_series(events: list[dict[str, Any]]) -> tuple[str, dict[str, list[tuple[int, int]]]]:
@@ -45,29 +39,37 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     Returns:
         the paths written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     run_dir = Path(run_dir)
-    events = _events(run_dir)
-    timeline = [e for e in events if e["event"] in ("start", "resize", "epoch", "end") and "params" in e]
+    events = read_log(run_dir)
+    timeline = [
+        e for e in events if e["event"] in ("start", "resize", "epoch", "end") and "params" in e
+    ]
     epochs = [e for e in events if e["event"] == "epoch"]
     written: list[Path] = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in ((axes[0], "elapsed", "elapsed seconds"), (axes[1], "step", "training step")):
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
+    for ax, key, label in (
+        (axes[0], "elapsed", "elapsed seconds"),
+        (axes[1], "step", "training step"),
+    ):
         xs = [e.get(key, 0) for e in timeline]
-        ax.step(xs, [e["params"] for e in timeline], where="post", color="tab:blue", label="parameters")
+        ax.step(
+            xs, [e["params"] for e in timeline], where="post", color="tab:blue", label="parameters"
+        )
         ax.set_yscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("parameters", color="tab:blue")
         ax.grid(True, which="both", alpha=0.3)
         if epochs:
             ax2 = ax.twinx()
-            ax2.plot([e.get(key, 0) for e in epochs], [100 * e["test_acc"] for e in epochs], "o-",
-                     color="tab:red", label="test accuracy")
+            ax2.plot(
+                [e.get(key, 0) for e in epochs],
+                [100 * e["test_acc"] for e in epochs],
+                "o-",
+                color="tab:red",
+                label="test accuracy",
+            )
             ax2.set_ylabel("test accuracy (%)", color="tab:red")
     final = epochs[-1] if epochs else None
     title = run_dir.name
@@ -77,12 +79,12 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     fig.tight_layout()
     path = run_dir / "params_accuracy.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     written.append(path)
 
     kind, series = _width_series(events)
     if series:
-        fig, ax = plt.subplots(figsize=(9, 5))
+        fig = Figure(figsize=(9, 5))
+        ax = fig.subplots()
         for name, pts in sorted(series.items()):
             ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label=name)
         ax.set_yscale("log")
@@ -94,7 +96,6 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
         fig.tight_layout()
         path = run_dir / "widths.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
     return written
 
@@ -102,25 +103,21 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
 def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The headline numbers of a run: final params, accuracy, time, widths, resizes."""
     run_dir = Path(run_dir)
-    events = _events(run_dir)
+    events = read_log(run_dir)
     start = next((e for e in events if e["event"] == "start"), {})
     epochs = [e for e in events if e["event"] == "epoch"]
     resizes = [e for e in events if e["event"] == "resize"]
     end = next((e for e in reversed(events) if e["event"] == "end"), None)
     last = epochs[-1] if epochs else {}
-    config = {}
-    cfg_path = run_dir / "config.json"
-    if cfg_path.is_file():
-        with open(cfg_path) as fh:
-            config = json.load(fh)
+    record = load_run_config(run_dir)[1] if (run_dir / CONFIG_NAME).is_file() else {}
     best = max(epochs, key=lambda e: e["test_acc"]) if epochs else {}
     return {
         "run_dir": str(run_dir),
-        "dataset": config.get("config", {}).get("dataset"),
+        "dataset": record.get("config", {}).get("dataset"),
         "finished": end is not None,
         "epochs": last.get("epoch", 0),
         "steps": last.get("step", 0),
-        "start_params": start.get("params", config.get("start_params")),
+        "start_params": start.get("params", record.get("start_params")),
         "params": last.get("params", start.get("params")),
         "flops": last.get("flops"),
         "test_acc": last.get("test_acc"),
@@ -131,21 +128,24 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "resizes": len(resizes),
         "widths": last.get("widths", start.get("widths")),
         "per_epoch": [
-            {k: e.get(k) for k in ("epoch", "params", "test_acc", "train_acc", "elapsed")} for e in epochs
+            {k: e.get(k) for k in ("epoch", "params", "test_acc", "train_acc", "elapsed")}
+            for e in epochs
         ],
     }
 
 
 def format_summary(s: dict[str, Any]) -> str:
     """A readable text form of :func:`summarize_run`'s result."""
+
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.2f}%"
 
     lines = [
         f"run:          {s['run_dir']} ({s['dataset']}, {'finished' if s['finished'] else 'NOT finished'})",
         f"epochs/steps: {s['epochs']} / {s['steps']}",
-        f"parameters:   {s['start_params']:,} -> {s['params']:,}" if s["start_params"] and s["params"] else
-        f"parameters:   {s['params']}",
+        f"parameters:   {s['start_params']:,} -> {s['params']:,}"
+        if s["start_params"] and s["params"]
+        else f"parameters:   {s['params']}",
         f"FLOPs/sample: {s['flops']:,}" if s.get("flops") else "FLOPs/sample: n/a",
         f"test acc:     {pct(s['test_acc'])} (best {pct(s['best_test_acc'])} at epoch {s['best_epoch']})",
         f"train acc:    {pct(s['train_acc'])}",
@@ -155,9 +155,13 @@ def format_summary(s: dict[str, Any]) -> str:
     widths = s.get("widths") or {}
     for kind in ("groups", "layers"):
         if widths.get(kind):
-            lines.append(f"widths ({kind}): " + ", ".join(f"{k}={v}" for k, v in widths[kind].items()))
+            lines.append(
+                f"widths ({kind}): " + ", ".join(f"{k}={v}" for k, v in widths[kind].items())
+            )
     if s["per_epoch"]:
         lines.append("epoch  params      test acc  elapsed")
         for e in s["per_epoch"]:
-            lines.append(f"{e['epoch']:>5}  {e['params']:>10,}  {pct(e['test_acc']):>8}  {e['elapsed']:>7.1f}")
+            lines.append(
+                f"{e['epoch']:>5}  {e['params']:>10,}  {pct(e['test_acc']):>8}  {e['elapsed']:>7.1f}"
+            )
     return "\n".join(lines)

@@ -40,12 +40,22 @@ def test_round_trip_exact(tmp_path):
     opt2.step()
     gen = torch.Generator().manual_seed(5)
     path = tmp_path / "run" / "last.pt"
-    ck.save_checkpoint(path, model, opt2, sched, step=7, epoch=2, rng=ck.rng_state({"data": gen}),
-                       extra={"note": "x"})
+    ck.save_checkpoint(
+        path,
+        model,
+        opt2,
+        sched,
+        step=7,
+        epoch=2,
+        rng=ck.rng_state({"data": gen}),
+        extra={"note": "x"},
+    )
     model2, loaded = ck.load_model(path)
     assert loaded["spec"] == spec_of(model)
     assert loaded["spec"]["blocks"][0]["mid"] == 5
-    for (k, a), (k2, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+    for (k, a), (k2, b) in zip(
+        model.state_dict().items(), model2.state_dict().items(), strict=True
+    ):
         assert k == k2
         assert torch.equal(a, b), k
     assert loaded["step"] == 7 and loaded["epoch"] == 2 and loaded["extra"] == {"note": "x"}
@@ -57,8 +67,12 @@ def test_round_trip_exact(tmp_path):
     params = dict(model2.named_parameters())
     opt3 = torch.optim.SGD([params[n] for n in names[0]], lr=0.1, momentum=0.9)
     opt3.load_state_dict(loaded["optimizer"])
-    for p_old, p_new in zip(opt2.param_groups[0]["params"], opt3.param_groups[0]["params"]):
-        assert torch.equal(opt2.state[p_old]["momentum_buffer"], opt3.state[p_new]["momentum_buffer"])
+    for p_old, p_new in zip(
+        opt2.param_groups[0]["params"], opt3.param_groups[0]["params"], strict=True
+    ):
+        assert torch.equal(
+            opt2.state[p_old]["momentum_buffer"], opt3.state[p_new]["momentum_buffer"]
+        )
     # RNG states as tensors
     gen2 = torch.Generator()
     ck.set_rng_state(loaded["rng"], {"data": gen2})

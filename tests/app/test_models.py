@@ -20,7 +20,11 @@ from svdgrow.app.models import (
 
 @pytest.mark.parametrize(
     "name,low,high",
-    [("mnist-2m", 2_000_000, 3_000_000), ("fashion-500k", 500_000, 800_000), ("quick", 1_000, 40_000)],
+    [
+        ("mnist-2m", 2_000_000, 3_000_000),
+        ("fashion-500k", 500_000, 800_000),
+        ("quick", 1_000, 40_000),
+    ],
 )
 def test_preset_param_counts(name, low, high):
     n = count_params(preset_spec(name))
@@ -38,7 +42,12 @@ def test_spec_round_trip(name):
 @pytest.mark.parametrize("bn", [True, False])
 def test_spec_round_trip_odd_widths(bn):
     spec = {
-        "arch": "resnet", "in_channels": 3, "num_classes": 7, "input_size": 20, "bn": bn, "stem": 5,
+        "arch": "resnet",
+        "in_channels": 3,
+        "num_classes": 7,
+        "input_size": 20,
+        "bn": bn,
+        "stem": 5,
         "blocks": [
             {"mid": 3, "out": 9, "stride": 2, "projection": True},
             {"mid": 1, "out": 9, "stride": 1, "projection": False},

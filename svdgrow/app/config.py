@@ -1,0 +1,200 @@
+"""A run's settings (:class:`TrainConfig`, saved as ``config.json``) and its LR schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from svdgrow import Policy
+
+from .models import preset_spec
+
+__all__ = ["DEFAULT_LR", "DEFAULT_WD", "TrainConfig", "lr_at"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3, "adamw": 2e-3}
+"""Peak learning rate per optimizer when ``lr`` is None."""
+DEFAULT_WD = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}
+"""Weight decay per optimizer when ``weight_decay`` is None."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (``svdgrow train --help`` explains each flag at length).
+
+    Attributes:
+        dataset: ``mnist`` or ``fashion-mnist``.
+        preset: the starting architecture's name (see :data:`svdgrow.app.models.PRESETS`).
+        spec: an explicit starting architecture spec (overrides ``preset``).
+        bn: override the spec's BatchNorm flag (None keeps it).
+        epochs: passes over the training set.
+        batch_size: training batch size (the last partial batch of an epoch is dropped).
+        lr: peak learning rate (None: :data:`DEFAULT_LR` of the optimizer).
+        optimizer: ``sgd`` (Nesterov momentum), ``adam`` or ``adamw``.
+        momentum: SGD momentum.
+        weight_decay: weight decay (None: :data:`DEFAULT_WD` of the optimizer).
+        warmup_steps: linear LR warm-up steps before the cosine decay.
+        label_smoothing: cross-entropy label smoothing.
+        resize_every: call the resizer every this many steps (0: never resize).
+        resize_until: stop resizing after this fraction of all steps.
+        mode: where the fold's moments come from: ``data`` (the current batch) or ``weights``.
+        target_params: the parameter budget to shrink to (None: energy policy only).
+        shrink_steps: steps over which the budget falls geometrically to ``target_params``.
+        energy_eps: the energy policy's epsilon after the budget schedule (None: Policy's).
+        shrink_energy_eps: the energy policy's epsilon while the budget schedule runs.
+        renorm: after every resize, scale the rows of BatchNorm-followed convolutions whose
+            shape changed back to their RMS norm from before the resize.
+        policy: extra keyword arguments for ``svdgrow.Policy(...)``.
+        augment: random shifts of up to ``shift`` pixels on the training batches.
+        shift: largest augmentation shift in pixels.
+        data_dir: dataset root (None: search $SVDGROW_DATA, ./data, ../shared/data).
+        download: allow torchvision to download missing files.
+        subset: train on a fixed random subset of this many samples (None: all).
+        test_subset: evaluate on a fixed random subset of this many samples (None: all).
+        eval_batch_size: batch size for evaluation.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler).
+        seed: seed of initialisation, batch order, augmentation and the resizer's draws.
+        threads: torch CPU threads (None: torch's default).
+        checkpoint_minutes: also checkpoint mid-epoch at this interval (0: epoch ends only).
+        progress: show a tqdm progress bar.
+        run_dir: the run folder (None: ``runs/<dataset>-<preset>-<time>``).
+        baseline_of: the run this one is a fixed-architecture baseline of (informational).
+    """
+
+    dataset: str = "mnist"
+    preset: str = "quick"
+    spec: dict[str, Any] | None = None
+    bn: bool | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float | None = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    warmup_steps: int = 50
+    label_smoothing: float = 0.0
+    resize_every: int = 20
+    resize_until: float = 0.6
+    mode: str = "data"
+    target_params: int | None = None
+    shrink_steps: int = 600
+    energy_eps: float | None = None
+    shrink_energy_eps: float = 0.0
+    renorm: bool = True
+    policy: dict[str, Any] = field(default_factory=dict)
+    augment: bool = True
+    shift: int = 2
+    data_dir: str | None = None
+    download: bool = True
+    subset: int | None = None
+    test_subset: int | None = None
+    eval_batch_size: int = 1000
+    device: str = "auto"
+    amp: bool = False
+    seed: int = 0
+    threads: int | None = None
+    checkpoint_minutes: float = 5.0
+    progress: bool = True
+    run_dir: str | None = None
+    baseline_of: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (unknown keys are ignored with a warning)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            logger.warning("ignoring unknown config keys: %s", unknown)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def starting_spec(self) -> dict[str, Any]:
+        """The architecture the run starts from."""
+        if self.spec is not None:
+            spec = json.loads(json.dumps(self.spec))
+        else:
+            spec = preset_spec(self.preset)
+        if self.bn is not None:
+            spec["bn"] = bool(self.bn)
+        return spec
+
+    def resolved_lr(self) -> float:
+        """The peak learning rate (``lr``, or the optimizer's default)."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def resolved_wd(self) -> float:
+        """The weight decay (``weight_decay``, or the optimizer's default)."""
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_WD[self.optimizer]
+
+    def make_policy(self) -> Policy:
+        """The resizer's :class:`svdgrow.Policy`: ``policy`` plus ``energy_eps`` when set.
+
+        Raises:
+            ValueError: naming the ``--policy`` setting that Policy does not accept.
+        """
+        if not isinstance(self.policy, dict):
+            kind = type(self.policy).__name__
+            raise ValueError(
+                f"--policy must be a JSON object such as '{{\"min_width\": 4}}', got a {kind}"
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(Policy)}
+        unknown = sorted(set(self.policy) - set(defaults))
+        if unknown:
+            raise ValueError(
+                f"--policy: Policy has no setting {', '.join(map(repr, unknown))}; "
+                f"its settings are {', '.join(defaults)}"
+            )
+        kwargs = dict(self.policy)
+        if self.energy_eps is not None:
+            kwargs.setdefault("energy_eps", self.energy_eps)
+        for key, value in kwargs.items():
+            numeric = isinstance(defaults[key], (int, float)) and not isinstance(
+                defaults[key], bool
+            )
+            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"--policy: {key} must be a number, got {value!r}")
+        try:
+            return Policy(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--policy: {exc}") from None
+
+    def validate(self) -> None:
+        """Raise ValueError with an actionable message on inconsistent settings."""
+        if self.optimizer not in DEFAULT_LR:
+            raise ValueError(f"optimizer {self.optimizer!r} unknown; choose sgd, adam or adamw")
+        if self.mode not in ("weights", "data"):
+            raise ValueError(f"mode {self.mode!r} unknown; choose weights or data")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})"
+            )
+        if self.target_params is not None and self.resize_every <= 0:
+            raise ValueError("--target-params needs resizing: give --resize-every N with N >= 1")
+        if self.target_params is not None and self.target_params < 1:
+            raise ValueError(f"--target-params must be positive, got {self.target_params}")
+        if not 0.0 <= self.shrink_energy_eps < 1.0:
+            raise ValueError(f"--shrink-energy-eps must be in [0, 1), got {self.shrink_energy_eps}")
+        if not 0.0 <= self.resize_until <= 1.0:
+            raise ValueError(
+                f"--resize-until is a fraction of all steps in [0, 1], got {self.resize_until}"
+            )
+        if self.resize_every > 0:
+            self.make_policy()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, max(0.0, (step - warmup) / span))
+    return 0.5 * peak * (1.0 + math.cos(math.pi * t))

@@ -37,16 +37,22 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     """(Re)draw a run's PNG plots from its ``log.jsonl``.
 
     Returns:
-        the paths written.
+        the paths written (``widths.png`` only when the log holds widths).
     """
     run_dir = Path(run_dir)
     events = read_log(run_dir)
+    written = [_plot_params_accuracy(run_dir, events)]
+    kind, series = _width_series(events)
+    if series:
+        written.append(_plot_widths(run_dir, kind, series))
+    return written
+
+
+def _plot_params_accuracy(run_dir: Path, events: list[dict[str, Any]]) -> Path:
     timeline = [
         e for e in events if e["event"] in ("start", "resize", "epoch", "end") and "params" in e
     ]
     epochs = [e for e in events if e["event"] == "epoch"]
-    written: list[Path] = []
-
     fig = Figure(figsize=(12, 4.5))
     axes = fig.subplots(1, 2)
     for ax, key, label in (
@@ -71,33 +77,32 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
                 label="test accuracy",
             )
             ax2.set_ylabel("test accuracy (%)", color="tab:red")
-    final = epochs[-1] if epochs else None
     title = run_dir.name
-    if final:
+    if epochs:
+        final = epochs[-1]
         title += f": {final['params']:,} params, test acc {100 * final['test_acc']:.2f}%"
     fig.suptitle(title)
     fig.tight_layout()
     path = run_dir / "params_accuracy.png"
     fig.savefig(path, dpi=110)
-    written.append(path)
+    return path
 
-    kind, series = _width_series(events)
-    if series:
-        fig = Figure(figsize=(9, 5))
-        ax = fig.subplots()
-        for name, pts in sorted(series.items()):
-            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label=name)
-        ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel(f"width ({'coupling group' if kind == 'groups' else 'layer'})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="best")
-        ax.set_title(f"{run_dir.name}: widths")
-        fig.tight_layout()
-        path = run_dir / "widths.png"
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    return written
+
+def _plot_widths(run_dir: Path, kind: str, series: dict[str, list[tuple[int, int]]]) -> Path:
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
+    for name, pts in sorted(series.items()):
+        ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"width ({'coupling group' if kind == 'groups' else 'layer'})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.set_title(f"{run_dir.name}: widths")
+    fig.tight_layout()
+    path = run_dir / "widths.png"
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -1,30 +1,19 @@
-"""Width policy: stage 3 of the data flow in DESIGN.md (spectra -> width per group).
-
-Per group (``n`` channels, energies ``e_i = sigma_i**2``):
-
-* **prune** to the smallest ``r`` whose cumulative energy reaches ``1 - energy_eps``, never below
-  ``min_width`` (and 1), and by at most ``max_prune_fraction`` of ``n`` per step (at least one
-  channel may always go); several channels move at once.
-* **grow** when every direction is needed and even the smallest carries a large share,
-  ``sigma_min**2 / mean(sigma**2) >= grow_threshold``: by ``ceil(n * grow_fraction)``, capped by
-  the input dimension (``min`` over producers of ``in*kh*kw``).
-* **budget** (optional, ``"params"`` or ``"flops"``): when the planned widths cost more, further
-  single-channel removals are taken network-wide, cheapest first by *relative energy lost per
-  unit of cost saved*; growth is allowed only while it fits.
-
-Every decision carries a reason with its numbers.
+"""Stage 3, the width policy: spectra -> a width per group (prune to the energy rank, grow when
+every direction is strong, fit an optional parameter/FLOP budget network-wide), each decision
+with a reason that states its numbers; and the budget schedule :func:`budget_at`.
+See docs/design.md, "Stage 3: policy".
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .spectrum import GroupSpectrum
 
-__all__ = ["Policy", "Decision"]
+__all__ = ["Decision", "Policy", "budget_at"]
 
 
 @dataclass
@@ -32,8 +21,11 @@ class Decision:
     """What the policy decided for one group.
 
     Attributes:
-        group: group name. old_width, new_width: channels before and after.
-        action: ``'prune'``, ``'grow'`` or ``'keep'``. reason: why, with the numbers.
+        group: the group's name.
+        old_width: its channels before.
+        new_width: its channels after.
+        action: ``'prune'``, ``'grow'`` or ``'keep'``.
+        reason: why, with the numbers.
     """
 
     group: str
@@ -97,80 +89,134 @@ class Policy:
         """Decide a width for every analysed group.
 
         Args:
-            spectra: from :meth:`Resizer.analyse`.
+            spectra: from :meth:`svdgrow.Resizer.analyse`.
             cost: ``cost(widths by group name) -> float`` of the whole network (needed with a
-                budget). widths: current widths of all groups (for ``cost``).
+                budget).
+            widths: the current widths of all groups (needed with a budget).
             budget: overrides ``self.budget`` for this step.
 
         Returns:
             one :class:`Decision` per spectrum, in order.
         """
         budget = self.budget if budget is None else budget
-        eps = self.energy_eps
-        target: dict[str, int] = {}
-        reasons: dict[str, str] = {}
-        grow_opts: list[tuple[float, str, int, str]] = []
+        draft = _Draft()
         for s in spectra:
-            n = s.width
-            lo = self.floor(n)
-            r_e = s.rank_for(eps)
-            if r_e < n:
-                kept = float(s.energy_kept[r_e - 1]) if s.energy_kept.numel() else 1.0
-                r = max(r_e, lo)
-                msg = f"energy kept at rank {r_e}: {kept:.6f} >= {1 - eps:.6f} (eps={eps:g})"
-                if r > r_e:
-                    why = f"min_width={self.min_width}" if r == max(int(self.min_width), 1) else f"max_prune_fraction={self.max_prune_fraction:g}"
-                    kept_r = float(s.energy_kept[min(r, s.energy_kept.numel()) - 1])
-                    msg += f"; limited to {r} by {why} (energy kept {kept_r:.6f})"
-                target[s.name] = r
-                reasons[s.name] = msg
-                continue
-            sv = s.singular_values[:n]
-            share = float(sv[-1] ** 2 / (sv.pow(2).mean())) if s.total_energy > 0 else 0.0
-            target[s.name] = n
-            if share >= self.grow_threshold and n < s.cap and self.grow_fraction > 0:
-                add = min(math.ceil(n * self.grow_fraction), s.cap - n)
-                msg = (
-                    f"all {n} directions needed (energy at rank {n - 1}: "
-                    f"{float(s.energy_kept[n - 2]) if n > 1 else 0.0:.6f} < {1 - eps:.6f}); "
-                    f"sigma_min^2/mean(sigma^2)={share:.4f} >= grow_threshold={self.grow_threshold:g}; "
-                    f"+{add} (grow_fraction={self.grow_fraction:g}, cap {s.cap})"
-                )
-                grow_opts.append((-share, s.name, n + add, msg))
-                reasons[s.name] = msg
-            else:
-                why = f"at cap {s.cap}" if n >= s.cap else f"sigma_min^2/mean(sigma^2)={share:.4f} < grow_threshold={self.grow_threshold:g}"
-                reasons[s.name] = f"all {n} directions needed (eps={eps:g}); {why}"
+            self._decide_group(s, draft)
         if budget is None:
-            for _, name, w, _ in grow_opts:
-                target[name] = w
+            for _, name, w, _ in draft.grows:
+                draft.target[name] = w
         else:
             if cost is None or widths is None:
                 raise ValueError("a budget needs a cost function and the current widths")
-            self._fit_budget(spectra, target, reasons, grow_opts, cost, dict(widths), float(budget))
+            self._fit_budget(spectra, draft, cost, {**widths, **draft.target}, float(budget))
         out = []
         for s in spectra:
-            w = target[s.name]
+            w = draft.target[s.name]
             action = "prune" if w < s.width else "grow" if w > s.width else "keep"
-            out.append(Decision(s.name, s.width, w, action, reasons[s.name]))
+            out.append(Decision(s.name, s.width, w, action, draft.reasons[s.name]))
         return out
 
     # ------------------------------------------------------------------------------------------
-    def _fit_budget(self, spectra, target, reasons, grow_opts, cost, widths, budget):
+    def _decide_group(self, s: GroupSpectrum, draft: _Draft) -> None:
+        """The energy rule for one group: a prune target, a keep, or a grow option."""
+        eps = self.energy_eps
+        n = s.width
+        floor = self.floor(n)
+        rank = s.rank_for(eps)
+        if rank < n:
+            kept = float(s.energy_kept[rank - 1]) if s.energy_kept.numel() else 1.0
+            r = max(rank, floor)
+            msg = f"energy kept at rank {rank}: {kept:.6f} >= {1 - eps:.6f} (eps={eps:g})"
+            if r > rank:
+                if r == max(int(self.min_width), 1):
+                    why = f"min_width={self.min_width}"
+                else:
+                    why = f"max_prune_fraction={self.max_prune_fraction:g}"
+                kept_r = float(s.energy_kept[min(r, s.energy_kept.numel()) - 1])
+                msg += f"; limited to {r} by {why} (energy kept {kept_r:.6f})"
+            draft.target[s.name] = r
+            draft.reasons[s.name] = msg
+            return
+        sv = s.singular_values[:n]
+        share = float(sv[-1] ** 2 / (sv.pow(2).mean())) if s.total_energy > 0 else 0.0
+        draft.target[s.name] = n
+        if share >= self.grow_threshold and n < s.cap and self.grow_fraction > 0:
+            add = min(math.ceil(n * self.grow_fraction), s.cap - n)
+            below = float(s.energy_kept[n - 2]) if n > 1 else 0.0
+            msg = (
+                f"all {n} directions needed (energy at rank {n - 1}: {below:.6f} < "
+                f"{1 - eps:.6f}); sigma_min^2/mean(sigma^2)={share:.4f} >= "
+                f"grow_threshold={self.grow_threshold:g}; +{add} "
+                f"(grow_fraction={self.grow_fraction:g}, cap {s.cap})"
+            )
+            draft.grows.append((-share, s.name, n + add, msg))
+            draft.reasons[s.name] = msg
+        else:
+            if n >= s.cap:
+                why = f"at cap {s.cap}"
+            else:
+                why = (
+                    f"sigma_min^2/mean(sigma^2)={share:.4f} < "
+                    f"grow_threshold={self.grow_threshold:g}"
+                )
+            draft.reasons[s.name] = f"all {n} directions needed (eps={eps:g}); {why}"
+
+    def _fit_budget(self, spectra, draft: _Draft, cost, plan: dict[str, int], budget: float):
+        """Bring the planned widths under ``budget``, then take the grow options that fit.
+
+        While ``cost(plan)`` exceeds the budget, one more channel is removed network-wide from
+        the group that loses the least relative energy per unit of cost saved (a lazy heap:
+        a popped score is recomputed and pushed back when it went stale), never below a
+        group's :meth:`floor`. Grow options are then taken, strongest first, while the cost
+        stays within the budget.
+
+        Args:
+            spectra: the analysed groups.
+            draft: the energy rule's targets, reasons and grow options; updated in place.
+            cost: the network's cost as a function of all widths.
+            plan: every group's width with the energy rule's targets applied; updated in place.
+            budget: the ceiling.
+        """
         by_name = {s.name: s for s in spectra}
-        plan = dict(widths)
-        plan.update(target)
         kind = self.budget_kind
         start_cost = cost(plan)
+        if start_cost > budget:
+            taken, cur = self._cut_to_budget(by_name, cost, plan, budget)
+            for name, k in taken.items():
+                s = by_name[name]
+                n_kept = s.energy_kept.numel()
+                kept = float(s.energy_kept[min(plan[name], n_kept) - 1]) if n_kept else 1.0
+                draft.reasons[name] += (
+                    f"; budget {kind}={budget:.6g} (planned {start_cost:.6g}): {k} more "
+                    f"channel(s) removed, lowest energy lost per {kind} saved -> {plan[name]} "
+                    f"(energy kept {kept:.6f})"
+                )
+                draft.target[name] = plan[name]
+            if cur > budget:
+                for s in spectra:
+                    draft.reasons[s.name] += (
+                        f"; budget {kind}={budget:.6g} not reached this step ({cur:.6g} after "
+                        "the floors)"
+                    )
+        for _, name, w, msg in sorted(draft.grows):
+            old = plan[name]
+            plan[name] = w
+            c = cost(plan)
+            if c <= budget:
+                draft.target[name] = w
+            else:
+                plan[name] = old
+                draft.reasons[name] = (
+                    f"{msg}; growth blocked: {kind} would be {c:.6g} > budget {budget:.6g}"
+                )
+
+    def _cut_to_budget(self, by_name, cost, plan: dict[str, int], budget: float):
+        """Remove single channels from ``plan`` (in place), cheapest first, until it fits
+        ``budget`` or every group is at its floor. Returns (channels taken per group, the
+        cost reached)."""
         taken: dict[str, int] = {}
 
-        def lost(name: str, w: int) -> float:  # relative energy of the w-th direction
-            s = by_name[name]
-            if s.total_energy <= 0 or w > s.energy.numel():
-                return 0.0
-            return float(s.energy[w - 1]) / s.total_energy
-
-        def score(name: str) -> float | None:
+        def score(name: str) -> float | None:  # relative energy lost per unit of cost saved
             w = plan[name]
             if w <= self.floor(by_name[name].width):
                 return None
@@ -180,47 +226,63 @@ class Policy:
             plan[name] = w
             if saved <= 0:
                 return None
-            return lost(name, w) / saved
+            s = by_name[name]
+            if s.total_energy <= 0 or w > s.energy.numel():
+                return 0.0 / saved
+            return float(s.energy[w - 1]) / s.total_energy / saved
 
-        heap = []
-        if start_cost > budget:
-            for name in by_name:
-                sc = score(name)
-                if sc is not None:
-                    heap.append((sc, name))
-            heapq.heapify(heap)
-            cur = start_cost
-            while cur > budget and heap:
-                sc, name = heapq.heappop(heap)
-                fresh = score(name)
-                if fresh is None:
-                    continue
-                if heap and fresh > heap[0][0] + 1e-18:
-                    heapq.heappush(heap, (fresh, name))
-                    continue
-                plan[name] -= 1
-                taken[name] = taken.get(name, 0) + 1
-                cur = cost(plan)
-                nxt = score(name)
-                if nxt is not None:
-                    heapq.heappush(heap, (nxt, name))
-            for name, k in taken.items():
-                s = by_name[name]
-                kept = float(s.energy_kept[min(plan[name], s.energy_kept.numel()) - 1]) if s.energy_kept.numel() else 1.0
-                reasons[name] += (
-                    f"; budget {kind}={budget:.6g} (planned {start_cost:.6g}): {k} more channel(s) "
-                    f"removed, lowest energy lost per {kind} saved -> {plan[name]} (energy kept {kept:.6f})"
-                )
-                target[name] = plan[name]
-            if cur > budget:
-                for s in spectra:
-                    reasons[s.name] += f"; budget {kind}={budget:.6g} not reached this step ({cur:.6g} after the floors)"
-        for _, name, w, msg in sorted(grow_opts):
-            old = plan[name]
-            plan[name] = w
-            c = cost(plan)
-            if c <= budget:
-                target[name] = w
-            else:
-                plan[name] = old
-                reasons[name] = f"{msg}; growth blocked: {kind} would be {c:.6g} > budget {budget:.6g}"
+        heap = [(sc, name) for name in by_name if (sc := score(name)) is not None]
+        heapq.heapify(heap)
+        cur = cost(plan)
+        while cur > budget and heap:
+            _, name = heapq.heappop(heap)
+            fresh = score(name)
+            if fresh is None:
+                continue
+            if heap and fresh > heap[0][0] + 1e-18:
+                heapq.heappush(heap, (fresh, name))
+                continue
+            plan[name] -= 1
+            taken[name] = taken.get(name, 0) + 1
+            cur = cost(plan)
+            nxt = score(name)
+            if nxt is not None:
+                heapq.heappush(heap, (nxt, name))
+        return taken, cur
+
+
+@dataclass
+class _Draft:
+    """Decisions in the making.
+
+    Attributes:
+        target: group name -> planned width.
+        reasons: group name -> why.
+        grows: grow options ``(-share, group name, width, reason)``; the budget takes them
+            strongest first.
+    """
+
+    target: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    grows: list[tuple[float, str, int, str]] = field(default_factory=list)
+
+
+def budget_at(step: int, start_params: int, target: int | None, shrink_steps: int) -> int | None:
+    """The parameter budget at ``step`` of a shrinking schedule: geometric from
+    ``start_params`` to ``target``, reached at ``shrink_steps`` and kept after.
+
+    Args:
+        step: the training step.
+        start_params: the parameter count at step 0.
+        target: the final budget (None: no budget).
+        shrink_steps: steps over which the budget falls.
+
+    Returns:
+        the budget, or None when there is no target.
+    """
+    if target is None:
+        return None
+    if shrink_steps <= 0 or step >= shrink_steps or start_params <= target:
+        return int(target)
+    frac = step / shrink_steps
+    return int(round(start_params * (target / start_params) ** frac))

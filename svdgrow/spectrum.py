@@ -1,27 +1,18 @@
-"""Per-group weight spectra: stage 2 of the data flow in DESIGN.md.
-
-For a coupling group with producers ``p_1 .. p_k`` (Conv2d/Linear modules whose output
-channels are the group's channels) the *group matrix* is
-
-    G = [ s_1 * W_1 | s_2 * W_2 | ... ]          (Tensor[n, D], D = sum_p in_p * kh_p * kw_p)
-
-where ``W_p`` is the producer's weight reshaped to ``out x in*kh*kw`` and ``s_p`` the eval-mode
-scale ``gamma / sqrt(running_var + eps)`` of the BatchNorm that directly follows ``p`` (1 when
-none does). The group's pre-activation is ``z = G [x_1; x_2; ...] + b_eff`` with the effective
-bias ``b_eff = sum_p s_p * (b_p - mean_p) + beta_p``, so the rank of ``G`` is the number of
-directions the group really uses. All group matrices go to ONE ``svdgrow.ops.batched_svd``
-call. Energy is ``sigma**2``; its sum is ``||G||_F**2``.
+"""Stage 2, per-group weight spectra: each group's matrix ``G = [s_1 W_1 | s_2 W_2 | ...]`` (its
+producers' weights as ``out x in*kh*kw``, rows scaled by the BatchNorm right after each), all
+decomposed in ONE ``svdgrow.ops.batched_svd`` call. See docs/design.md, "Stage 2: spectrum".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
-from .trace import CouplingGraph, Group
+from ._utils import all_finite
+from .trace import Group
 
 __all__ = [
     "GroupSpectrum",
@@ -29,12 +20,10 @@ __all__ = [
     "bn_output_stats",
     "group_matrix",
     "analyse_groups",
-    "batched_svd",
     "producer_matrix",
     "input_dim",
     "norm_directly_after",
 ]
-
 
 
 @dataclass
@@ -42,7 +31,8 @@ class GroupSpectrum:
     """The spectrum of one coupling group.
 
     Attributes:
-        name: the group's name. group_id: its index in the coupling graph.
+        name: the group's name.
+        group_id: its index in the coupling graph.
         width: its current number of channels ``n``.
         cap: the most channels it may have: min over producers of ``in * kh * kw``.
         singular_values (Tensor[min(n, D)]): descending, float64, on the CPU.
@@ -60,10 +50,6 @@ class GroupSpectrum:
     energy: Tensor
     energy_kept: Tensor
     total_energy: float
-    # For surgery (not part of the public summary): left singular vectors U (Tensor[n, q]),
-    # Vh (Tensor[q, D]) of the group matrix (float64, on the model's device).
-    U: Tensor | None = field(default=None, repr=False)
-    Vh: Tensor | None = field(default=None, repr=False)
 
     def rank_for(self, eps: float) -> int:
         """Smallest rank whose kept energy is at least ``1 - eps`` (at least 1)."""
@@ -88,8 +74,16 @@ def _bn_weight_bias(bn: nn.Module) -> tuple[Tensor, Tensor]:
     """A BatchNorm's affine weight and bias as float64 (ones / zeros when it has none)."""
     C = bn.num_features
     dev = _module_device(bn)
-    w = bn.weight.detach().double() if bn.weight is not None else torch.ones(C, dtype=torch.float64, device=dev)
-    b = bn.bias.detach().double() if bn.bias is not None else torch.zeros(C, dtype=torch.float64, device=dev)
+    w = (
+        bn.weight.detach().double()
+        if bn.weight is not None
+        else torch.ones(C, dtype=torch.float64, device=dev)
+    )
+    b = (
+        bn.bias.detach().double()
+        if bn.bias is not None
+        else torch.zeros(C, dtype=torch.float64, device=dev)
+    )
     return w, b
 
 
@@ -145,7 +139,9 @@ def norm_directly_after(group: Group) -> dict[str, str]:
     return out
 
 
-def group_matrix(modules: dict[str, nn.Module], group: Group) -> tuple[Tensor, list[tuple[str, int, int]], dict[str, Tensor], Tensor]:
+def group_matrix(
+    modules: dict[str, nn.Module], group: Group
+) -> tuple[Tensor, list[tuple[str, int, int]], dict[str, Tensor], Tensor]:
     """Build the group matrix of ``group``.
 
     Args:
@@ -166,7 +162,11 @@ def group_matrix(modules: dict[str, nn.Module], group: Group) -> tuple[Tensor, l
         m = modules[p]
         W = producer_matrix(m).detach().double()
         n = W.shape[0]
-        b = m.bias.detach().double() if getattr(m, "bias", None) is not None else torch.zeros(n, dtype=torch.float64, device=W.device)
+        b = (
+            m.bias.detach().double()
+            if getattr(m, "bias", None) is not None
+            else torch.zeros(n, dtype=torch.float64, device=W.device)
+        )
         if p in after:
             s, t = bn_affine(modules[after[p]])
             W = W * s[:, None]
@@ -180,33 +180,25 @@ def group_matrix(modules: dict[str, nn.Module], group: Group) -> tuple[Tensor, l
     return G, blocks, scales, b_eff
 
 
-def batched_svd(mats: list[Tensor], k: int | None = None) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """Thin SVD of every matrix in one call to ``svdgrow.ops.batched_svd``."""
-    return ops.batched_svd(mats, k=k)
-
-
 def analyse_groups(
     modules: dict[str, nn.Module],
-    graph: CouplingGraph,
     groups: list[Group],
     widths: dict[int, int],
-    keep_vectors: bool = True,
 ) -> list[GroupSpectrum]:
     """Spectra of ``groups`` (all group matrices in ONE batched SVD call).
 
     Args:
         modules: ``dict(model.named_modules())``.
-        graph: the coupling graph. groups: the groups to analyse (each with producers).
+        groups: the groups to analyse (each with producers).
         widths: current width of every group id.
-        keep_vectors: keep U and Vh for surgery.
 
     Raises:
         FloatingPointError: when a group matrix holds a NaN or an infinity.
     """
     mats, metas = [], []
     for g in groups:
-        G, blocks, scales, b_eff = group_matrix(modules, g)
-        if not torch.isfinite(G).all():
+        G = group_matrix(modules, g)[0]
+        if not bool(all_finite([G])):
             raise FloatingPointError(
                 f"group {g.name!r}: its weights (or its BatchNorm statistics) hold NaN/inf; "
                 "refusing to resize. Fix the training run (lower the learning rate, clip "
@@ -216,9 +208,9 @@ def analyse_groups(
         metas.append((g, G))
     if not mats:
         return []
-    S, U, Vh = batched_svd(mats)
+    S, _, _ = ops.batched_svd(mats)
     out = []
-    for (g, G), s, u, vh in zip(metas, S, U, Vh):
+    for (g, G), s in zip(metas, S, strict=True):
         s64 = s.detach().double()
         total = float((G * G).sum())
         energy = s64 * s64
@@ -234,8 +226,6 @@ def analyse_groups(
                 energy=energy.cpu(),
                 energy_kept=cum.cpu(),
                 total_energy=total,
-                U=u.double() if keep_vectors else None,
-                Vh=vh.double() if keep_vectors else None,
             )
         )
     return out

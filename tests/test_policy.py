@@ -1,23 +1,32 @@
 """Policy: energy rule, floors, growth, network-wide budget; cost model exactness."""
 
-import math
+import itertools
 
 import pytest
 import torch
+from nets import ConvNet, convnet_graph
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from svdgrow.policy import Policy
+from svdgrow.policy import Policy, budget_at
 from svdgrow.resizer import Resizer
 from svdgrow.spectrum import GroupSpectrum
-from svdgrow.trace import ConsumerLayout, CouplingGraph, Group
 
 
 def spec(name, sv, width=None, cap=1000, gid=0):
     s = torch.as_tensor(sv, dtype=torch.float64)
     e = s * s
     total = float(e.sum())
-    return GroupSpectrum(name, gid, width if width is not None else len(sv), cap, s, e, torch.cumsum(e, 0) / total, total)
+    return GroupSpectrum(
+        name,
+        gid,
+        width if width is not None else len(sv),
+        cap,
+        s,
+        e,
+        torch.cumsum(e, 0) / total,
+        total,
+    )
 
 
 def one(policy, s, **kw):
@@ -82,6 +91,7 @@ def test_budget_ranks_removals_by_energy_lost_per_cost_saved():
     assert cost({"A": dA.new_width, "B": dB.new_width}) <= budget
     assert dA.new_width < dB.new_width
     assert "budget" in dA.reason and "energy lost per params saved" in dA.reason
+
     # the greedy is optimal here: no single swap of a channel A<->B is cheaper in energy
     # while still within budget (check against brute force over all (a, b) in budget)
     def lost(w, s):
@@ -105,12 +115,24 @@ def test_budget_blocks_growth_and_reports_when_unreachable():
     d = one(Policy(), flat, cost=cost, widths={"A": 8}, budget=200.0)
     assert d.action == "grow"
     # floors stop the budget from being met in one step: say so
-    d = one(Policy(min_width=6, energy_eps=1e-9), spec("A", [1.0, 0.5, 0.25, 0.1, 0.1, 0.1, 0.1, 0.1], cap=100), cost=cost, widths={"A": 8}, budget=10.0)
+    d = one(
+        Policy(min_width=6, energy_eps=1e-9),
+        spec("A", [1.0, 0.5, 0.25, 0.1, 0.1, 0.1, 0.1, 0.1], cap=100),
+        cost=cost,
+        widths={"A": 8},
+        budget=10.0,
+    )
     assert d.new_width == 6 and "not reached" in d.reason
 
 
 def test_invalid_policies():
-    for kw in ({"energy_eps": 1.0}, {"min_width": 0}, {"max_prune_fraction": 1.5}, {"budget_kind": "watts"}, {"budget": -1}):
+    for kw in (
+        {"energy_eps": 1.0},
+        {"min_width": 0},
+        {"max_prune_fraction": 1.5},
+        {"budget_kind": "watts"},
+        {"budget": -1},
+    ):
         with pytest.raises(ValueError):
             Policy(**kw)
 
@@ -119,28 +141,12 @@ def test_invalid_policies():
 # cost model: exact for parameters and FLOPs
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)
-        self.fc = nn.Linear(6 * 25, 4)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.c2(torch.relu(self.bn1(self.c1(x))))).flatten(1))
+def Net():
+    return ConvNet(c1=8, c2=6, act=nn.ReLU(), side=5, cin=2, classes=4, bias2=False)
 
 
 def graph():
-    return CouplingGraph(
-        groups=[
-            Group(0, "input", [], [], {}, ["c1"], frozen="model input"),
-            Group(1, "c1", ["c1"], ["bn1"], {"bn1": "c1"}, ["c2"]),
-            Group(2, "c2", ["c2"], [], {}, ["fc"]),
-            Group(3, "fc", ["fc"], [], {}, [], frozen="model output"),
-        ],
-        consumers={"c1": ConsumerLayout("c1", [0], 9), "c2": ConsumerLayout("c2", [1], 9), "fc": ConsumerLayout("fc", [2], 25)},
-    )
+    return convnet_graph(Net())
 
 
 def flops(m, x):
@@ -157,7 +163,7 @@ def test_cost_model_predicts_the_resized_cost(kind):
     rs = Resizer(m, x, graph=graph())
     cost = rs.cost(kind)
     assert cost(None) == pytest.approx(rs.param_count() if kind == "params" else flops(m, x))
-    target = {"c1": 5, "c2": 9}
+    target = {"conv1": 5, "conv2": 9}
     predicted = cost(target)
     rs.apply(target)
     actual = rs.param_count() if kind == "params" else flops(m, x)
@@ -168,11 +174,25 @@ def test_step_with_a_shrinking_budget_schedule_meets_it():
     torch.manual_seed(1)
     m = Net()
     x = torch.randn(2, 2, 5, 5)
-    rs = Resizer(m, x, graph=graph(), policy=Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=0.5))
+    rs = Resizer(
+        m, x, graph=graph(), policy=Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=0.5)
+    )
     p0 = rs.param_count()
     for frac in (0.9, 0.75, 0.6):
         rep = rs.step(budget=frac * p0)
         assert rep.cost_after == pytest.approx(rep.params_after)
         assert rep.params_after <= frac * p0
         assert rep.budget == pytest.approx(frac * p0)
-    assert min(rs.widths()["c1"], rs.widths()["c2"]) >= 1
+    assert min(rs.widths()["conv1"], rs.widths()["conv2"]) >= 1
+
+
+def test_budget_at_falls_geometrically_then_holds():
+    assert budget_at(0, 1000, None, 10) is None
+    assert budget_at(0, 1000, 100, 10) == 1000
+    assert budget_at(5, 1000, 100, 10) == round(1000 * 0.1**0.5)
+    assert budget_at(10, 1000, 100, 10) == 100
+    assert budget_at(50, 1000, 100, 10) == 100
+    assert budget_at(3, 1000, 100, 0) == 100  # no schedule: the target at once
+    assert budget_at(3, 50, 100, 10) == 100  # already below the target
+    steps = [budget_at(s, 10**6, 10**4, 20) for s in range(21)]
+    assert all(a > b for a, b in itertools.pairwise(steps)) and steps[-1] == 10**4

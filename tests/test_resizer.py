@@ -5,31 +5,13 @@ import json
 
 import pytest
 import torch
+from nets import CatNet, ConvNet, convnet_graph, quick, randomise_bn
 from torch import nn
 
-from svdgrow.optim import check_state_shapes
+from svdgrow.app import models
+from svdgrow.optim_state import check_state_shapes
 from svdgrow.policy import Policy
 from svdgrow.resizer import Resizer
-
-models = pytest.importorskip("svdgrow.models")
-
-
-def quick(seed=0, bn=True):
-    torch.manual_seed(seed)
-    spec = models.preset_spec("quick")
-    spec["bn"] = bn
-    return models.build_model(spec)
-
-
-def randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
 
 
 def test_analyse_reports_spectra_per_group():
@@ -52,7 +34,7 @@ def test_analyse_reports_spectra_per_group():
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_grow_every_group_keeps_the_network_function(train_mode):
     m = quick(1)
-    randomise_bn(m, 1)
+    randomise_bn(m, 1, bias_std=0.2, mean_std=0.2)
     m.train(train_mode)
     x = torch.randn(6, 1, 28, 28)
     ref = copy.deepcopy(m)
@@ -83,7 +65,12 @@ def test_step_keeps_model_and_optimizer_objects_and_training_goes_on():
         opt.step()
     ids = {n: id(mod) for n, mod in m.named_modules()}
     pids = [id(p) for p in m.parameters()]
-    rs = Resizer(m, x[:1], optimizer=opt, policy=Policy(energy_eps=0.05, max_prune_fraction=0.5, grow_threshold=10))
+    rs = Resizer(
+        m,
+        x[:1],
+        optimizer=opt,
+        policy=Policy(energy_eps=0.05, max_prune_fraction=0.5, grow_threshold=10),
+    )
     rep = rs.step()
     assert rep.changed and rep.params_after < rep.params_before
     assert any(d.action == "prune" for d in rep.decisions)
@@ -118,13 +105,16 @@ def test_step_keeps_model_and_optimizer_objects_and_training_goes_on():
 @pytest.mark.parametrize("mode", ["weights", "data"])
 def test_prune_every_group_by_a_tenth(mode):
     m = quick(3)
-    randomise_bn(m, 3)
+    randomise_bn(m, 3, bias_std=0.2, mean_std=0.2)
     m.eval()
     x = torch.randn(8, 1, 28, 28)
-    y0 = m(x).detach()
     opt = torch.optim.Adam(m.parameters())
     rs = Resizer(m, x[:1], optimizer=opt, mode=mode)
-    new = {n: max(1, w - max(1, w // 10)) for n, w in rs.widths().items() if n in {g.name for g in rs.resizable()}}
+    new = {
+        n: max(1, w - max(1, w // 10))
+        for n, w in rs.widths().items()
+        if n in {g.name for g in rs.resizable()}
+    }
     rep = rs.apply(new, data=x if mode == "data" else None)
     assert rs.widths() == {**rs.widths(), **new}
     y1 = m(x).detach()
@@ -146,7 +136,7 @@ def test_frozen_output_group_and_budget_in_flops():
 
 def test_data_mode_beats_magnitude_pruning_on_held_data_and_auto_picks_it():
     m = quick(0)
-    randomise_bn(m, 0)
+    randomise_bn(m, 0, bias_std=0.2, mean_std=0.2)
     m.eval()
     g = torch.Generator().manual_seed(0)
     x_fit, x_held = torch.randn(64, 1, 28, 28, generator=g), torch.randn(64, 1, 28, 28, generator=g)
@@ -167,23 +157,9 @@ def test_data_mode_beats_magnitude_pruning_on_held_data_and_auto_picks_it():
     assert rs.apply({"blocks.0.conv1": 12}).mode == "weights"
 
 
-class _Cat(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(2, 6, 3, padding=1)
-        self.b = nn.Conv2d(2, 5, 3, padding=1)
-        self.bn = nn.BatchNorm2d(5)
-        self.c = nn.Conv2d(11, 7, 3, padding=1)
-        self.fc = nn.Linear(7 * 16, 3)
-
-    def forward(self, x):
-        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.bn(self.b(x)))], 1)
-        return self.fc(torch.relu(self.c(h)).flatten(1))
-
-
 def test_concatenated_groups_resize_at_their_offsets():
     torch.manual_seed(0)
-    m = _Cat().eval()
+    m = CatNet().eval()
     x = torch.randn(16, 2, 4, 4)
     rs = Resizer(m, x[:1])
     assert len(rs.graph.consumers["c"].segments) == 2
@@ -199,3 +175,19 @@ def test_concatenated_groups_resize_at_their_offsets():
     assert m.c.in_channels == 7 and rep.mode == "data"
     with torch.no_grad():
         assert float((m(x) - y0).norm() / y0.norm()) < 0.5
+
+
+def test_widths_of_a_hand_built_graph_without_traced_widths():
+    """One width reader for the Resizer and the graph (CouplingGraph.widths): a group with no
+    producer, no norm and no traced width takes the input width of a consumer reading it."""
+    m = ConvNet(cin=3)
+    graph = convnet_graph(m)
+    graph.groups[0].width = None
+    rs = Resizer(m, torch.zeros(1, 3, 4, 4), graph=graph)
+    assert rs.widths() == {"input": 3, "conv1": 8, "conv2": 12, "fc": 5}
+    assert rs.context().widths == {0: 3, 1: 8, 2: 12, 3: 5}
+    rs.apply({"conv1": 6})
+    assert graph.widths(m) == [3, 6, 12, 5]
+    graph.consumers["conv1"].segments = [0, 0]  # no consumer reads the input alone
+    with pytest.raises(ValueError, match="no known width"):
+        rs.widths()

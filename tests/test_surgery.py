@@ -4,115 +4,24 @@ import copy
 
 import pytest
 import torch
+from nets import (
+    ConvNet,
+    ResLinear,
+    convnet_graph,
+    low_rank_,
+    quick,
+    randomise_bn,
+    rel_change,
+    reslinear_graph,
+)
 from torch import nn
 
+import svdgrow.ops
 from svdgrow import surgery
-from svdgrow.policy import Policy
 from svdgrow.resizer import Resizer
-from svdgrow.trace import ConsumerLayout, CouplingGraph, Group
-
-
-# ------------------------------------------------------------------------------------------------
-# small models with hand-built coupling graphs
-
-
-class ConvNet(nn.Module):
-    """conv1 -> bn1 -> act -> conv2 -> act -> flatten -> fc (input 4x4)."""
-
-    def __init__(self, c1=8, c2=12, act=None, bn=True, k=3, pad=1, side=4):
-        super().__init__()
-        act = act if act is not None else nn.LeakyReLU(0.1)
-        self.conv1 = nn.Conv2d(3, c1, k, padding=pad)
-        self.bn1 = nn.BatchNorm2d(c1) if bn else nn.Identity()
-        self.a1 = copy.deepcopy(act)
-        self.conv2 = nn.Conv2d(c1, c2, k, padding=pad)
-        self.a2 = copy.deepcopy(act)
-        self.flat = nn.Flatten()
-        out = side - 2 * (k - 1 - 2 * pad)
-        self.fc = nn.Linear(c2 * out * out, 5)
-        self.hw = out * out
-
-    def forward(self, x):
-        return self.fc(self.flat(self.a2(self.conv2(self.a1(self.bn1(self.conv1(x)))))))
-
-
-def convnet_graph(m: ConvNet, bn=True):
-    k = m.conv1.kernel_size[0] ** 2
-    return CouplingGraph(
-        groups=[
-            Group(0, "input", [], [], {}, ["conv1"], frozen="model input"),
-            Group(1, "conv1", ["conv1"], ["bn1"] if bn else [], {"bn1": "conv1"} if bn else {}, ["conv2"]),
-            Group(2, "conv2", ["conv2"], [], {}, ["fc"]),
-            Group(3, "fc", ["fc"], [], {}, [], frozen="model output"),
-        ],
-        consumers={
-            "conv1": ConsumerLayout("conv1", [0], k),
-            "conv2": ConsumerLayout("conv2", [1], k),
-            "fc": ConsumerLayout("fc", [2], m.hw),
-        },
-    )
-
-
-class ResLinear(nn.Module):
-    """h = s(x) [+bn] ; h = h + b(act(a(h))) ; out = o(act(h)): a residual group {s, b}."""
-
-    def __init__(self, d=10, w=8, mid=6, act=None, bn=False):
-        super().__init__()
-        act = act if act is not None else nn.Identity()
-        self.s = nn.Linear(d, w)
-        self.bs = nn.BatchNorm1d(w) if bn else nn.Identity()
-        self.a = nn.Linear(w, mid)
-        self.act = copy.deepcopy(act)
-        self.b = nn.Linear(mid, w)
-        self.bb = nn.BatchNorm1d(w) if bn else nn.Identity()
-        self.act2 = copy.deepcopy(act)
-        self.o = nn.Linear(w, 4)
-
-    def forward(self, x):
-        h = self.bs(self.s(x))
-        h = h + self.bb(self.b(self.act(self.a(h))))
-        return self.o(self.act2(h))
-
-
-def reslinear_graph(bn=False):
-    return CouplingGraph(
-        groups=[
-            Group(0, "input", [], [], {}, ["s"], frozen="model input"),
-            Group(1, "s", ["s", "b"], ["bs", "bb"] if bn else [], {"bs": "s", "bb": "b"} if bn else {}, ["a", "o"]),
-            Group(2, "a", ["a"], [], {}, ["b"]),
-            Group(3, "o", ["o"], [], {}, [], frozen="model output"),
-        ],
-        consumers={
-            "s": ConsumerLayout("s", [0], 1),
-            "a": ConsumerLayout("a", [1], 1),
-            "b": ConsumerLayout("b", [2], 1),
-            "o": ConsumerLayout("o", [1], 1),
-        },
-    )
-
-
-def randomise_bn(model, gen):
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0, 0.3, generator=gen)
-                m.running_mean.normal_(0, 0.5, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-
-
-def low_rank_(weight2d: torch.Tensor, r: int, gen, noise=0.0):
-    """Make the rows of a producer matrix (a view) span only r directions (+ noise)."""
-    n, D = weight2d.shape
-    with torch.no_grad():
-        new = torch.randn(n, r, generator=gen) @ torch.randn(r, D, generator=gen) / D**0.5
-        new += noise * torch.randn(n, D, generator=gen) / D**0.5
-        weight2d.copy_(new)
-
-
-def rel_change(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
+from svdgrow.surgery import ResizeContext
+from svdgrow.surgery.pivots import _pivoted_cholesky_padded
+from svdgrow.trace import ConsumerLayout, CouplingGraph, Group, trace
 
 # ------------------------------------------------------------------------------------------------
 # pivoted Gram-Schmidt
@@ -173,7 +82,7 @@ def test_prune_is_exact_through_linear_maps_with_residual_group(bn):
                 nm.bias.copy_(nm.weight * nm.running_mean / torch.sqrt(nm.running_var + nm.eps))
     x = torch.randn(64, 10, generator=g)
     y0 = m(x).detach()
-    rs = Resizer(m, x[:2], graph=reslinear_graph(bn), ridge=1e-10)
+    rs = Resizer(m, x[:2], graph=reslinear_graph(m, bn), ridge=1e-10)
     spec = {s.name: s for s in rs.analyse()}["s"]
     assert float(spec.energy_kept[r - 1]) > 1 - 1e-10
     rs.apply({"s": r})
@@ -212,7 +121,12 @@ def test_folding_beats_magnitude_pruning_on_structured_example():
     y0 = m(x).detach()
 
     naive = copy.deepcopy(m)
-    keep = torch.sort(naive.conv1.weight.flatten(1).norm(dim=1), descending=True).indices[:6].sort().values
+    keep = (
+        torch.sort(naive.conv1.weight.flatten(1).norm(dim=1), descending=True)
+        .indices[:6]
+        .sort()
+        .values
+    )
     with torch.no_grad():
         n1 = nn.Conv2d(3, 6, 3, padding=1)
         n1.weight.copy_(naive.conv1.weight[keep])
@@ -257,7 +171,12 @@ def test_data_mode_fold_fits_features_and_beats_magnitude_pruning():
         mm = copy.deepcopy(m)
         graph = convnet_graph(mm, bn=False)
         if mode == "magnitude":
-            keep = torch.sort(mm.conv1.weight.flatten(1).norm(dim=1), descending=True).indices[:8].sort().values
+            keep = (
+                torch.sort(mm.conv1.weight.flatten(1).norm(dim=1), descending=True)
+                .indices[:8]
+                .sort()
+                .values
+            )
             n1, n2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
             with torch.no_grad():
                 n1.weight.copy_(mm.conv1.weight[keep])
@@ -266,7 +185,9 @@ def test_data_mode_fold_fits_features_and_beats_magnitude_pruning():
                 n2.bias.copy_(mm.conv2.bias)
             mm.conv1, mm.conv2 = n1, n2
         else:
-            Resizer(mm, x_fit[:1], graph=graph, mode=mode, ridge=1e-8).apply({"conv1": 8}, data=x_fit)
+            Resizer(mm, x_fit[:1], graph=graph, mode=mode, ridge=1e-8).apply(
+                {"conv1": 8}, data=x_fit
+            )
         errs[mode] = rel_change(mm(x_held).detach(), y0)
     # channels 8..11 are exact positive multiples of 0..3: data mode removes them exactly, and
     # so does weights mode (the relation holds in every sample of its predicted pre-activations)
@@ -276,7 +197,11 @@ def test_data_mode_fold_fits_features_and_beats_magnitude_pruning():
 
 
 def test_detect_activation():
-    act = surgery.detect_activation(nn.Sequential(nn.Linear(2, 2), nn.LeakyReLU(0.1), nn.Linear(2, 2), nn.LeakyReLU(0.1, inplace=True)))
+    act = surgery.detect_activation(
+        nn.Sequential(
+            nn.Linear(2, 2), nn.LeakyReLU(0.1), nn.Linear(2, 2), nn.LeakyReLU(0.1, inplace=True)
+        )
+    )
     x = torch.randn(5, 3)
     x0 = x.clone()
     assert torch.equal(act(x), nn.functional.leaky_relu(x0, 0.1))
@@ -305,18 +230,19 @@ def test_predicted_moments_match_measured_ones_on_a_batchnorm_net():
             m(torch.randn(512, 3, 4, 4, generator=g))
     m.eval()
     graph = convnet_graph(m)
-    mods = dict(m.named_modules())
-    wid = {0: 3, 1: 10, 2: 6, 3: 5}
+    ctx = ResizeContext(dict(m.named_modules()), graph, {0: 3, 1: 10, 2: 6, 3: 5})
     grp = [graph.groups[1]]
     x = torch.randn(2048, 3, 4, 4, generator=g)
-    (mu_d, cov_d, _), = surgery.capture_features(m, mods, graph, grp, wid, x, max_samples=32768)[0].values()
+    ((mu_d, cov_d, _),) = surgery.capture_features(ctx, grp, x, max_samples=32768)[0].values()
     act = surgery.detect_activation(m)
-    (mu_w, cov_w, _), = surgery.predict_features(mods, graph, grp, wid, act, samples=65536, generator=g)[0].values()
+    ((mu_w, cov_w, _),) = surgery.predict_features(ctx, grp, act, samples=65536, generator=g)[
+        0
+    ].values()
     scale = float(cov_d.diagonal().mean())
     assert float((mu_w - mu_d).abs().max()) < 0.05 * scale**0.5, (mu_w, mu_d)
     assert float((cov_w - cov_d).abs().max()) < 0.05 * scale, (cov_w, cov_d)
     # without the activation the prediction is the pre-activation moments: clearly different
-    (mu_l, _, _), = surgery.predict_features(mods, graph, grp, wid, None)[0].values()
+    ((mu_l, _, _),) = surgery.predict_features(ctx, grp, None)[0].values()
     assert float((mu_l - mu_d).abs().max()) > 0.1 * scale**0.5
 
 
@@ -352,12 +278,16 @@ def test_conv_consumer_without_bias_puts_the_constant_into_its_batchnorm():
     m.eval()
     graph = CouplingGraph(
         groups=[
-            Group(0, "input", [], [], {}, ["c1"], frozen="model input"),
+            Group(0, "input", [], [], {}, ["c1"], frozen="model input", width=2),
             Group(1, "c1", ["c1"], [], {}, ["c2"]),
             Group(2, "c2", ["c2"], ["bn2"], {"bn2": "c2"}, ["fc"]),
             Group(3, "fc", ["fc"], [], {}, [], frozen="model output"),
         ],
-        consumers={"c1": ConsumerLayout("c1", [0], 1), "c2": ConsumerLayout("c2", [1], 1), "fc": ConsumerLayout("fc", [2], 4)},
+        consumers={
+            "c1": ConsumerLayout("c1", [0], 1),
+            "c2": ConsumerLayout("c2", [1], 1),
+            "fc": ConsumerLayout("fc", [2], 4),
+        },
     )
     x = torch.randn(16, 2, 2, 2, generator=g)
     y0 = m(x).detach()
@@ -384,8 +314,12 @@ def test_grow_keeps_the_function_with_batchnorm(train_mode):
     rs = Resizer(m, x[:1], graph=convnet_graph(m))
     rep = rs.apply({"conv1": 9, "conv2": 8})
     assert rep.decisions[0].action == "grow"
-    assert torch.equal(m.bn1.weight[6:], torch.ones(3)) and torch.equal(m.bn1.running_var[6:], torch.ones(3))
-    assert torch.equal(m.bn1.running_mean[6:], torch.zeros(3)) and torch.equal(m.conv1.bias[6:], torch.zeros(3))
+    assert torch.equal(m.bn1.weight[6:], torch.ones(3)) and torch.equal(
+        m.bn1.running_var[6:], torch.ones(3)
+    )
+    assert torch.equal(m.bn1.running_mean[6:], torch.zeros(3)) and torch.equal(
+        m.conv1.bias[6:], torch.zeros(3)
+    )
     y1 = m(x).detach()
     assert float((y1 - y0).abs().max()) <= 1e-5 * float(y0.abs().max())
     # eval mode too (running statistics of the new channels: mean 0, var 1)
@@ -414,7 +348,7 @@ def test_grow_residual_group_keeps_function_and_gets_gradients():
     m.eval()
     x = torch.randn(32, 10, generator=g)
     y0 = m(x).detach()
-    rs = Resizer(m, x[:2], graph=reslinear_graph(True))
+    rs = Resizer(m, x[:2], graph=reslinear_graph(m, True))
     assert {s.name: s.cap for s in rs.analyse()} == {"s": 8, "a": 6}
     rs.apply({"s": 8})
     assert m.s.out_features == m.b.out_features == m.bs.num_features == m.bb.num_features == 8
@@ -448,8 +382,16 @@ def test_limits_frozen_cap_and_zero():
 
 def _snapshot(model, opt):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    st = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}
-    attrs = [(n, getattr(mod, a)) for n, mod in model.named_modules() for a in ("in_channels", "out_channels", "in_features", "out_features", "num_features") if hasattr(mod, a)]
+    st = {
+        id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
+    attrs = [
+        (n, getattr(mod, a))
+        for n, mod in model.named_modules()
+        for a in ("in_channels", "out_channels", "in_features", "out_features", "num_features")
+        if hasattr(mod, a)
+    ]
     return sd, st, attrs
 
 
@@ -462,7 +404,12 @@ def _same(model, opt, snap):
     for p, s in opt.state.items():
         for k, v in s.items():
             assert torch.equal(v, st[id(p)][k]) if torch.is_tensor(v) else v == st[id(p)][k]
-    assert attrs == [(n, getattr(mod, a)) for n, mod in model.named_modules() for a in ("in_channels", "out_channels", "in_features", "out_features", "num_features") if hasattr(mod, a)]
+    assert attrs == [
+        (n, getattr(mod, a))
+        for n, mod in model.named_modules()
+        for a in ("in_channels", "out_channels", "in_features", "out_features", "num_features")
+        if hasattr(mod, a)
+    ]
 
 
 def _trained(seed=8):
@@ -528,31 +475,182 @@ def test_non_finite_weights_refuse_and_change_nothing():
 
 def test_one_slice_copy_call_per_resize(monkeypatch):
     m, opt, x = _trained()
+    shapes = {n: p.shape for n, p in m.named_parameters()}
     calls = []
-    real = surgery.slice_copy
+    real = svdgrow.ops.slice_copy
 
     def spy(src, *a, **k):
         calls.append(len(src))
         return real(src, *a, **k)
 
-    monkeypatch.setattr(surgery, "slice_copy", spy)
+    monkeypatch.setattr(svdgrow.ops, "slice_copy", spy)
     Resizer(m, x[:1], optimizer=opt, graph=convnet_graph(m)).apply({"conv1": 5, "conv2": 9})
-    # conv1 w,b (+3 Adam states each), bn1 w,b (+3 each) + 2 buffers, conv2 w,b (+3 each),
-    # fc w (+3); fc.bias does not change
-    assert calls == [2 * 4 + 2 * 4 + 2 + 2 * 4 + 4]
+    # every tensor the resize rewrites goes through the one call: each parameter whose shape
+    # changes (conv1 and bn1 rows, conv2 rows and columns, fc columns; fc.bias keeps its
+    # shape), each of its Adam(amsgrad) state tensors (exp_avg, exp_avg_sq, max_exp_avg_sq;
+    # the scalar step is kept), and bn1's two running statistics
+    resized = [n for n, p in m.named_parameters() if p.shape != shapes[n]]
+    assert resized == [
+        "conv1.weight",
+        "conv1.bias",
+        "bn1.weight",
+        "bn1.bias",
+        "conv2.weight",
+        "conv2.bias",
+        "fc.weight",
+    ]
+    states_per_param = sum(v.dim() > 0 for v in opt.state[m.conv1.weight].values())
+    assert states_per_param == 3
+    bn_buffers = 2
+    assert calls == [len(resized) * (1 + states_per_param) + bn_buffers]
 
 
 @pytest.mark.parametrize("batched", ["auto", "padded"])
 def test_batched_pivoting_matches_one_group_at_a_time(batched):
     """pivoted_cholesky_batched (a loop on the CPU) and the padded batch it uses on GPUs (run
     here on the CPU) give the per-group choices."""
-    fn = surgery.pivoted_cholesky_batched if batched == "auto" else surgery._pivoted_cholesky_padded
+    fn = surgery.pivoted_cholesky_batched if batched == "auto" else _pivoted_cholesky_padded
     g = torch.Generator().manual_seed(9)
     grams, rs = [], []
     for n, r, rank in ((12, 5, 12), (7, 7, 7), (20, 6, 6), (3, 1, 3)):
         A = torch.randn(rank, n, generator=g, dtype=torch.float64)
         grams.append(A.T @ A)
         rs.append(r)
-    for G, r, piv in zip(grams, rs, fn(grams, rs)):
+    for G, r, piv in zip(grams, rs, fn(grams, rs), strict=True):
         assert piv.tolist() == surgery.pivoted_cholesky(G, r).tolist()
         assert len(set(piv.tolist())) == r
+
+
+# ------------------------------------------------------------------------------------------------
+# what can be resized
+
+
+def test_check_resizable_names_what_cannot_be_resized():
+    m = ConvNet()
+    graph = convnet_graph(m)
+    mods = dict(m.named_modules())
+    assert surgery.check_resizable(mods, graph, graph.groups[1]) is None
+    assert "no producer" in surgery.check_resizable(mods, graph, graph.groups[0])
+    m.conv2 = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+    mods = dict(m.named_modules())
+    assert "grouped convolution" in surgery.check_resizable(mods, graph, graph.groups[1])
+    m.conv2 = nn.Conv1d(8, 12, 3)
+    mods = dict(m.named_modules())
+    assert "Conv1d" in surgery.check_resizable(mods, graph, graph.groups[2])
+    m = ConvNet()
+    m.bn1 = nn.LayerNorm(4)
+    mods = dict(m.named_modules())
+    assert "'bn1' is not a BatchNorm" in surgery.check_resizable(mods, graph, graph.groups[1])
+    del graph.consumers["conv2"]
+    assert "no layout" in surgery.check_resizable(
+        dict(ConvNet().named_modules()), graph, graph.groups[1]
+    )
+
+
+def test_resizer_freezes_what_surgery_cannot_resize_and_build_plan_refuses_it():
+    m = ConvNet()
+    m.conv2 = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+    graph = convnet_graph(m)
+    rs = Resizer(m, torch.zeros(1, 3, 4, 4), graph=graph)
+    assert rs.resizable() == []
+    with pytest.raises(ValueError, match="frozen.*grouped convolution"):
+        rs.apply({"conv1": 4})
+    with pytest.raises(TypeError, match="'conv1' cannot be resized"):
+        Resizer(m, torch.zeros(1, 3, 4, 4), graph=graph, strict=True)
+    ctx = rs.context()
+    change = surgery.plan_prune_magnitude(ctx, graph.groups[1], 4)
+    with pytest.raises(TypeError, match="cannot resize group 'conv1'.*grouped convolution"):
+        surgery.build_plan(ctx, {1: change})
+    with pytest.raises(ValueError, match="prune mode"):
+        surgery.plan_prunes("nope", ctx, {1: 4})
+
+
+# ------------------------------------------------------------------------------------------------
+# row renormalisation after a resize
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_renormalize_rows_keeps_function_and_rescales_rows_and_state(opt_name):
+    """A traced ResNet: after a pruning resize the folded BatchNorm-followed layers get rows of
+    the RMS norm they had before; the function (train mode) and the optimizer's effective
+    state (first moments / c, second moments / c**2) follow."""
+    m = quick(5)
+    randomise_bn(m, 5)
+    x = torch.randn(16, 1, 28, 28)
+    opt = (
+        torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        if opt_name == "sgd"
+        else torch.optim.Adam(m.parameters(), lr=1e-2, amsgrad=True)
+    )
+    for _ in range(2):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    graph = trace(m, x[:2])
+    pairs = surgery.normed_producers(m, graph)
+    assert [n for n, _, _ in pairs] == [
+        n for n, mod in m.named_modules() if n in dict((p, 0) for p, _, _ in pairs)
+    ]
+    assert {n for n, _, _ in pairs} >= {
+        "stem",
+        "blocks.0.conv1",
+        "blocks.0.conv2",
+        "blocks.0.shortcut",
+    }
+    before = surgery.row_norm_snapshot(m, graph)
+    rs = Resizer(m, x[:2], optimizer=opt, graph=graph)
+    names = {g.name for g in rs.resizable()}
+    rs.apply({n: w - w // 3 for n, w in rs.widths().items() if n in names}, data=x)
+    ref = copy.deepcopy(m)
+    ref_state = {
+        n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in m.named_parameters()
+    }
+    applied = surgery.renormalize_rows_(m, graph, opt, before)
+    changed = {n for n, layer, _ in pairs if tuple(layer.weight.shape) != before[n][0]}
+    assert set(applied) == changed and changed
+    mods, ref_mods = dict(m.named_modules()), dict(ref.named_modules())
+    for name in changed:
+        w = mods[name].weight
+        rows = w.reshape(w.shape[0], -1).norm(dim=1)
+        torch.testing.assert_close(rows, torch.full_like(rows, before[name][1]), rtol=1e-5, atol=0)
+        c = rows / ref_mods[name].weight.reshape(rows.shape[0], -1).norm(dim=1)
+        view = c.view(-1, 1, 1, 1)
+        st, st0 = opt.state[w], ref_state[f"{name}.weight"]
+        for key, power in (
+            ("momentum_buffer", 1),
+            ("exp_avg", 1),
+            ("exp_avg_sq", 2),
+            ("max_exp_avg_sq", 2),
+        ):
+            if key in st:
+                torch.testing.assert_close(st[key], st0[key] / view**power)
+        if "step" in st:
+            assert torch.equal(st["step"], st0["step"])
+    m.train(), ref.train()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-4)
+    m.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-4)
+    # nothing changed shape since the new snapshot: nothing to do
+    assert surgery.renormalize_rows_(m, graph, opt, surgery.row_norm_snapshot(m, graph)) == {}
+
+
+def test_renormalize_rows_scales_a_linear_bias_with_its_row():
+    torch.manual_seed(6)
+    m = ResLinear(d=10, w=8, mid=6, bn=True)
+    randomise_bn(m, 6)
+    graph = reslinear_graph(m, bn=True)
+    x = torch.randn(32, 10)
+    before = {"s": ((0,), 1.0), "b": ((0,), 2.0)}  # as if their shapes had changed
+    ref = copy.deepcopy(m)
+    applied = surgery.renormalize_rows_(m, graph, None, before)
+    assert set(applied) == {"s", "b"}
+    torch.testing.assert_close(m.s.weight.norm(dim=1), torch.ones(8))
+    torch.testing.assert_close(m.b.weight.norm(dim=1), torch.full((8,), 2.0))
+    c = m.s.weight.norm(dim=1) / ref.s.weight.norm(dim=1)
+    torch.testing.assert_close(m.s.bias, ref.s.bias * c)
+    for mode in (True, False):
+        m.train(mode), ref.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-4)

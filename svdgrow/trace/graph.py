@@ -112,7 +112,8 @@ class CouplingGraph:
 
         The width comes from each producer (``out_channels``/``out_features``) and norm
         (``num_features``); groups with neither (model input, opaque values) keep their
-        traced width. Every consumer's input size is checked against its layout.
+        traced width, or in a hand-built graph without one, the input width of a consumer
+        that reads only that group. Every consumer's input size is checked against its layout.
 
         Args:
             model: the traced model, possibly after surgery.
@@ -143,8 +144,11 @@ class CouplingGraph:
                 out.append(values.pop())
             elif g.width is not None:
                 out.append(g.width)
-            else:  # pragma: no cover - every traced group records a width
-                raise ValueError(f"group {g.id} ({g.name!r}) has no known width")
+            else:  # a hand-built graph: read it from a consumer of this group alone
+                only = [c for c in self.consumers.values() if c.segments == [g.id]]
+                if not only:
+                    raise ValueError(f"group {g.id} ({g.name!r}) has no known width")
+                out.append(_in_width(_lookup(mods, only[0].module)) // max(only[0].block, 1))
         for c in self.consumers.values():
             m = _lookup(mods, c.module)
             have = _in_width(m)

@@ -1,10 +1,7 @@
-"""Optimizer state that follows a resize: part of stage 4 of the data flow in DESIGN.md.
-
-Every per-parameter state tensor shaped like its parameter (SGD ``momentum_buffer``, Adam/AdamW
-``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ...) is sliced with the same index maps as the
-parameter, new slices 0. Scalars (Adam's ``step``) are kept. Parameter objects never change
-(only their ``.data``), so ``optimizer.param_groups``, LR schedulers and hyper-parameters stay
-valid and the same optimizer object keeps working.
+"""Stage 5, the optimizer-state remap: every per-parameter state tensor shaped like its
+parameter follows the parameter's resize (same index maps, new slices 0); scalars (Adam's
+``step``) are kept. Parameter objects never change, so the same optimizer keeps working.
+See docs/design.md, "Stage 5: optimizer-state remap".
 """
 
 from __future__ import annotations
@@ -16,17 +13,19 @@ from torch import Tensor
 
 __all__ = ["KNOWN_STATE", "state_to_slice", "check_state_shapes"]
 
-#: Per-parameter state keys of the optimizers svdgrow knows. Tensors under these keys that are
-#: shaped like the parameter are sliced; scalar tensors (``step``) are kept.
-KNOWN_STATE: dict[type, set[str]] = {
-    torch.optim.SGD: {"momentum_buffer"},
-    torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
-    torch.optim.AdamW: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
-    torch.optim.Adamax: {"step", "exp_avg", "exp_inf"},
-    torch.optim.NAdam: {"step", "mu_product", "exp_avg", "exp_avg_sq"},
-    torch.optim.RAdam: {"step", "exp_avg", "exp_avg_sq"},
-    torch.optim.RMSprop: {"step", "square_avg", "momentum_buffer", "grad_avg"},
-    torch.optim.Adagrad: {"step", "sum"},
+#: Per-parameter state keys of the optimizers svdgrow knows, each with the power of the gradient
+#: it accumulates (1: momentum, first moments; 2: second moments; 0: unaffected by the gradient's
+#: scale, such as ``step`` or RMSprop's momentum of normalised steps). Tensors under these keys
+#: that are shaped like the parameter are sliced; scalar tensors (``step``) are kept.
+KNOWN_STATE: dict[type, dict[str, int]] = {
+    torch.optim.SGD: {"momentum_buffer": 1},
+    torch.optim.Adam: {"step": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2},
+    torch.optim.AdamW: {"step": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2},
+    torch.optim.Adamax: {"step": 0, "exp_avg": 1, "exp_inf": 1},
+    torch.optim.NAdam: {"step": 0, "mu_product": 0, "exp_avg": 1, "exp_avg_sq": 2},
+    torch.optim.RAdam: {"step": 0, "exp_avg": 1, "exp_avg_sq": 2},
+    torch.optim.RMSprop: {"step": 0, "square_avg": 2, "momentum_buffer": 0, "grad_avg": 1},
+    torch.optim.Adagrad: {"step": 0, "sum": 2},
 }
 
 
@@ -34,7 +33,9 @@ def _is_scalar(v: Tensor) -> bool:
     return v.dim() == 0
 
 
-def state_to_slice(optimizer: torch.optim.Optimizer | None, params: dict[Tensor, str]) -> dict[Tensor, list[str]]:
+def state_to_slice(
+    optimizer: torch.optim.Optimizer | None, params: dict[Tensor, str]
+) -> dict[Tensor, list[str]]:
     """Decide, before anything is touched, which state entries follow each resized parameter.
 
     Args:
@@ -105,8 +106,12 @@ def check_state_shapes(optimizer: torch.optim.Optimizer) -> list[str]:
     in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for p, st in optimizer.state.items():
         if id(p) not in in_groups:
-            problems.append(f"a parameter of shape {tuple(p.shape)} has state but is in no param group")
+            problems.append(
+                f"a parameter of shape {tuple(p.shape)} has state but is in no param group"
+            )
         for k, v in st.items():
             if torch.is_tensor(v) and not _is_scalar(v) and v.shape != p.shape:
-                problems.append(f"state {k!r} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}")
+                problems.append(
+                    f"state {k!r} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}"
+                )
     return problems

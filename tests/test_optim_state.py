@@ -5,37 +5,19 @@ import warnings
 
 import pytest
 import torch
+from nets import ConvNet, convnet_graph
 from torch import nn
 
-from svdgrow.optim import check_state_shapes
+from svdgrow.optim_state import check_state_shapes
 from svdgrow.resizer import Resizer
-from svdgrow.trace import ConsumerLayout, CouplingGraph, Group
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
-        self.fc = nn.Linear(6 * 16, 5)
-
-    def forward(self, x):
-        x = nn.functional.leaky_relu(self.bn1(self.conv1(x)), 0.1)
-        x = nn.functional.leaky_relu(self.conv2(x), 0.1)
-        return self.fc(x.flatten(1))
+def Net():
+    return ConvNet(c1=8, c2=6, act=nn.LeakyReLU(0.1))
 
 
 def graph():
-    return CouplingGraph(
-        groups=[
-            Group(0, "input", [], [], {}, ["conv1"], frozen="model input"),
-            Group(1, "conv1", ["conv1"], ["bn1"], {"bn1": "conv1"}, ["conv2"]),
-            Group(2, "conv2", ["conv2"], [], {}, ["fc"]),
-            Group(3, "fc", ["fc"], [], {}, [], frozen="model output"),
-        ],
-        consumers={"conv1": ConsumerLayout("conv1", [0], 9), "conv2": ConsumerLayout("conv2", [1], 9), "fc": ConsumerLayout("fc", [2], 16)},
-    )
+    return convnet_graph(Net())
 
 
 OPTS = {
@@ -100,7 +82,9 @@ def test_state_is_remapped_and_matches_a_fresh_optimizer(kind, widths):
             if k == "step":
                 torch.testing.assert_close(v, old_state[n][k], rtol=0, atol=0)
             elif torch.is_tensor(v):
-                torch.testing.assert_close(v, expected_slice(old_state[n][k], n, rep.index), rtol=0, atol=0, msg=f"{n}.{k}")
+                torch.testing.assert_close(
+                    v, expected_slice(old_state[n][k], n, rep.index), rtol=0, atol=0, msg=f"{n}.{k}"
+                )
 
     # one optimizer step = what a fresh optimizer loaded with the remapped state does
     twin = copy.deepcopy(m)
@@ -111,7 +95,7 @@ def test_state_is_remapped_and_matches_a_fresh_optimizer(kind, widths):
         mm(x).square().mean().backward()
     opt.step()
     fresh.step()
-    for (n, a), b in zip(m.named_parameters(), twin.parameters()):
+    for (n, a), b in zip(m.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
     # training and the scheduler go on
     lr = opt.param_groups[0]["lr"]

@@ -1,0 +1,228 @@
+"""Where the fold's moments come from: the mean and covariance of what each consumer reads on a
+group's channels, measured on a batch (:func:`capture_features`, data mode) or predicted from
+the weights and BatchNorm statistics (:func:`predict_features`, weights mode).
+
+See docs/design.md, "Stage 4: surgery" (the fold and weights mode's predicted moments).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._utils import as_args, eval_mode
+from ..spectrum import bn_affine, bn_output_stats, group_matrix, norm_directly_after
+from ..trace import Group
+from .context import ResizeContext
+
+__all__ = [
+    "ACTIVATIONS",
+    "Moments",
+    "capture_features",
+    "consumer_offsets",
+    "detect_activation",
+    "predict_features",
+]
+
+#: The elementwise activation modules :func:`detect_activation` recognises.
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ReLU6,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.PReLU,
+)
+
+#: (group id, consumer) -> (mean (Tensor[n]), covariance (Tensor[n, n]), sample count), float64.
+Moments = dict[tuple[int, str], tuple[Tensor, Tensor, int]]
+
+
+def detect_activation(model: nn.Module):
+    """The model's elementwise activation when it uses one kind only (as modules), else None.
+
+    Two modules are the same kind when their types and ``extra_repr`` (``inplace`` aside)
+    match. A PReLU has learned, possibly per-channel slopes: not one function, so None.
+
+    Args:
+        model: the network.
+
+    Returns:
+        a function of one tensor that never modifies its input, or None.
+    """
+    kinds = {}
+    for m in model.modules():
+        if isinstance(m, ACTIVATIONS):
+            if isinstance(m, nn.PReLU):
+                return None
+            key = (type(m), m.extra_repr().replace("inplace=True", "").strip(", "))
+            kinds.setdefault(key, m)
+    if len(kinds) != 1:
+        return None
+    act = next(iter(kinds.values()))
+    return lambda x: act(x) if not getattr(act, "inplace", False) else act(x.clone())
+
+
+def consumer_offsets(ctx: ResizeContext, groups: list[Group]) -> dict[tuple[int, str], int]:
+    """(group id, consumer) -> channel offset of the group in that consumer's input.
+
+    Args:
+        ctx: the model now.
+        groups: the groups whose consumers are wanted.
+    """
+    offsets = {}
+    for g in groups:
+        for cons in g.consumers:
+            o = 0
+            for seg in ctx.graph.consumers[cons].segments:
+                if seg == g.id and (g.id, cons) not in offsets:
+                    offsets[(g.id, cons)] = o
+                o += ctx.widths[seg]
+    return offsets
+
+
+def _predicted_preactivation(ctx: ResizeContext, g: Group) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of group ``g``'s pre-activation as weights mode models it (see
+    :func:`predict_features`), after any BatchNorm that follows the add."""
+    after = norm_directly_after(g)
+    G, blocks, _, b_eff = group_matrix(ctx.modules, g)
+    target = torch.zeros_like(b_eff)
+    gram = torch.zeros(G.shape[0], G.shape[0], dtype=G.dtype, device=G.device)  # G G^T
+    cov = torch.zeros_like(gram)
+    for p, start, end in blocks:
+        GGp = G[:, start:end] @ G[:, start:end].T
+        if p in after:
+            mean_p, std_p = bn_output_stats(ctx.modules[after[p]])
+            alpha = float((std_p * std_p).sum()) / max(float(GGp.diagonal().sum()), 1e-30)
+        else:
+            bias = getattr(ctx.modules[p], "bias", None)
+            mean_p = bias.detach().double() if bias is not None else torch.zeros_like(b_eff)
+            alpha = 1.0
+        target += mean_p
+        gram += GGp
+        cov += alpha * GGp
+    lam = 1e-10 * float(gram.diagonal().sum()) + 1e-30
+    eye = torch.eye(gram.shape[0], dtype=G.dtype, device=G.device)
+    mean = b_eff + gram @ torch.linalg.solve(gram + lam * eye, target - b_eff)  # b + G mu
+    for nm, prod in g.norm_after.items():
+        if prod is None:  # a BatchNorm after the add: its eval-mode affine map
+            scale, shift = bn_affine(ctx.modules[nm])
+            mean, cov = scale * mean + shift, scale[:, None] * cov * scale[None, :]
+    return mean, cov
+
+
+@torch.no_grad()
+def predict_features(
+    ctx: ResizeContext,
+    groups: list[Group],
+    activation=None,
+    samples: int = 8192,
+    generator: torch.Generator | None = None,
+) -> tuple[Moments, dict[tuple[int, str], int]]:
+    """Data-free stand-in for :func:`capture_features`: the moments every consumer reads on a
+    group's channels, predicted from the weights.
+
+    The group's pre-activation ``z = G x + b`` (group matrix and effective bias of
+    :func:`svdgrow.spectrum.group_matrix`) is modelled as Gaussian: covariance
+    ``sum_p alpha_p G_p G_p^T`` with each producer's input isotropic and scaled to the variance
+    its direct BatchNorm recorded, mean ``b + G mu`` with ``mu`` fitted to the recorded means.
+    Samples go through ``activation``. See docs/design.md, "Stage 4: surgery".
+
+    Args:
+        ctx: the model now.
+        groups: the groups to predict for.
+        activation: elementwise activation (see :func:`detect_activation`); None: linear, and
+            the moments are exact without sampling.
+        samples: Gaussian samples pushed through ``activation``.
+        generator: CPU random generator of the samples.
+
+    Returns:
+        the same ``(moments, offsets)`` as :func:`capture_features`.
+    """
+    offsets = consumer_offsets(ctx, groups)
+    feats: Moments = {}
+    for g in groups:
+        mean, cov = _predicted_preactivation(ctx, g)
+        if activation is None:
+            mu, fcov = mean, cov
+        else:
+            ev, Q = torch.linalg.eigh(cov)
+            L = Q * ev.clamp_min(0).sqrt()[None, :]
+            z = torch.randn(samples, cov.shape[0], dtype=torch.float64, generator=generator)
+            f = activation(mean[None, :] + z.to(cov.device) @ L.T)
+            mu = f.mean(0)
+            fc = f - mu
+            fcov = fc.T @ fc / max(samples - 1, 1)
+        for cons in g.consumers:
+            feats[(g.id, cons)] = (mu, fcov, samples)
+    return feats, offsets
+
+
+@torch.no_grad()
+def capture_features(
+    ctx: ResizeContext,
+    groups: list[Group],
+    data,
+    max_samples: int = 16384,
+    generator: torch.Generator | None = None,
+) -> tuple[Moments, dict[tuple[int, str], int]]:
+    """Run the model (``ctx.modules[""]``, in eval mode) on ``data`` and collect, for every
+    consumer of every group, the mean and covariance of its INPUT on the group's channels.
+
+    A Conv2d input gives one sample per position, a Linear after Flatten one per channel block.
+
+    Args:
+        ctx: the model now.
+        groups: the groups to measure.
+        data: a batch (a tensor, or a tuple of the model's positional inputs).
+        max_samples: at most this many samples per consumer (random positions).
+        generator: CPU random generator of the sub-sampling.
+
+    Returns:
+        (moments, offsets): (group id, consumer) -> (mean (Tensor[n]), covariance
+        (Tensor[n, n]), samples), both float64; and (group id, consumer) -> channel offset.
+    """
+    offsets = consumer_offsets(ctx, groups)
+    wanted: dict[str, list[tuple[int, int, int]]] = {}
+    for (gid, cons), o in offsets.items():
+        wanted.setdefault(cons, []).append((gid, o, ctx.widths[gid]))
+    feats: Moments = {}
+
+    def make_hook(name):
+        def hook(mod, inputs):
+            x = inputs[0].detach()
+            C = sum(ctx.widths[s] for s in ctx.graph.consumers[name].segments)
+            # linear input [N, C*B]: one sample per channel block; conv [N, C, H, W]: per position
+            v = x.reshape(x.shape[0], C, -1) if x.dim() == 2 else x.flatten(2)
+            N, _, P = v.shape
+            if N * P > max_samples:
+                pick = torch.randperm(N * P, generator=generator)[:max_samples].to(x.device)
+            else:
+                pick = torch.arange(N * P, device=x.device)
+            sample, pos = pick // P, pick % P
+            for gid, o, n in wanted[name]:
+                f = v[sample, o : o + n, pos]  # Tensor[samples, n] (no copy of the whole input)
+                mu = f.double().mean(0)
+                fc = f - mu.to(f.dtype)
+                cov = (fc.T @ fc).double() / max(f.shape[0] - 1, 1)
+                feats[(gid, name)] = (mu, cov, f.shape[0])
+
+        return hook
+
+    hooks = [ctx.modules[name].register_forward_pre_hook(make_hook(name)) for name in wanted]
+    try:
+        with eval_mode(ctx.modules[""]) as model:
+            model(*as_args(data))
+    finally:
+        for h in hooks:
+            h.remove()
+    return feats, offsets

@@ -1,0 +1,157 @@
+"""The small numerical pieces of stage 4: greedy pivoted Cholesky (which channels a prune keeps)
+and orthogonal new rows (what a grow adds). See docs/design.md, "Stage 4: surgery"."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["complement", "grow_rows", "pivoted_cholesky", "pivoted_cholesky_batched"]
+
+
+def pivoted_cholesky(G: Tensor, r: int) -> Tensor:
+    """The ``r`` pivots of a greedy pivoted Cholesky of a PSD Gram matrix ``G = A^T A``: the
+    columns that column-pivoted QR (Gram-Schmidt) of ``A`` would choose.
+
+    Args:
+        G (Tensor[n, n]): symmetric positive semi-definite.
+        r: how many pivots (``r <= n``).
+
+    Returns:
+        Tensor[r] (int64): the pivots in the order chosen.
+    """
+    n = G.shape[0]
+    if r > n:
+        raise ValueError(f"pivoted selection: asked for {r} columns out of {n}")
+    G = G.double()
+    residual = G.diagonal().clone()
+    tiny = 1e-14 * float(residual.abs().max()) if n else 0.0
+    L = G.new_zeros(r, n)  # row t: the t-th Cholesky column (contiguous rows)
+    order = torch.empty(r, dtype=torch.long, device=G.device)
+    for t in range(r):
+        j = torch.argmax(residual)
+        order[t] = j
+        dj = residual[j]
+        col = G[j] - L[:t, j] @ L[:t] if t else G[j].clone()
+        L[t] = col * torch.rsqrt(dj.clamp_min(tiny)) * (dj > tiny)
+        residual.sub_(L[t] * L[t])
+        residual[j] = float("-inf")
+    return order
+
+
+def pivoted_cholesky_batched(grams: list[Tensor], rs: list[int]) -> list[Tensor]:
+    """:func:`pivoted_cholesky` of several Gram matrices at once.
+
+    On a GPU one padded batch (:func:`_pivoted_cholesky_padded`): every step is a handful of
+    batched ops for all groups, with no host synchronisation. On the CPU a loop over the
+    groups, as fast for these small ops and cheaper under thread contention.
+
+    Args:
+        grams: PSD matrices ``Tensor[n_i, n_i]``, on one device.
+        rs: pivots wanted per matrix, ``r_i <= n_i``.
+
+    Returns:
+        one ``Tensor[r_i]`` (int64) of pivots per matrix, in the order chosen.
+    """
+    if not grams:
+        return []
+    if grams[0].device.type == "cpu":
+        return [pivoted_cholesky(g, r) for g, r in zip(grams, rs, strict=True)]
+    return _pivoted_cholesky_padded(grams, rs)
+
+
+def _pivoted_cholesky_padded(grams: list[Tensor], rs: list[int]) -> list[Tensor]:
+    """:func:`pivoted_cholesky` of every matrix as one zero-padded batch ``[b, N, N]``.
+
+    Padded positions start with residual ``-inf``, so they are never chosen; a matrix whose
+    residual is exhausted (rank below ``r_i``) gets zero Cholesky columns, as in the one-matrix
+    version. Each step chooses one pivot per matrix with batched gathers; the pivots past
+    ``r_i`` are cut off at the end.
+
+    Args:
+        grams: PSD matrices ``Tensor[n_i, n_i]``, on one device.
+        rs: pivots wanted per matrix, ``r_i <= n_i``.
+
+    Returns:
+        one ``Tensor[r_i]`` (int64) of pivots per matrix, in the order chosen.
+    """
+    b = len(grams)
+    N = max(g.shape[0] for g in grams)
+    R = max(rs)
+    dev = grams[0].device
+    Gp = torch.zeros(b, N, N, dtype=torch.float64, device=dev)
+    residual = torch.full((b, N), float("-inf"), dtype=torch.float64, device=dev)
+    for i, g in enumerate(grams):
+        n = g.shape[0]
+        if rs[i] > n:
+            raise ValueError(f"pivoted selection: asked for {rs[i]} columns out of {n}")
+        Gp[i, :n, :n] = g.double()
+        residual[i, :n] = g.diagonal().double()
+    finite = torch.where(torch.isfinite(residual), residual.abs(), torch.zeros_like(residual))
+    tiny = 1e-14 * finite.amax(1, keepdim=True)
+    L = torch.zeros(b, N, R, dtype=torch.float64, device=dev)
+    order = torch.zeros(b, R, dtype=torch.long, device=dev)
+    for t in range(R):
+        j = torch.argmax(residual, dim=1)  # [b]
+        order[:, t] = j
+        dj = residual.gather(1, j[:, None])  # [b, 1]
+        col = Gp.gather(2, j[:, None, None].expand(b, N, 1)).squeeze(2)  # [b, N]
+        if t:
+            Lj = L.gather(1, j[:, None, None].expand(b, 1, R))[:, :, :t]  # [b, 1, t]
+            col = col - (L[:, :, :t] @ Lj.transpose(1, 2)).squeeze(2)
+        ok = (dj > tiny) & torch.isfinite(dj)
+        safe = torch.where(ok, dj, torch.ones_like(dj))
+        step = torch.where(ok, col / safe.sqrt(), torch.zeros_like(col))
+        L[:, :, t] = step
+        residual = residual - step * step
+        residual.scatter_(1, j[:, None], float("-inf"))
+    return [order[i, : rs[i]].clone() for i in range(b)]
+
+
+def complement(keep: Tensor, n: int) -> Tensor:
+    """The indices of ``range(n)`` not in ``keep``, ascending.
+
+    Args:
+        keep (Tensor[k], int64): indices in ``[0, n)``.
+        n: the range.
+    """
+    mask = torch.ones(n, dtype=torch.bool, device=keep.device)
+    mask[keep] = False
+    return mask.nonzero().flatten()
+
+
+def grow_rows(
+    W: Tensor, a: int, generator: torch.Generator | None = None, sv: Tensor | None = None
+) -> Tensor:
+    """``a`` new rows for a producer matrix, orthogonal to its rows and to each other.
+
+    Args:
+        W (Tensor[n, D]): the producer's current rows (``n + a <= D``).
+        a: how many rows.
+        generator: CPU random generator of the new directions.
+        sv: the singular values of ``W`` when already known (else computed here).
+
+    Returns:
+        Tensor[a, D] (float64): orthonormal rows with ``W``'s row space projected out, scaled to
+        half the smallest nonzero singular value of ``W``.
+    """
+    n, D = W.shape
+    if n + a > D:
+        raise ValueError(f"cannot add {a} rows to a {n} x {D} matrix: at most {D - n} fit")
+    W = W.detach().double()
+    R = torch.randn(a, D, generator=generator, dtype=torch.float64).to(W.device)
+    if n:
+        Q, _ = torch.linalg.qr(W.T)  # Tensor[D, n], spans the rows of W
+        for _ in range(2):
+            R = R - (R @ Q) @ Q.T
+    Q2, _ = torch.linalg.qr(R.T)  # Tensor[D, a], orthonormal columns
+    if n:
+        for _ in range(2):
+            Q2 = Q2 - Q @ (Q.T @ Q2)
+        Q2, _ = torch.linalg.qr(Q2)
+    if sv is None:
+        sv = torch.linalg.svdvals(W) if n else torch.zeros(0, dtype=torch.float64)
+    sv = sv.double()
+    nonzero = sv[sv > 1e-10 * float(sv.max())] if sv.numel() and float(sv.max()) > 0 else sv[:0]
+    scale = 0.5 * float(nonzero.min()) if nonzero.numel() else 1e-2
+    return scale * Q2.T

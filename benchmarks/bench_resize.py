@@ -1,7 +1,7 @@
 """Time a whole resize step against one training step of the same model.
 
-The model is the ~2.3M-parameter MNIST ResNet (``svdgrow.models`` preset ``mnist-2m``; a local
-copy of the same architecture is built when that module is missing): stem conv 1->128, residual
+The model is the ~2.3M-parameter MNIST ResNet (``svdgrow.app.models`` preset ``mnist-2m``): stem
+conv 1->128, residual
 blocks of two 3x3 convs with LeakyReLU and BatchNorm at 256 channels, two stride-2
 downsamplings with 1x1 projection shortcuts, Flatten + Linear(256*7*7, 10).
 
@@ -38,46 +38,12 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-
-def build_model() -> nn.Module:
-    try:
-        from svdgrow import models
-
-        return models.build_model(models.preset_spec("mnist-2m"))
-    except Exception:  # pragma: no cover - the local copy
-        return _LocalResNet()
-
-
-class _Block(nn.Module):
-    def __init__(self, cin, mid, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, mid, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.proj = stride != 1 or cin != cout
-        if self.proj:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
-            self.shortcut_bn = nn.BatchNorm2d(cout)
-        self.act = nn.LeakyReLU(0.01)
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
-        return self.act(out + (self.shortcut_bn(self.shortcut(x)) if self.proj else x))
-
-
-class _LocalResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(1, 128, 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(128)
-        self.stem_act = nn.LeakyReLU(0.01)
-        self.blocks = nn.Sequential(_Block(128, 256, 256, 2), _Block(256, 128, 256, 1), _Block(256, 128, 256, 2))
-        self.flatten = nn.Flatten()
-        self.head = nn.Linear(256 * 7 * 7, 10)
-
-    def forward(self, x):
-        return self.head(self.flatten(self.blocks(self.stem_act(self.stem_bn(self.stem(x))))))
+from svdgrow import ops  # noqa: E402
+from svdgrow.app import models  # noqa: E402
+from svdgrow.app.data import load_dataset  # noqa: E402
+from svdgrow.policy import Policy  # noqa: E402
+from svdgrow.resizer import Resizer  # noqa: E402
+from svdgrow.spectrum import group_matrix  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -101,7 +67,12 @@ def med(xs):
 
 
 QUALITY_SPEC = {
-    "arch": "resnet", "in_channels": 1, "num_classes": 10, "input_size": 28, "bn": True, "stem": 32,
+    "arch": "resnet",
+    "in_channels": 1,
+    "num_classes": 10,
+    "input_size": 28,
+    "bn": True,
+    "stem": 32,
     "blocks": [
         {"mid": 64, "out": 64, "stride": 2, "projection": True},
         {"mid": 32, "out": 64, "stride": 1, "projection": False},
@@ -113,14 +84,10 @@ QUALITY_SPEC = {
 def quality(steps: int = 300, fractions=(0.25, 0.5), seed: int = 0) -> dict:
     """Prune a briefly trained MNIST ResNet by each mode; compare output change and accuracy.
 
-    DESIGN.md asks to measure the weights-mode fold and the data-mode fold against naive
-    magnitude pruning (keep the largest rows, fold nothing) by the change in network output on
-    held data. Every resizable group is cut by ``fraction`` at once, no fine-tuning.
+    The weights-mode and data-mode folds against naive magnitude pruning (keep the largest
+    rows, fold nothing), by the change in network output on held data (docs/design.md,
+    "Stage 4: surgery"). Every resizable group is cut by ``fraction`` at once, no fine-tuning.
     """
-    from svdgrow import models
-    from svdgrow.data import load_dataset
-    from svdgrow.resizer import Resizer
-
     torch.manual_seed(seed)
     train = load_dataset("mnist", True, subset=20000, download=False)
     test = load_dataset("mnist", False, subset=2000, download=False)
@@ -150,14 +117,16 @@ def quality(steps: int = 300, fractions=(0.25, 0.5), seed: int = 0) -> dict:
             rep = rs.apply(new, data=xfit)
             with torch.no_grad():
                 y1 = mm(xt)
-            rows.append({
-                "fraction": frac,
-                "mode": mode,
-                "params": rep.params_after,
-                "rel_output_change": float((y1 - y0).norm() / y0.norm()),
-                "accuracy": float((y1.argmax(1) == yt).float().mean()),
-                "agreement_with_unpruned": float((y1.argmax(1) == y0.argmax(1)).float().mean()),
-            })
+            rows.append(
+                {
+                    "fraction": frac,
+                    "mode": mode,
+                    "params": rep.params_after,
+                    "rel_output_change": float((y1 - y0).norm() / y0.norm()),
+                    "accuracy": float((y1.argmax(1) == yt).float().mean()),
+                    "agreement_with_unpruned": float((y1.argmax(1) == y0.argmax(1)).float().mean()),
+                }
+            )
     return {
         "spec": QUALITY_SPEC,
         "train_steps": steps,
@@ -170,26 +139,32 @@ def quality(steps: int = 300, fractions=(0.25, 0.5), seed: int = 0) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     ap.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats; medians are reported")
-    ap.add_argument("--fraction", type=float, default=0.1, help="fraction of every group pruned (default 0.1)")
-    ap.add_argument("--quality-steps", type=int, default=300, help="training steps of the quality comparison (0: skip it)")
-    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/bench_resize_<device>)")
+    ap.add_argument(
+        "--fraction", type=float, default=0.1, help="fraction of every group pruned (default 0.1)"
+    )
+    ap.add_argument(
+        "--quality-steps",
+        type=int,
+        default=300,
+        help="training steps of the quality comparison (0: skip it)",
+    )
+    ap.add_argument(
+        "--out", default=None, help="output stem (default benchmarks/results/bench_resize_<device>)"
+    )
     args = ap.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    from svdgrow import ops  # noqa: F401  (compiled ops)
-    from svdgrow.policy import Policy
-    from svdgrow.resizer import Resizer
-    from svdgrow.spectrum import group_matrix
-
     torch.manual_seed(0)
-    model = build_model().to(device)
+    model = models.build_model(models.preset_spec("mnist-2m")).to(device)
     x = torch.randn(args.batch, 1, 28, 28, device=device)
     t = torch.randint(0, 10, (args.batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -217,7 +192,9 @@ def main(argv=None) -> dict:
         o.load_state_dict(opt.state_dict())
         return m, o
 
-    prune_policy = Policy(energy_eps=0.5, min_width=1, max_prune_fraction=args.fraction, grow_threshold=1e9)
+    prune_policy = Policy(
+        energy_eps=0.5, min_width=1, max_prune_fraction=args.fraction, grow_threshold=1e9
+    )
     example = x[:1]
     # one-time trace
     m, o = fresh()
@@ -250,7 +227,11 @@ def main(argv=None) -> dict:
     caps = {s.name: s.cap for s in rs0.analyse()}
     w0 = rs0.widths()
     # every group that is below its input-dimension cap grows by the fraction (capped)
-    grow_w = {n: min(w0[n] + max(1, round(w0[n] * args.fraction)), caps[n]) for n in caps if w0[n] < caps[n]}
+    grow_w = {
+        n: min(w0[n] + max(1, round(w0[n] * args.fraction)), caps[n])
+        for n in caps
+        if w0[n] < caps[n]
+    }
     grow_t, grow_parts, rep_g = timed_steps("weights", prune_policy, explicit=grow_w)
 
     # SVD of the group matrices: one batched op call vs a loop of torch.linalg.svd
@@ -287,8 +268,16 @@ def main(argv=None) -> dict:
         "group_matrix_shapes": [list(a.shape) for a in mats],
         "trace_s": trace_s,
         "train_step_s": {"median": med(train_times), "all": train_times},
-        "resize_step_s": {"median": med(resize_t), "all": resize_t, "parts_median": {k: med([p[k] for p in resize_parts]) for k in resize_parts[0]}},
-        "resize_step_data_mode_s": {"median": med(data_t), "all": data_t, "parts_median": {k: med([p[k] for p in data_parts]) for k in data_parts[0]}},
+        "resize_step_s": {
+            "median": med(resize_t),
+            "all": resize_t,
+            "parts_median": {k: med([p[k] for p in resize_parts]) for k in resize_parts[0]},
+        },
+        "resize_step_data_mode_s": {
+            "median": med(data_t),
+            "all": data_t,
+            "parts_median": {k: med([p[k] for p in data_parts]) for k in data_parts[0]},
+        },
         "grow_step_s": {"median": med(grow_t), "all": grow_t, "widths": grow_w},
         "svd_batched_op_s": med(svd_op),
         "svd_torch_loop_s": med(svd_loop),
@@ -299,16 +288,22 @@ def main(argv=None) -> dict:
         "ratio_resize_over_train": med(resize_t) / med(train_times),
     }
     rows = [
-        ("training step (SGD, batch %d)" % args.batch, med(train_times)),
-        ("resize step, weights mode (prune every group %d%%)" % round(100 * args.fraction), med(resize_t)),
+        (f"training step (SGD, batch {args.batch})", med(train_times)),
+        (
+            f"resize step, weights mode (prune every group {round(100 * args.fraction)}%)",
+            med(resize_t),
+        ),
         ("  analyse (one batched SVD)", res["resize_step_s"]["parts_median"]["analyse"]),
         ("  decide", res["resize_step_s"]["parts_median"]["decide"]),
         ("  apply (fold + one slice_copy + commit)", res["resize_step_s"]["parts_median"]["apply"]),
-        ("resize step, data mode (features of batch %d)" % args.batch, med(data_t)),
-        ("grow step (%d groups below their cap +%d%%, apply)" % (len(grow_w), round(100 * args.fraction)), med(grow_t)),
+        (f"resize step, data mode (features of batch {args.batch})", med(data_t)),
+        (
+            f"grow step ({len(grow_w)} groups below their cap +{round(100 * args.fraction)}%, apply)",
+            med(grow_t),
+        ),
         ("trace (once per Resizer)", trace_s),
-        ("SVD of %d group matrices: svdgrow.ops.batched_svd" % len(mats), med(svd_op)),
-        ("SVD of %d group matrices: loop of torch.linalg.svd" % len(mats), med(svd_loop)),
+        (f"SVD of {len(mats)} group matrices: svdgrow.ops.batched_svd", med(svd_op)),
+        (f"SVD of {len(mats)} group matrices: loop of torch.linalg.svd", med(svd_loop)),
     ]
     head = (
         f"bench_resize on {name} ({device.type}, {res['threads']} threads), torch {torch.__version__}, "
@@ -316,20 +311,30 @@ def main(argv=None) -> dict:
     )
     table = [head, "", "| what | seconds |", "|---|---:|"] + [f"| {a} | {b:.4f} |" for a, b in rows]
     table.append("")
-    table.append(f"resize step / training step = {res['ratio_resize_over_train']:.3f} (target <= 1)")
+    table.append(
+        f"resize step / training step = {res['ratio_resize_over_train']:.3f} (target <= 1)"
+    )
     if args.quality_steps and device.type == "cpu":
         try:
             q = quality(args.quality_steps)
         except Exception as e:  # data missing: the timing still stands
             q = {"skipped": f"{type(e).__name__}: {e}"}
         res["quality"] = q
-        table += ["", "Output change on held data after cutting every group at once (no fine-tuning):", ""]
+        table += [
+            "",
+            "Output change on held data after cutting every group at once (no fine-tuning):",
+            "",
+        ]
         if "rows" in q:
             table.append(
                 f"MNIST ResNet {q['params']:,} params, {q['train_steps']} SGD steps, test accuracy "
                 f"{q['accuracy_unpruned']:.4f} on {q['test_samples']} held samples"
             )
-            table += ["", "| cut | mode | params | rel. output change | accuracy | agrees with unpruned |", "|---:|---|---:|---:|---:|---:|"]
+            table += [
+                "",
+                "| cut | mode | params | rel. output change | accuracy | agrees with unpruned |",
+                "|---:|---|---:|---:|---:|---:|",
+            ]
             for r in q["rows"]:
                 table.append(
                     f"| {r['fraction']:.0%} | {r['mode']} | {r['params']:,} | {r['rel_output_change']:.4f} | "

@@ -48,16 +48,16 @@ import torch
 from svdgrow import ops
 
 MNIST_2M = [
-    (128, 1 * 9),      # stem conv 1 -> 128
-    (256, 128 * 9),    # block 1 conv1 128 -> 256, stride 2
-    (256, 256 * 9),    # block 1 conv2 256 -> 256
-    (256, 128),        # block 1 projection 1x1 128 -> 256
-    (128, 256 * 9),    # block 2 conv1 256 -> 128
-    (256, 128 * 9),    # block 2 conv2 128 -> 256
-    (128, 256 * 9),    # block 3 conv1 256 -> 128, stride 2
-    (256, 128 * 9),    # block 3 conv2 128 -> 256
-    (256, 256),        # block 3 projection 1x1 256 -> 256
-    (10, 256 * 7 * 7), # head after Flatten
+    (128, 1 * 9),  # stem conv 1 -> 128
+    (256, 128 * 9),  # block 1 conv1 128 -> 256, stride 2
+    (256, 256 * 9),  # block 1 conv2 256 -> 256
+    (256, 128),  # block 1 projection 1x1 128 -> 256
+    (128, 256 * 9),  # block 2 conv1 256 -> 128
+    (256, 128 * 9),  # block 2 conv2 128 -> 256
+    (128, 256 * 9),  # block 3 conv1 256 -> 128, stride 2
+    (256, 128 * 9),  # block 3 conv2 128 -> 256
+    (256, 256),  # block 3 projection 1x1 256 -> 256
+    (10, 256 * 7 * 7),  # head after Flatten
 ]
 
 
@@ -67,7 +67,11 @@ def resnet18_shapes() -> list[tuple[int, int]]:
 
     model = torchvision.models.resnet18(weights=None)
     model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-    return [(m.weight.shape[0], m.weight[0].numel()) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return [
+        (m.weight.shape[0], m.weight[0].numel())
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
 
 
 def make_weights(shapes, spectrum: str, seed: int, device, dtype) -> list[torch.Tensor]:
@@ -119,7 +123,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_round_robin(fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> list[list[float]]:
+def time_round_robin(
+    fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int
+) -> list[list[float]]:
     """Wall times of each function, taken in turns (one run of each per round), so that a
     change in machine load hits all methods alike."""
     for fn in fns:
@@ -147,7 +153,7 @@ def reference(mats):
 
 def sigma_error(s_list, refs) -> float:
     worst = 0.0
-    for s, (_, sr) in zip(s_list, refs):
+    for s, (_, sr) in zip(s_list, refs, strict=True):
         s = s.double().cpu()
         r = s.numel()
         ref = sr[:r]
@@ -159,7 +165,7 @@ def sigma_error(s_list, refs) -> float:
 
 def projector_error(u_list, refs, ks) -> float:
     worst = 0.0
-    for u, (ur, _), k in zip(u_list, refs, ks):
+    for u, (ur, _), k in zip(u_list, refs, ks, strict=True):
         uk = u.double().cpu()[:, :k]
         urk = ur[:, :k]
         worst = max(worst, float((uk @ uk.T - urk @ urk.T).norm()))
@@ -169,7 +175,10 @@ def projector_error(u_list, refs, ks) -> float:
 def run_set(name: str, mats, device, repeats: int, warmup: int) -> list[dict]:
     ks = [max(1, min(a.shape) // 4) for a in mats]
     refs = reference(mats)
-    gap = max(float(sr[k] / sr[k - 1]) if k < sr.numel() else 0.0 for (_, sr), k in zip(refs, ks))
+    gap = max(
+        float(sr[k] / sr[k - 1]) if k < sr.numel() else 0.0
+        for (_, sr), k in zip(refs, ks, strict=True)
+    )
     groups: dict[int, list[int]] = {}
     for i, k in enumerate(ks):
         groups.setdefault(k, []).append(i)
@@ -181,7 +190,7 @@ def run_set(name: str, mats, device, repeats: int, warmup: int) -> list[dict]:
         S, U = [None] * len(mats), [None] * len(mats)
         for k, idx in groups.items():
             s, u, _ = ops.batched_svd([mats[i] for i in idx], k=k)
-            for i, si, ui in zip(idx, s, u):
+            for i, si, ui in zip(idx, s, u, strict=True):
                 S[i], U[i] = si, ui
         return S, U
 
@@ -193,7 +202,7 @@ def run_set(name: str, mats, device, repeats: int, warmup: int) -> list[dict]:
         return [torch.linalg.svdvals(a) for a in mats]
 
     def loop_lowrank():
-        outs = [torch.svd_lowrank(a, q=k, niter=2) for a, k in zip(mats, ks)]
+        outs = [torch.svd_lowrank(a, q=k, niter=2) for a, k in zip(mats, ks, strict=True)]
         return [o[1] for o in outs], [o[0] for o in outs]
 
     methods = [
@@ -205,7 +214,7 @@ def run_set(name: str, mats, device, repeats: int, warmup: int) -> list[dict]:
     ]
     rows = []
     all_times = time_round_robin([fn for _, fn, _ in methods], device, repeats, warmup)
-    for (label, fn, kind), times in zip(methods, all_times):
+    for (label, fn, kind), times in zip(methods, all_times, strict=True):
         out = fn()
         if kind == "vals":
             s_list, u_list = out, None
@@ -252,18 +261,47 @@ def table(rows, info) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu (default) or cuda")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method; the median is reported (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per method before timing (default 2)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="weight dtype (default float32)")
-    parser.add_argument("--spectrum", default="powerlaw", choices=["powerlaw", "gaussian"],
-                        help="synthetic weights: power-law singular values (default) or i.i.d. Gaussian")
-    parser.add_argument("--sets", default="mnist-2m,resnet18", help="comma-separated matrix sets (mnist-2m, resnet18)")
-    parser.add_argument("--out", default=None,
-                        help="JSON output path (default benchmarks/results/bench_svd_<device>.json); a .md table is written beside it")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device to run on: cpu (default) or cuda"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed runs per method; the median is reported (default 5)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed runs per method before timing (default 2)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="weight dtype (default float32)",
+    )
+    parser.add_argument(
+        "--spectrum",
+        default="powerlaw",
+        choices=["powerlaw", "gaussian"],
+        help="synthetic weights: power-law singular values (default) or i.i.d. Gaussian",
+    )
+    parser.add_argument(
+        "--sets",
+        default="mnist-2m,resnet18",
+        help="comma-separated matrix sets (mnist-2m, resnet18)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON output path (default benchmarks/results/bench_svd_<device>.json); a .md table is written beside it",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for the run (default: leave torch's default, all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the run (default: leave torch's default, all cores)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -288,13 +326,17 @@ def main() -> None:
     text = table(rows, info)
     print()
     print(text)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"bench_svd_{device.type}.json")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"bench_svd_{device.type}.json"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(machine=info, args=vars(args), rows=rows), f, indent=2)
     md = os.path.splitext(out)[0] + ".md"
     with open(md, "w") as f:
-        f.write(f"# bench_svd ({args.dtype}, {args.spectrum} spectrum, median of {args.repeats})\n\n")
+        f.write(
+            f"# bench_svd ({args.dtype}, {args.spectrum} spectrum, median of {args.repeats})\n\n"
+        )
         f.write(text)
     print(f"wrote {out} and {md}")
 

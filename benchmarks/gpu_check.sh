@@ -7,7 +7,7 @@
 # Writes into $OUT (default benchmarks/results/gpu_check):
 #   env.txt      machine, driver, torch, which svdgrow was imported, its CUDA registrations
 #   build.log    pip's build output (nvcc included)
-#   pytest.txt   pytest -q of tests/test_ops_cuda.py and tests/test_ops.py; junit.xml beside it
+#   pytest.txt   pytest -q of tests/test_ops.py (its cuda cases and the CPU ones); junit.xml beside it
 #   bench_svd.txt  python benchmarks/bench_svd.py --device cuda (and any file it wrote)
 #   summary.txt  one line per step with its exit status
 # Needs: an NVIDIA GPU, nvcc (CUDA_HOME, or nvcc on PATH), and a Python with torch installed
@@ -66,12 +66,8 @@ for op in ("batched_svd", "slice_copy", "slice_copy_"):
     print(op, lines)
 EOF
 
-tests=()
-for t in tests/test_ops_cuda.py tests/test_ops.py; do
-  if [ -f "$t" ]; then tests+=("$t"); else summary "pytest: $t not found, left out"; fi
-done
 start=$(date +%s)
-timeout 900 "$PY" -m pytest -q -rs --durations=15 "${tests[@]}" \
+timeout 900 "$PY" -m pytest -q -rs --durations=15 tests/test_ops.py \
   --junitxml "$OUT/junit.xml" > "$OUT/pytest.txt" 2>&1
 rc=$?
 tail -n 40 "$OUT/pytest.txt"

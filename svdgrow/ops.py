@@ -1,23 +1,21 @@
 """Python entry points to the svdgrow kernels (``torch.ops.svdgrow.*``).
 
-Two operators, each with a CPU kernel (``csrc/cpu``), a CUDA kernel where built
-(``csrc/cuda``) and a fake (meta) implementation registered here so that ``torch.compile``
-and shape propagation see through them:
+Two operators, each with a CPU kernel (``csrc/cpu``), a CUDA kernel where built (``csrc/cuda``),
+a fake (meta) implementation registered here so that ``torch.compile`` and shape propagation see
+through them, and an autograd registration that refuses to differentiate them:
 
-* :func:`batched_svd` -- singular values and vectors of many matrices of different shapes in
-  one call.
-* :func:`slice_copy` -- keep, reorder and add rows / channels of many tensors (weights,
-  biases, optimizer state) in one pass, honouring the ``kh*kw`` block of a conv weight and the
-  ``h*w`` block of a Linear weight after ``Flatten``.
+* :func:`batched_svd`: singular values and vectors of many matrices of different shapes in one
+  call.
+* :func:`slice_copy`: keep, reorder and add rows / channels of many tensors (weights, biases,
+  optimizer state) in one pass.
 
-Neither op records autograd history: call them under ``torch.no_grad()`` on detached
-parameters, as the resizing step does.
+Their contracts (the ``[R, C, B]`` layout, accuracy, aliasing, threads): ``docs/design.md``,
+section "Kernels".
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -26,66 +24,60 @@ import svdgrow._C  # noqa: F401  (loads the library that defines torch.ops.svdgr
 
 __all__ = ["batched_svd", "slice_copy", "make_index"]
 
+_EMPTY_MATS = "batched_svd: mats is an empty list; pass at least one 2-D matrix"
+
 
 def batched_svd(
     mats: Sequence[Tensor],
-    k: Optional[int] = None,
+    k: int | None = None,
     niter: int = 2,
     oversample: int = 8,
     seed: int = 0,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Thin SVD of many matrices of different shapes in one call.
 
-    For every ``A = mats[i]`` of shape ``(m, n)`` returns ``S[i]`` (``r``), ``U[i]`` (``m x r``)
-    and ``Vh[i]`` (``r x n``) with ``A ~= U[i] @ diag(S[i]) @ Vh[i]``, singular values in
-    descending order, ``U[i]`` with orthonormal columns and ``Vh[i]`` with orthonormal rows.
-    ``r = min(m, n)``, or ``k`` when given (then only the top ``k`` triplets).
+    For every ``A = mats[i]`` of shape ``(m, n)`` returns ``S[i]``, ``U[i]`` and ``Vh[i]`` with
+    ``A ~= U[i] @ diag(S[i]) @ Vh[i]``, singular values descending, ``U[i]`` with orthonormal
+    columns and ``Vh[i]`` with orthonormal rows, also for rank-deficient matrices. The accuracy
+    contract and the algorithms: ``docs/design.md``, "Kernels: batched_svd". Not
+    differentiable: a backward pass through the outputs raises.
 
     Args:
-        mats: Matrices ``(Tensor[m_i, n_i])``, float32 or float64, all on one device; shapes
-            may differ and non-contiguous tensors are accepted. A conv weight
-            ``[out, in, kh, kw]`` goes in as ``w.reshape(out, -1)``.
-        k: Number of leading singular triplets to return; ``0 < k <= min(m_i, n_i)`` for every
-            matrix. ``None`` returns all ``min(m_i, n_i)``.
-        niter: Power iterations of the randomized range finder (used by the CUDA kernel when
-            ``k`` is well below ``min(m, n)``; the CPU kernel is exact and ignores it).
-        oversample: Extra columns of the randomized range finder (CUDA only, as ``niter``).
-        seed: Seed of the random vectors (range finder; completion of null-space vectors).
+        mats (Sequence[Tensor[m_i, n_i]]): float32 or float64 matrices on one device.
+        k (int, optional): Keep the top ``k`` triplets, ``0 < k <= min(m_i, n_i)``; None: all.
+        niter (int): Power iterations of the CUDA kernel's randomized range finder.
+        oversample (int): Extra columns of that range finder (the CPU kernel is exact).
+        seed (int): Seed of the random vectors (range finder, null-space completion).
 
     Returns:
-        ``(S, U, Vh)``: three lists with one entry per matrix, in the input dtype and device:
-        ``S[i] (Tensor[r])``, ``U[i] (Tensor[m_i, r])``, ``Vh[i] (Tensor[r, n_i])``.
+        ``(S, U, Vh)``: lists with ``S[i] (Tensor[r])``, ``U[i] (Tensor[m_i, r])`` and
+        ``Vh[i] (Tensor[r, n_i])`` in the input's dtype and device; ``r = min(m_i, n_i)`` or
+        ``k``.
 
     Raises:
         ValueError: On an empty list.
-        RuntimeError: On a matrix that is not 2-D, not float32/float64 or empty,
-            matrices on different devices, or ``k`` outside ``(0, min(m_i, n_i)]``; the message
-            names the argument and the matrix index.
-
-    Note:
-        The CPU kernel forms a float64 Gram matrix on the short side and solves a symmetric
-        eigenproblem, so small singular values lose relative accuracy as
-        ``eps64 * (sigma_max / sigma)**2`` (about 1e-10 at ``sigma = 1e-3 sigma_max``). Vectors
-        of singular values at the rounding floor are completed to an orthonormal set.
+        RuntimeError: On a matrix that is not 2-D, not float32/float64, empty, or holds NaN or
+            Inf; on matrices on different devices or ``k`` out of range. The message names the
+            matrix index.
     """
     mats = list(mats)
     if not mats:
-        raise ValueError("batched_svd: mats is an empty list; pass at least one 2-D matrix")
-    return tuple(torch.ops.svdgrow.batched_svd.default(mats, k, niter, oversample, seed))  # type: ignore[return-value]
+        raise ValueError(_EMPTY_MATS)
+    S, U, Vh = torch.ops.svdgrow.batched_svd.default(mats, k, niter, oversample, seed)
+    return S, U, Vh
 
 
 def make_index(
-    kept: Union[Tensor, Sequence[int]],
+    kept: Tensor | Sequence[int],
     n_new: int = 0,
-    device: Optional[Union[torch.device, str]] = None,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Builds a ``slice_copy`` index: the kept source slices, then ``n_new`` new ones.
 
     Args:
-        kept: Source row / channel numbers to keep, in their new order (``Tensor[K]`` of
-            integers or a sequence of ints).
-        n_new: Number of new slices appended after the kept ones (marked ``-1``).
-        device: Device of the result; defaults to ``kept``'s device (CPU for a sequence).
+        kept (Tensor[K] or Sequence[int]): Source rows / channels to keep, in their new order.
+        n_new (int): Number of new slices appended after the kept ones (marked ``-1``).
+        device (torch.device or str, optional): Device of the result; default: ``kept``'s.
 
     Returns:
         ``Tensor[K + n_new]`` of int64: ``cat(kept, full((n_new,), -1))``.
@@ -101,99 +93,118 @@ def make_index(
 
 
 def _per_tensor(name: str, value, n: int) -> list:
+    """One entry per tensor: ``None`` (or an int for ``block``) applies to all."""
     if value is None:
         return [None] * n
+    if isinstance(value, int) and name == "block":
+        return [value] * n
     if isinstance(value, (Tensor, int)):
-        if isinstance(value, int) and name == "block":
-            return [value] * n
-        raise ValueError(f"slice_copy: {name} must be a sequence with one entry per tensor, got a {type(value).__name__}")
+        raise ValueError(
+            f"slice_copy: {name} must be a sequence with one entry per tensor, "
+            f"got a {type(value).__name__}"
+        )
     value = list(value)
     if len(value) != n:
-        raise ValueError(f"slice_copy: {name} has {len(value)} entries but src has {n}; pass one per tensor")
+        raise ValueError(
+            f"slice_copy: {name} has {len(value)} entries but src has {n}; pass one per tensor"
+        )
     return value
+
+
+def _check_tensors(name: str, values: list, optional: bool) -> None:
+    """A TypeError naming the entry, where the op's own parser would give a generic one."""
+    for i, v in enumerate(values):
+        if not (isinstance(v, Tensor) or (optional and v is None)):
+            what = "a Tensor or None" if optional else "a Tensor"
+            raise TypeError(f"slice_copy: {name}[{i}] must be {what}, got {type(v).__name__}")
 
 
 def slice_copy(
     src: Sequence[Tensor],
-    row_index: Optional[Sequence[Optional[Tensor]]],
-    col_index: Optional[Sequence[Optional[Tensor]]],
-    block: Union[int, Sequence[int]],
-    fill: Optional[Sequence[Optional[Tensor]]] = None,
-    out: Optional[Sequence[Tensor]] = None,
+    row_index: Sequence[Tensor | None] | None,
+    col_index: Sequence[Tensor | None] | None,
+    block: int | Sequence[int],
+    fill: Sequence[Tensor | None] | None = None,
+    out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
-    """Keeps, reorders and adds rows and input channels of many tensors in one pass.
+    """Keeps, reorders and adds rows and input channels of many tensors in one kernel call.
 
-    Each ``src[i]`` is viewed as ``[R, C, B]`` with ``R = size(0)``, ``B = block[i]`` and
-    ``C = numel / (R * B)``:
-
-    * conv weight ``[O, I, kh, kw]``: ``B = kh*kw`` (``C = I``);
-    * Linear weight after ``Flatten`` ``[O, C*h*w]``: ``B = h*w``;
-    * plain Linear weight ``[O, I]``: ``B = 1``;
-    * bias / BatchNorm vector ``[O]``: ``B = 1`` (``C = 1``).
-
-    Destination row ``j`` is source row ``row_index[i][j]`` and destination channel ``c`` is
-    source channel ``col_index[i][c]``; ``-1`` marks a new slice, taken from ``fill[i]`` (a
-    tensor of the destination's shape) or zero. ``None`` keeps that dimension as it is. The
-    destination has ``src[i]``'s shape with ``size(0) = len(row_index[i])`` and ``size(1)``
-    scaled from ``C`` to ``len(col_index[i])`` channels. Build indices with
-    :func:`make_index`.
-
-    Tensors are grouped by (device, dtype) and each group goes to the kernel in one call.
+    Each ``src[i]`` is viewed as ``[R, C, B]`` (``R = size(0)``, ``B = block[i]``); destination
+    row ``j`` is source row ``row_index[i][j]``, destination channel ``c`` is source channel
+    ``col_index[i][c]``, ``-1`` marks a new slice taken from ``fill[i]`` (or zero), ``None``
+    keeps that dimension. The layout per layer kind, and the rules for ``out`` (all-or-nothing,
+    aliasing): ``docs/design.md``, "Kernels: slice_copy". Build indices with :func:`make_index`.
 
     Args:
-        src: Tensors to resize (any mix of shapes, devices and floating dtypes; non-contiguous
-            is fine).
-        row_index: Per tensor, ``Tensor[R']`` of int64 (or ``None``); ``None`` for all.
-        col_index: Per tensor, ``Tensor[C']`` of int64 (or ``None``); ``None`` for all.
-            Must be ``None`` (or of length 1) for 1-D tensors.
-        block: Per tensor block size ``B`` (an int applies to all).
-        fill: Per tensor, the values of new slices (``Tensor`` of the destination shape, same
-            dtype and device) or ``None`` for zeros; ``None`` for all.
-        out: Preallocated contiguous destinations (``slice_copy_``); may be views into a larger
-            buffer, and may overlap ``src`` (the source is then read from a copy).
+        src (Sequence[Tensor]): Tensors to resize: any shapes and floating dtypes, one device.
+        row_index (Sequence[Tensor[R'] or None], optional): int64 row map per tensor; None: all.
+        col_index (Sequence[Tensor[C'] or None], optional): int64 channel map; None (or length
+            1) for 1-D tensors.
+        block (int or Sequence[int]): Block size ``B`` per tensor; an int applies to all.
+        fill (Sequence[Tensor or None], optional): Values of the new slices, destination shape.
+        out (Sequence[Tensor], optional): Contiguous destinations (``slice_copy_``), distinct
+            memory; they may overlap the inputs.
 
     Returns:
-        The resized tensors, one per ``src`` (``out`` itself when given).
+        list[Tensor]: The resized tensors, one per ``src`` (``out``'s tensors when given).
 
     Raises:
+        TypeError: If an entry of ``src`` or ``out`` is not a tensor.
         ValueError: If a per-tensor list has the wrong length.
-        RuntimeError: On bad indices (not int64 1-D, out of ``[-1, R)`` / ``[-1, C)``, a
-            source slice kept twice), a block that does not divide the tensor, a fill or
-            ``out`` of the wrong shape/dtype/device, or a non-contiguous ``out``; the message
-            names the argument and the tensor index.
+        RuntimeError: On tensors on several devices, bad indices (not int64 1-D, out of range,
+            a slice kept twice), a block that does not fit, a wrong fill or ``out``, or two
+            ``out`` entries that share memory; the message names the argument and the index.
+            Nothing is written when it raises.
     """
     src = list(src)
+    _check_tensors("src", src, optional=False)
     n = len(src)
+    if n == 0:
+        return []
     rows = _per_tensor("row_index", row_index, n)
     cols = _per_tensor("col_index", col_index, n)
     blocks = [int(b) for b in _per_tensor("block", block, n)]
     fills = _per_tensor("fill", fill, n)
-    outs = None if out is None else _per_tensor("out", out, n)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(src):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    result: list[Optional[Tensor]] = [None] * n
-    for idx in groups.values():
-        args = (
-            [rows[i] for i in idx],
-            [cols[i] for i in idx],
-            [blocks[i] for i in idx],
-            [fills[i] for i in idx],
+    for name, values in (("row_index", rows), ("col_index", cols), ("fill", fills)):
+        _check_tensors(name, values, optional=True)
+    if out is None:
+        return list(torch.ops.svdgrow.slice_copy.default(src, rows, cols, blocks, fills))
+    outs = _per_tensor("out", out, n)
+    _check_tensors("out", outs, optional=False)
+    torch.ops.svdgrow.slice_copy_.default(src, outs, rows, cols, blocks, fills)
+    return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: neither op is differentiable. Without a registration autograd would attach its
+# "not implemented" node, whose backward only warns and lets the gradient silently stop.
+# ---------------------------------------------------------------------------------------------
+
+
+def _refuse_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"svdgrow::{op} is not differentiable; call it on detached tensors "
+            "(or under torch.no_grad()) and keep its outputs out of the loss"
         )
-        if outs is None:
-            res = torch.ops.svdgrow.slice_copy.default([src[i] for i in idx], *args)
-            for i, r in zip(idx, res):
-                result[i] = r
-        else:
-            torch.ops.svdgrow.slice_copy_.default([src[i] for i in idx], [outs[i] for i in idx], *args)
-            for i in idx:
-                result[i] = outs[i]
-    return result  # type: ignore[return-value]
+
+    return backward
 
 
-# ---------------------------------------------------------------------------------------
-# Fake (meta) implementations: shapes only, with the kernels' argument checks.
-# ---------------------------------------------------------------------------------------
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+for _op in ("batched_svd", "slice_copy"):
+    torch.library.register_autograd(
+        f"svdgrow::{_op}", _refuse_backward(_op), setup_context=_no_context
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes only, with the kernels' argument checks and messages
+# (csrc/common.h).
+# ---------------------------------------------------------------------------------------------
 
 
 def _check(cond, msg: str) -> None:
@@ -203,18 +214,33 @@ def _check(cond, msg: str) -> None:
 
 @torch.library.register_fake("svdgrow::batched_svd")
 def _batched_svd_fake(mats, k=None, niter=2, oversample=8, seed=0):
-    _check(len(mats) > 0, "batched_svd: mats is an empty list; pass at least one 2-D matrix")
+    _check(len(mats) > 0, _EMPTY_MATS)
     device = mats[0].device
     S, U, Vh = [], [], []
     for i, a in enumerate(mats):
-        _check(a.dim() == 2, f"batched_svd: mats[{i}] must be a 2-D matrix, got a {a.dim()}-D tensor of shape {tuple(a.shape)}")
-        _check(a.dtype in (torch.float32, torch.float64), f"batched_svd: mats[{i}] must be float32 or float64, got {a.dtype}")
-        _check(a.device == device, f"batched_svd: all mats must be on one device; mats[0] is on {device} but mats[{i}] is on {a.device}")
+        _check(
+            a.dim() == 2,
+            f"batched_svd: mats[{i}] must be a 2-D matrix, got a {a.dim()}-D tensor of shape "
+            f"{tuple(a.shape)}",
+        )
+        _check(
+            a.dtype in (torch.float32, torch.float64),
+            f"batched_svd: mats[{i}] must be float32 or float64, got {a.dtype}",
+        )
+        _check(
+            a.device == device,
+            f"batched_svd: all mats must be on one device; mats[0] is on {device} but "
+            f"mats[{i}] is on {a.device}",
+        )
         m, n = a.shape
         p = torch.sym_min(m, n)
         if k is not None:
-            torch._check(0 < k, lambda: f"batched_svd: k must be > 0, got {k}")
-            torch._check(k <= p, lambda: f"batched_svd: k = {k} exceeds min(m, n) of mats[{i}] of shape {tuple(a.shape)}")
+            msg = (
+                "batched_svd: k must satisfy 0 < k <= min(m, n) for every matrix, got "
+                f"k = {k} but mats[{i}] has shape {tuple(a.shape)}"
+            )
+            torch._check(0 < k, lambda msg=msg: msg)
+            torch._check(k <= p, lambda msg=msg: msg)
         r = p if k is None else k
         S.append(a.new_empty((r,)))
         U.append(a.new_empty((m, r)))
@@ -222,50 +248,74 @@ def _batched_svd_fake(mats, k=None, niter=2, oversample=8, seed=0):
     return S, U, Vh
 
 
+def _check_index_arg(name: str, i: int, idx, src) -> None:
+    _check(
+        idx.dtype == torch.int64,
+        f"slice_copy: {name}[{i}] must be an int64 tensor, got {idx.dtype}",
+    )
+    _check(idx.dim() == 1, f"slice_copy: {name}[{i}] must be 1-D, got shape {tuple(idx.shape)}")
+    _check(
+        idx.device == src.device,
+        f"slice_copy: {name}[{i}] is on {idx.device} but src[{i}] is on {src.device}; move "
+        "the index to the tensor's device",
+    )
+
+
 def _slice_dst_shape(i, src, row, col, block):
     _check(src.dim() >= 1, f"slice_copy: src[{i}] must have at least one dimension")
     shape = list(src.shape)
     for name, idx in (("row_index", row), ("col_index", col)):
         if idx is not None:
-            _check(idx.dtype == torch.int64, f"slice_copy: {name}[{i}] must be an int64 tensor, got {idx.dtype}")
-            _check(idx.dim() == 1, f"slice_copy: {name}[{i}] must be 1-D, got shape {tuple(idx.shape)}")
-            _check(idx.device == src.device, f"slice_copy: {name}[{i}] is on {idx.device} but src[{i}] is on {src.device}; move the index to the tensor's device")
+            _check_index_arg(name, i, idx, src)
     if row is not None:
         shape[0] = row.shape[0]
     if src.dim() == 1:
-        _check(col is None or col.shape[0] == 1, f"slice_copy: col_index[{i}] must be None (or of length 1) for the 1-D src[{i}]")
+        _check(
+            col is None or col.shape[0] == 1,
+            f"slice_copy: col_index[{i}] must be None (or of length 1) for the 1-D src[{i}]",
+        )
         _check(block == 1, f"slice_copy: block[{i}] must be 1 for the 1-D src[{i}]")
         return shape
     trailing = 1
     for d in src.shape[2:]:
         trailing *= d
-    _check(block % trailing == 0 and src.shape[1] % (block // trailing) == 0,
-           f"slice_copy: block[{i}] = {block} does not fit src[{i}] of shape {tuple(src.shape)}")
-    t = block // trailing
+    _check(
+        block % trailing == 0 and src.shape[1] % (block // trailing) == 0,
+        f"slice_copy: block[{i}] = {block} does not fit src[{i}] of shape {tuple(src.shape)}",
+    )
     if col is not None:
-        shape[1] = col.shape[0] * t
+        shape[1] = col.shape[0] * (block // trailing)
     return shape
 
 
 def _check_slice_lists(src, row_index, col_index, block, fill):
     n = len(src)
-    for name, v in (("row_index", row_index), ("col_index", col_index), ("block", block), ("fill", fill)):
+    lists = (("row_index", row_index), ("col_index", col_index), ("block", block), ("fill", fill))
+    for name, v in lists:
         _check(len(v) == n, f"slice_copy: {name} has {len(v)} entries but src has {n}")
     for i, t in enumerate(src):
-        _check(t.device == src[0].device, f"slice_copy: all tensors must be on one device; src[0] is on {src[0].device} but src[{i}] is on {t.device}")
+        _check(
+            t.device == src[0].device,
+            f"slice_copy: all tensors must be on one device; src[0] is on {src[0].device} but "
+            f"src[{i}] is on {t.device}",
+        )
 
 
 @torch.library.register_fake("svdgrow::slice_copy")
 def _slice_copy_fake(src, row_index, col_index, block, fill):
     _check_slice_lists(src, row_index, col_index, block, fill)
-    return [s.new_empty(_slice_dst_shape(i, s, r, c, b)) for i, (s, r, c, b) in enumerate(zip(src, row_index, col_index, block))]
+    args = zip(src, row_index, col_index, block, strict=True)
+    return [s.new_empty(_slice_dst_shape(i, s, r, c, b)) for i, (s, r, c, b) in enumerate(args)]
 
 
 @torch.library.register_fake("svdgrow::slice_copy_")
 def _slice_copy__fake(src, dst, row_index, col_index, block, fill):
     _check_slice_lists(src, row_index, col_index, block, fill)
     _check(len(dst) == len(src), f"slice_copy_: dst has {len(dst)} entries but src has {len(src)}")
-    for i, (s, d, r, c, b) in enumerate(zip(src, dst, row_index, col_index, block)):
+    for i, (s, d, r, c, b) in enumerate(zip(src, dst, row_index, col_index, block, strict=True)):
         shape = _slice_dst_shape(i, s, r, c, b)
-        _check(list(d.shape) == shape, f"slice_copy_: dst[{i}] must have shape {tuple(shape)}, got {tuple(d.shape)}")
+        _check(
+            list(d.shape) == shape,
+            f"slice_copy_: dst[{i}] must have shape {tuple(shape)}, got {tuple(d.shape)}",
+        )
     return None

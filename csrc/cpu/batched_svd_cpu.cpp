@@ -19,21 +19,21 @@
 //
 // Matrices run in parallel, one per thread, from a queue sorted by cost (largest first); a
 // matrix that costs more than a thread's fair share runs alone first with multi-threaded BLAS.
-#include "common.h"
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <atomic>
-#include <functional>
-#include <cmath>
-#include <limits>
-#include <numeric>
-#include <tuple>
-#include <vector>
+#include "common.h"
 
 namespace svdgrow {
 namespace {
@@ -43,9 +43,7 @@ using at::Tensor;
 constexpr double kEps64 = std::numeric_limits<double>::epsilon();
 
 // Orthogonality that the long-side vectors must reach before they are written out.
-double target_orthogonality(at::ScalarType dtype) {
-  return dtype == at::kFloat ? 1e-7 : 1e-12;
-}
+double target_orthogonality(at::ScalarType dtype) { return dtype == at::kFloat ? 1e-7 : 1e-12; }
 
 // The lower triangle of G = A A^T (A: p x q, contiguous, float64), computed in row blocks of
 // at least 32 rows so that only the blocks on and below the diagonal are multiplied:
@@ -77,7 +75,8 @@ Tensor orthonormalize(const Tensor& Y) {
   return Q.mul_(sgn.unsqueeze(0));
 }
 
-struct SvdResult {
+// One matrix's factors.
+struct MatrixSvd {
   Tensor S, U, Vh;
 };
 
@@ -93,7 +92,7 @@ struct SvdResult {
 // (small dense SVD), so that W_b R^T Q^T = (W_b U_r) S_r (Q V_r)^T. That keeps U and Vh
 // orthonormal to working precision, sigma accurate to ~eps64 * sigma_max, and U S Vh = A to
 // ~eps64 * ||A||, also for rank-deficient matrices.
-SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed, int64_t index) {
+MatrixSvd svd_one(const Tensor& input, int64_t r, uint64_t seed, int64_t index) {
   const at::ScalarType dtype = input.scalar_type();
   const int64_t m = input.size(0), n = input.size(1);
   const bool wide = m <= n;
@@ -103,23 +102,25 @@ SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed, int64_t index) 
   // (For a tall matrix, transpose in the input dtype first: ATen's transposing copy is several
   // times slower when it also converts to float64.)
   Tensor A64 = wide ? input.to(at::kDouble).contiguous() : input.t().contiguous().to(at::kDouble);
-  Tensor G = gram_lower(A64);                                 // p x p, lower triangle
+  Tensor G = gram_lower(A64);  // p x p, lower triangle
   // A NaN or Inf anywhere in A reaches every entry of its row of G, and the diagonal.
-  TORCH_CHECK(at::isfinite(G.diagonal()).all().item<bool>(), "batched_svd: mats[", index,
-              "] contains NaN or Inf (or float64 values too large to square); its SVD is undefined");
-  Tensor W = std::get<1>(at::linalg_eigh(G, "L"));            // eigenvalues ascending
-  Tensor Wd = W.flip(1);                                      // p x p, descending
-  Tensor Wr = Wd.narrow(1, 0, r).contiguous();                // p x r
+  TORCH_CHECK(
+      at::isfinite(G.diagonal()).all().item<bool>(), "batched_svd: mats[", index,
+      "] contains NaN or Inf (or float64 values too large to square); its SVD is undefined");
+  Tensor W = std::get<1>(at::linalg_eigh(G, "L"));  // eigenvalues ascending
+  Tensor Wd = W.flip(1);                            // p x p, descending
+  Tensor Wr = Wd.narrow(1, 0, r).contiguous();      // p x r
   // X = A64^T Wr (q x r: sigma_j * x_j), computed as (Wr^T A64)^T: BLAS runs this layout
   // about twice as fast, and its rows are already Vh's rows for a wide matrix.
   Tensor X = at::mm(Wr.t(), A64).t();
-  Tensor s = X.norm(2, {0});                                  // r
+  Tensor s = X.norm(2, {0});  // r
   const double* sp = s.const_data_ptr<double>();
   const double smax = *std::max_element(sp, sp + r);
   const double target = target_orthogonality(dtype);
   const double c = 4.0 * std::sqrt(static_cast<double>(p));
   int64_t good = 0;
-  while (good < r && sp[good] > 0 && c * kEps64 * (smax / sp[good]) * (smax / sp[good]) <= target) ++good;
+  while (good < r && sp[good] > 0 && c * kEps64 * (smax / sp[good]) * (smax / sp[good]) <= target)
+    ++good;
 
   if (good > 0) X.narrow(1, 0, good).div_(s.narrow(0, 0, good).unsqueeze(0));
   if (good < r) {
@@ -170,7 +171,7 @@ SvdResult svd_one(const Tensor& input, int64_t r, uint64_t seed, int64_t index) 
     X = X.index_select(1, perm);
     s = s.index_select(0, perm);
   }
-  SvdResult out;
+  MatrixSvd out;
   out.S = s.to(dtype);
   if (wide) {
     out.U = Wr.to(dtype).contiguous();
@@ -189,8 +190,8 @@ double svd_cost(const Tensor& a, int64_t r) {
   return 0.6 * p * p * q + 6.0 * p * p * p + static_cast<double>(r) * p * q;
 }
 
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> batched_svd_cpu(
-    at::TensorList mats, std::optional<int64_t> k, int64_t niter, int64_t oversample, int64_t seed) {
+BatchedSvdOutput batched_svd_cpu(at::TensorList mats, std::optional<int64_t> k, int64_t niter,
+                                 int64_t oversample, int64_t seed) {
   check_batched_svd_args(mats, k, niter, oversample);
   for (size_t i = 0; i < mats.size(); ++i) {
     TORCH_CHECK(mats[i].device().is_cpu(), "batched_svd (CPU kernel): mats[", i, "] is on ",
@@ -209,17 +210,20 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> batche
   }
   std::vector<int64_t> order(nmat);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
 
-  std::vector<SvdResult> res(nmat);
+  std::vector<MatrixSvd> res(nmat);
   auto run = [&](int64_t i) {
-    res[i] = svd_one(inputs[i], rank[i], static_cast<uint64_t>(seed) * 1000003ULL + static_cast<uint64_t>(i), i);
+    res[i] = svd_one(inputs[i], rank[i],
+                     static_cast<uint64_t>(seed) * 1000003ULL + static_cast<uint64_t>(i), i);
   };
   const int64_t nthreads = at::get_num_threads();
   // Matrices larger than a thread's share of the work go first, alone, with threaded BLAS.
   size_t first_queued = 0;
   if (nthreads > 1 && !at::in_parallel_region()) {
-    while (first_queued < order.size() && cost[order[first_queued]] > total / static_cast<double>(nthreads)) {
+    while (first_queued < order.size() &&
+           cost[order[first_queued]] > total / static_cast<double>(nthreads)) {
       total -= cost[order[first_queued]];
       run(order[first_queued]);
       ++first_queued;
@@ -230,7 +234,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> batche
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min(nthreads, nq), 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        for (int64_t j = next.fetch_add(1); j < nq; j = next.fetch_add(1)) run(order[first_queued + j]);
+        for (int64_t j = next.fetch_add(1); j < nq; j = next.fetch_add(1))
+          run(order[first_queued + j]);
       }
     });
   }
@@ -245,8 +250,6 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> batche
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(svdgrow, CPU, m) {
-  m.impl("batched_svd", &batched_svd_cpu);
-}
+TORCH_LIBRARY_IMPL(svdgrow, CPU, m) { m.impl("batched_svd", TORCH_FN(batched_svd_cpu)); }
 
 }  // namespace svdgrow

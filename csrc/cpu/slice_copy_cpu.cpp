@@ -1,29 +1,24 @@
 // slice_copy / slice_copy_ on the CPU: one parallel pass over the rows of all tensors.
 //
-// Each src[i] is viewed as [R, C, B]; destination row r' takes source row row_index[r'] and,
-// within it, channel c' takes source channel col_index[c'] (a contiguous run of B elements).
-// The channel map is split once per tensor into runs of consecutive sources, so kept channels
-// that stay in order move with one memcpy per run and row.
-// A -1 in either index marks a new slice, taken from fill[i] (same shape as the destination)
-// or zero. The index values are checked once, serially, before any data moves, so a bad
-// index raises a message naming the argument and never writes half a result.
-#include "common.h"
-
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// The [R, C, B] contract, the checks and the aliasing rules: docs/design.md, "Kernels:
+// slice_copy". Here the channel map of each tensor is split once into runs of consecutive
+// sources, so kept channels that stay in order move with one memcpy per run and row. The
+// parallel region runs plain copies only (no ATen call).
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common.h"
 
 namespace svdgrow {
 namespace {
 
 using at::Tensor;
-using OptTensorList = c10::List<std::optional<Tensor>>;
 
 // A run of destination channels whose sources are consecutive (or all new), in elements.
 struct ChannelRun {
@@ -66,23 +61,6 @@ std::vector<ChannelRun> channel_runs(const int64_t* cols, int64_t C, int64_t Cn,
   return runs;
 }
 
-// Checks that idx's values lie in [-1, limit) and that no non-negative value repeats.
-void check_index_values(const Tensor& idx, int64_t limit, const char* name, size_t i, const char* dim) {
-  const int64_t* v = idx.const_data_ptr<int64_t>();
-  const int64_t len = idx.numel();
-  std::vector<int64_t> seen(limit, -1);
-  for (int64_t t = 0; t < len; ++t) {
-    const int64_t x = v[t];
-    TORCH_CHECK(x >= -1 && x < limit, "slice_copy: ", name, "[", i, "] has value ", x, " at position ",
-                t, ", outside [-1, ", limit, ") (src[", i, "] has ", limit, " ", dim, ")");
-    if (x >= 0) {
-      TORCH_CHECK(seen[x] < 0, "slice_copy: ", name, "[", i, "] repeats source ", dim, " ", x,
-                  " at positions ", seen[x], " and ", t, "; each source slice may be kept once");
-      seen[x] = t;
-    }
-  }
-}
-
 template <typename scalar_t>
 inline void copy_n(const scalar_t* s, int64_t n, scalar_t* d) {
   if (n <= 16) {
@@ -108,73 +86,70 @@ void copy_rows(const SliceJob& job, int64_t r0, int64_t r1) {
     const scalar_t* f = fill ? fill + r * dst_row : nullptr;
     const int64_t sr = job.rows ? job.rows[r] : r;
     if (sr < 0) {
-      if (f) copy_n(f, dst_row, d);
-      else zero_n(dst_row, d);
+      if (f) {
+        copy_n(f, dst_row, d);
+      } else {
+        zero_n(dst_row, d);
+      }
       continue;
     }
     const scalar_t* s = src + sr * src_row;
     for (const ChannelRun& run : job.runs) {
-      if (run.src >= 0) copy_n(s + run.src, run.len, d + run.dst);
-      else if (f) copy_n(f + run.dst, run.len, d + run.dst);
-      else zero_n(run.len, d + run.dst);
+      if (run.src >= 0) {
+        copy_n(s + run.src, run.len, d + run.dst);
+      } else if (f) {
+        copy_n(f + run.dst, run.len, d + run.dst);
+      } else {
+        zero_n(run.len, d + run.dst);
+      }
     }
   }
 }
 
-// Validates everything, then fills dst (already allocated with the right shapes). When
-// `check_dst` is set, dst comes from the caller and is checked too.
-void slice_copy_impl(at::TensorList src, at::TensorList dst, const OptTensorList& row_index,
-                     const OptTensorList& col_index, at::IntArrayRef block, const OptTensorList& fill,
-                     bool check_dst) {
-  const size_t n = src.size();
-  if (n == 0) return;
-  const at::Device device = src[0].device();
-  TORCH_CHECK(device.is_cpu(), "slice_copy (CPU kernel): src[0] is on ", device, "; expected the CPU");
-  std::vector<Tensor> keep;  // contiguous copies that must outlive the pass
-  keep.reserve(4 * n);
+// Checks every index value (before anything is written), then describes each tensor's work.
+std::vector<SliceJob> plan_jobs(const std::vector<SliceGeometry>& geo, const SliceInputs& in,
+                                at::TensorList dst) {
+  const size_t n = geo.size();
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& r = in.rows[i];
+    const Tensor& c = in.cols[i];
+    if (r.defined()) {
+      check_index_values(r.const_data_ptr<int64_t>(), geo[i].Rn, geo[i].R, "row_index", i, "rows");
+    }
+    if (c.defined()) {
+      check_index_values(c.const_data_ptr<int64_t>(), geo[i].Cn, geo[i].C, "col_index", i,
+                         "channels");
+    }
+  }
   std::vector<SliceJob> jobs(n);
+  for (size_t i = 0; i < n; ++i) {
+    const SliceGeometry& g = geo[i];
+    SliceJob& job = jobs[i];
+    job.C = g.C, job.B = g.B, job.Rn = g.Rn, job.Cn = g.Cn;
+    job.dtype = in.src[i].scalar_type();
+    job.src = in.src[i].const_data_ptr();
+    job.dst = dst[i].data_ptr();
+    job.fill = in.fill[i].defined() ? in.fill[i].const_data_ptr() : nullptr;
+    job.rows = in.rows[i].defined() ? in.rows[i].const_data_ptr<int64_t>() : nullptr;
+    job.runs = channel_runs(in.cols[i].defined() ? in.cols[i].const_data_ptr<int64_t>() : nullptr,
+                            g.C, g.Cn, g.B);
+  }
+  return jobs;
+}
+
+void slice_copy_impl(const std::vector<SliceGeometry>& geo, const SliceInputs& in,
+                     at::TensorList dst) {
+  const std::vector<SliceJob> jobs = plan_jobs(geo, in, dst);
+  const size_t n = jobs.size();
   std::vector<int64_t> row_offset(n + 1, 0);
   int64_t total_elems = 0;
   for (size_t i = 0; i < n; ++i) {
-    const std::optional<Tensor> ri = row_index.get(i), ci = col_index.get(i), fi = fill.get(i);
-    const SliceGeometry g = slice_geometry(src[i], ri, ci, block[i], fi, i, device);
-    if (check_dst) check_slice_dst(dst[i], src[i], g, i);
-    SliceJob& job = jobs[i];
-    job.C = g.C;
-    job.B = g.B;
-    job.Rn = g.Rn;
-    job.Cn = g.Cn;
-    job.dtype = src[i].scalar_type();
-    Tensor s = src[i].contiguous();
-    // Reading from memory that this call overwrites: read from a copy instead.
-    if (at::get_overlap_status(dst[i], s) != at::MemOverlapStatus::No) s = s.clone();
-    keep.push_back(s);
-    job.src = s.const_data_ptr();
-    job.dst = dst[i].data_ptr();
-    if (ri.has_value() && ri->defined()) {
-      Tensor r = ri->contiguous();
-      check_index_values(r, g.R, "row_index", i, "rows");
-      keep.push_back(r);
-      job.rows = r.const_data_ptr<int64_t>();
-    }
-    if (ci.has_value() && ci->defined()) {
-      Tensor c = ci->contiguous();
-      check_index_values(c, g.C, "col_index", i, "channels");
-      job.runs = channel_runs(c.const_data_ptr<int64_t>(), g.C, g.Cn, g.B);
-    } else {
-      job.runs = channel_runs(nullptr, g.C, g.Cn, g.B);
-    }
-    if (fi.has_value() && fi->defined()) {
-      Tensor f = fi->contiguous();
-      if (at::get_overlap_status(dst[i], f) != at::MemOverlapStatus::No) f = f.clone();
-      keep.push_back(f);
-      job.fill = f.const_data_ptr();
-    }
-    row_offset[i + 1] = row_offset[i] + g.Rn;
-    total_elems += g.Rn * g.Cn * g.B;
+    row_offset[i + 1] = row_offset[i] + jobs[i].Rn;
+    total_elems += jobs[i].Rn * jobs[i].Cn * jobs[i].B;
   }
   const int64_t total_rows = row_offset[n];
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) * total_rows / std::max<int64_t>(1, total_elems));
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 15) * total_rows / std::max<int64_t>(1, total_elems));
   at::parallel_for(0, total_rows, grain, [&](int64_t b, int64_t e) {
     size_t i = std::upper_bound(row_offset.begin(), row_offset.end(), b) - row_offset.begin() - 1;
     while (b < e) {
@@ -192,32 +167,20 @@ void slice_copy_impl(at::TensorList src, at::TensorList dst, const OptTensorList
 std::vector<Tensor> slice_copy_cpu(at::TensorList src, const OptTensorList& row_index,
                                    const OptTensorList& col_index, at::IntArrayRef block,
                                    const OptTensorList& fill) {
-  check_slice_copy_lists(src, row_index, col_index, block, fill);
-  std::vector<Tensor> dst;
-  dst.reserve(src.size());
-  const at::Device device = src.empty() ? at::Device(at::kCPU) : src[0].device();
-  for (size_t i = 0; i < src.size(); ++i) {
-    const SliceGeometry g = slice_geometry(src[i], row_index.get(i), col_index.get(i), block[i],
-                                           fill.get(i), i, device);
-    dst.push_back(at::empty(g.dst_sizes, src[i].options().memory_format(at::MemoryFormat::Contiguous)));
-  }
-  slice_copy_impl(src, dst, row_index, col_index, block, fill, /*check_dst=*/false);
-  return dst;
+  return slice_copy_allocate(src, row_index, col_index, block, fill, at::kCPU, slice_copy_impl);
 }
 
 void slice_copy__cpu(at::TensorList src, at::TensorList dst, const OptTensorList& row_index,
-                     const OptTensorList& col_index, at::IntArrayRef block, const OptTensorList& fill) {
-  check_slice_copy_lists(src, row_index, col_index, block, fill);
-  TORCH_CHECK(dst.size() == src.size(), "slice_copy_: dst has ", dst.size(), " entries but src has ",
-              src.size(), "; pass one destination per tensor");
-  slice_copy_impl(src, dst, row_index, col_index, block, fill, /*check_dst=*/true);
+                     const OptTensorList& col_index, at::IntArrayRef block,
+                     const OptTensorList& fill) {
+  slice_copy_into(src, dst, row_index, col_index, block, fill, at::kCPU, slice_copy_impl);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(svdgrow, CPU, m) {
-  m.impl("slice_copy", &slice_copy_cpu);
-  m.impl("slice_copy_", &slice_copy__cpu);
+  m.impl("slice_copy", TORCH_FN(slice_copy_cpu));
+  m.impl("slice_copy_", TORCH_FN(slice_copy__cpu));
 }
 
 }  // namespace svdgrow

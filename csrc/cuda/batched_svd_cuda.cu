@@ -1,73 +1,52 @@
 // batched_svd on CUDA: the SVD of many matrices of different shapes, every stage one kernel
 // launch over all of them, no host synchronisation (so a call can be captured in a CUDA graph).
-//
-// Each matrix A (m x n) is worked on in the orientation A' (s x L) with s = min(m, n) rows
-// (A' = A^T when m > n), in float64, scaled by a power of two so that max|A'| lies in [0.5, 1).
-//
-//   exact path (k is None, or l = min(k + oversample, s) == s):
-//       B = A' (l = s), G = B B^T, G = W diag(lam) W^T (Jacobi, sorted descending);
-//   randomized path (l < s): range finder with power iterations,
-//       Y = A' Omega, Q = orth(Y); niter x { P = orth(A'^T Q), Q = orth(A' P) };
-//       B = Q^T A' (l x L), G = B B^T (l x l) = W diag(lam) W^T;
-//   both: U' = Q W[:, :r] (Q = I on the exact path); rows of X = W[:, :r]^T B give
-//       sigma_j = ||X_j|| and V'^T_j = X_j / sigma_j, re-orthonormalised in order by
-//       Gram-Schmidt (rows at the rounding floor are completed to an orthonormal set); the
-//       triplets are finally ordered by sigma, descending.
-//   float64 inputs, refinement: X is A' (or Q^T A') turned by an orthogonal W, but for sigma
-//       below ~sqrt(eps) sigma_max its rows are not yet orthogonal. A second Jacobi pass on
-//       H = X X^T (whose rounding errors scale with sigma_i sigma_j, so it is solved to high
-//       relative accuracy) gives W2; X <- W2^T X and U'^T <- W2^T U'^T before the step above.
-//       That brings tiny singular values to ~1e-12 sigma_max and U S Vh to ~1e-15.
-//
-// The Gram matrix squares the condition number, which float64 absorbs: its eigenvalues carry
-// an absolute error near 1e-16 lam_max (relative 1e-10 at sigma = 1e-3 sigma_max); sigma from
-// the row norm is accurate to about eps * sigma_max even for tiny values, and U S Vh rebuilds
-// A' = W W^T A' to rounding.
+// The algorithm (exact and randomized paths, the float64 refinement) and its accuracy:
+// docs/design.md, "Kernels: batched_svd".
 //
 // Stages (one launch each, all problems): scale, pack, [sketch, gemm, orth, niter x
 // (gemm, orth, gemm, orth), gemm], gemm (Gram), jacobi, [gemm (U)], gemm (X),
 // [gemm (H), jacobi, gemm (X2), gemm (U2)], orth (V), finalize; [] = only where needed.
-// The problem table (SvdProblem) and the GEMM descriptors are built on the host from shapes only
-// and uploaded in one non-blocking copy from pinned memory.
+// The host plans from shapes only (plan_problems: problem table, workspace, GEMM lists), then
+// uploads the table in one non-blocking copy from pinned memory and launches (launch_stages).
+#include <optional>
+#include <tuple>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <optional>
-#include <tuple>
-#include <vector>
+#include "common.h"
+#include "cuda/cuda_helpers.cuh"
 
-#include "../common.h"
-#include "svdgrow_cuda_common.cuh"
-
-namespace svdgrow_cuda {
+namespace svdgrow {
 namespace {
 
-constexpr int kThreads = 256;        // flat kernels, GEMM, orthonormalisation
-constexpr int kJacobiThreads = 1024; // one block per eigenproblem (memory-latency bound)
-constexpr int kMaxSweeps = 40;       // Jacobi converges in about 6-12 sweeps in float64
-constexpr double kJacobiTol = 1e-14; // rotate when |g_pq| > tol * sqrt(|g_pp g_qq|)
-constexpr int kRotStride = 5;        // per pair: c, s, new g_pp, new g_qq, active
+constexpr int kThreads = 256;         // flat kernels, GEMM, orthonormalisation
+constexpr int kJacobiThreads = 1024;  // one block per eigenproblem (memory-latency bound)
+constexpr int kMaxSweeps = 40;        // Jacobi converges in about 6-12 sweeps in float64
+constexpr double kJacobiTol = 1e-14;  // rotate when |g_pq| > tol * sqrt(|g_pp g_qq|)
+constexpr int kRotStride = 5;         // per pair: c, s, new g_pp, new g_qq, active
 
 // GEMM tile: 64 x 64 outputs, 16-deep k slices, 256 threads with 4 x 4 outputs each.
 constexpr int kBM = 64, kBN = 64, kBK = 16;
 
 struct SvdProblem {
-  uint64_t in_ptr;       // mats[i] (float32 or float64, any strides)
-  int64_t in_s0, in_s1;  // its strides, in elements
+  uint64_t in_ptr;                // mats[i] (float32 or float64, any strides)
+  int64_t in_s0, in_s1;           // its strides, in elements
   uint64_t s_ptr, u_ptr, vh_ptr;  // outputs (contiguous, input dtype)
-  int32_t m, n;          // shape of mats[i]
-  int32_t s, L;          // A' is s x L, s = min(m, n)
-  int32_t l, r;          // subspace width (l = s on the exact path), singular triplets kept
-  int32_t transposed;    // A' = A^T
-  int32_t is_double;     // dtype of input and outputs
-  int32_t refine;        // second Jacobi pass on X X^T (float64 inputs)
+  int32_t m, n;                   // shape of mats[i]
+  int32_t s, L;                   // A' is s x L, s = min(m, n)
+  int32_t l, r;        // subspace width (l = s on the exact path), singular triplets kept
+  int32_t transposed;  // A' = A^T
+  int32_t is_double;   // dtype of input and outputs
+  int32_t refine;      // second Jacobi pass on X X^T (float64 inputs)
   int32_t pad_;
   // Workspace offsets, in float64 elements. y/p/ut exist on the randomized path only.
   int64_t scale_off, a_off, g_off, wt_off, ws_off, lam_off, rot_off, coef_off;
   int64_t y_off, p_off, ut_off, vt_off;
-  int64_t u_off;  // r rows of length s holding U'^T: ws_off (exact) or ut_off (randomized)
+  int64_t u_off;     // r rows of length s holding U'^T: ws_off (exact) or ut_off (randomized)
   int64_t sig_off;   // r: norms of the rows of W^T B before normalisation (the singular values)
   int64_t perm_off;  // r int64: output position t takes triplet perm[t] (sigma descending)
   // Refinement (float64 only; -1 otherwise): H = X X^T (r x r) = W2 diag W2^T, its Jacobi
@@ -260,9 +239,8 @@ __device__ double row_norm(const double* v, int64_t len, double* sh) {
 // rows before it: it is replaced by a hashed Gaussian row, orthogonalised the same way, so the
 // result always has orthonormal rows and stays deterministic.
 __global__ void __launch_bounds__(kThreads)
-    batched_svd_orth_kernel(const SvdProblem* __restrict__ probs,
-                            const int32_t* __restrict__ plist, int target, double* ws,
-                            uint64_t key_base) {
+    batched_svd_orth_kernel(const SvdProblem* __restrict__ probs, const int32_t* __restrict__ plist,
+                            int target, double* ws, uint64_t key_base) {
   __shared__ double sh[kThreads / 32];
   const int pi = plist[blockIdx.x];
   const SvdProblem& P = probs[pi];
@@ -277,7 +255,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   double* X = ws + off;
   double* coef = ws + P.coef_off;
-  const uint64_t key = splitmix64(key_base ^ splitmix64(0x0127000000ull + static_cast<uint64_t>(pi)));
+  const uint64_t key =
+      splitmix64(key_base ^ splitmix64(0x0127000000ull + static_cast<uint64_t>(pi)));
 
   const bool is_v = (target == kOrthV);
   double* sig = ws + P.sig_off;
@@ -504,7 +483,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side
+// Host side: planning
 // ---------------------------------------------------------------------------------------------
 
 class GemmList {
@@ -532,11 +511,245 @@ class GemmList {
   int64_t tiles_ = 0;
 };
 
-using SvdResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+// Everything one call needs, from shapes only: the problem table, the problem lists, the
+// workspace size, the GEMM stages and the (allocated) outputs.
+struct SvdPlan {
+  std::vector<SvdProblem> probs;
+  std::vector<int32_t> all, rand, ref;  // every problem; randomized path; float64 refinement
+  int64_t ws_size = 0;                  // workspace, in float64 elements
+  int64_t max_pack = 1, max_rand = 1, max_fin = 1;  // largest per-problem work of three stages
+  GemmList g_y, g_z, g_gram, g_u, g_v, g_h, g_x2, g_u2;
+  std::vector<at::Tensor> S, U, Vh;
 
-SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_t niter,
-                           int64_t oversample, int64_t seed) {
-  svdgrow::check_batched_svd_args(mats, k, niter, oversample);  // same checks as the CPU kernel
+  // A workspace piece of `count` float64 elements, 256-byte aligned.
+  int64_t take(int64_t count) {
+    const int64_t off = ws_size;
+    ws_size += ceil_div(std::max<int64_t>(count, 1), 32) * 32;
+    return off;
+  }
+};
+
+// One matrix's entry of the problem table, its outputs and its workspace pieces.
+void plan_problem(SvdPlan& plan, const at::Tensor& A, std::optional<int64_t> k,
+                  int64_t oversample) {
+  const int64_t m = A.size(0), n = A.size(1);
+  const int64_t s = std::min(m, n), L = std::max(m, n);
+  const int64_t r = k.has_value() ? *k : s;
+  const auto opts = A.options();
+  plan.S.push_back(at::empty({r}, opts));
+  plan.U.push_back(at::empty({m, r}, opts));
+  plan.Vh.push_back(at::empty({r, n}, opts));
+
+  const int64_t l = k.has_value() ? std::min(*k + std::min(oversample, s), s) : s;
+  const bool exact = (l == s);
+  const int32_t index = static_cast<int32_t>(plan.probs.size());
+  SvdProblem P{};
+  P.in_ptr = reinterpret_cast<uint64_t>(A.data_ptr());
+  P.in_s0 = A.stride(0), P.in_s1 = A.stride(1);
+  P.s_ptr = reinterpret_cast<uint64_t>(plan.S.back().data_ptr());
+  P.u_ptr = reinterpret_cast<uint64_t>(plan.U.back().data_ptr());
+  P.vh_ptr = reinterpret_cast<uint64_t>(plan.Vh.back().data_ptr());
+  P.m = static_cast<int32_t>(m), P.n = static_cast<int32_t>(n);
+  P.s = static_cast<int32_t>(s), P.L = static_cast<int32_t>(L);
+  P.l = static_cast<int32_t>(l), P.r = static_cast<int32_t>(r);
+  P.transposed = (m > n) ? 1 : 0;
+  P.is_double = (A.scalar_type() == at::kDouble) ? 1 : 0;
+  P.scale_off = plan.take(1);
+  P.a_off = plan.take(s * L);
+  P.g_off = plan.take(l * l);
+  P.wt_off = plan.take(l * l);
+  P.ws_off = plan.take(l * l);
+  P.lam_off = plan.take(l);
+  P.rot_off = plan.take(kRotStride * ((l + 1) / 2));
+  P.coef_off = plan.take(l);
+  P.vt_off = plan.take(r * L);
+  P.sig_off = plan.take(r);
+  P.perm_off = plan.take(r);
+  if (exact) {
+    P.y_off = P.p_off = P.ut_off = -1;
+    P.u_off = P.ws_off;  // U'^T = first r rows of Ws (rows of length l = s)
+  } else {
+    P.y_off = plan.take(l * s);
+    P.p_off = plan.take(l * L);
+    P.ut_off = plan.take(r * s);
+    P.u_off = P.ut_off;
+    plan.rand.push_back(index);
+    plan.max_rand = std::max(plan.max_rand, l * L);
+  }
+  P.vfin_off = P.vt_off;
+  P.ufin_off = P.u_off;
+  P.refine = P.is_double;
+  if (P.refine) {
+    P.h_off = plan.take(r * r);
+    P.hwt_off = plan.take(r * r);
+    P.hws_off = plan.take(r * r);
+    P.lam2_off = plan.take(r);
+    P.x2_off = plan.take(r * L);
+    P.u2_off = plan.take(r * s);
+    P.vfin_off = P.x2_off;
+    P.ufin_off = P.u2_off;
+    plan.ref.push_back(index);
+  } else {
+    P.h_off = P.hwt_off = P.hws_off = P.lam2_off = P.x2_off = P.u2_off = -1;
+  }
+  plan.all.push_back(index);
+  plan.max_pack = std::max(plan.max_pack, s * L);
+  plan.max_fin = std::max(plan.max_fin, r + m * r + r * n);
+  plan.probs.push_back(P);
+}
+
+// The GEMM stages. Buffers (row-major): A' s x L; Y^T l x s (columns of Y as rows); P buffer
+// l x L (Omega^T, then Z^T, then B); G, Wt, Ws l x l; U'^T r x s; V'^T r x L.
+void plan_gemms(SvdPlan& plan) {
+  for (const SvdProblem& P : plan.probs) {
+    const int64_t s = P.s, L = P.L, l = P.l, r = P.r;
+    const bool exact = P.y_off < 0;
+    if (!exact) {
+      // Y^T (l x s) = Pbuf (l x L) * A'^T          [Y = A' Omega, then Y = A' P]
+      plan.g_y.add(l, s, L, P.p_off, L, 1, P.a_off, 1, L, P.y_off, s);
+      // Pbuf (l x L) = Y^T (l x s) * A' (s x L)     [Z^T = Q^T A', and finally B = Q^T A']
+      plan.g_z.add(l, L, s, P.y_off, s, 1, P.a_off, L, 1, P.p_off, L);
+      // U'^T (r x s) = Ws[:r] (r x l) * Q^T (l x s)
+      plan.g_u.add(r, s, l, P.ws_off, l, 1, P.y_off, s, 1, P.ut_off, s);
+    }
+    const int64_t bmat = exact ? P.a_off : P.p_off;  // B, l x L
+    // G (l x l) = B B^T
+    plan.g_gram.add(l, l, L, bmat, L, 1, bmat, 1, L, P.g_off, l);
+    // V'^T before normalisation (r x L) = Ws[:r] (r x l) * B (l x L)
+    plan.g_v.add(r, L, l, P.ws_off, l, 1, bmat, L, 1, P.vt_off, L);
+    if (P.refine) {
+      // H (r x r) = X X^T, X = V'^T before normalisation
+      plan.g_h.add(r, r, L, P.vt_off, L, 1, P.vt_off, 1, L, P.h_off, r);
+      // X2 (r x L) = W2^T X and U2'^T (r x s) = W2^T U'^T, W2^T = rows of hws
+      plan.g_x2.add(r, L, r, P.hws_off, r, 1, P.vt_off, L, 1, P.x2_off, L);
+      plan.g_u2.add(r, s, r, P.hws_off, r, 1, P.u_off, s, 1, P.u2_off, s);
+    }
+  }
+}
+
+SvdPlan plan_problems(at::TensorList mats, std::optional<int64_t> k, int64_t oversample) {
+  SvdPlan plan;
+  const size_t nmat = mats.size();
+  plan.S.reserve(nmat), plan.U.reserve(nmat), plan.Vh.reserve(nmat);
+  for (const at::Tensor& A : mats) plan_problem(plan, A, k, oversample);
+  plan_gemms(plan);
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: launching
+// ---------------------------------------------------------------------------------------------
+
+// The plan's table on the device, and where each part of it lies.
+struct DeviceTable {
+  at::Tensor bytes;  // keeps the upload alive until the call returns (the stream orders reuse)
+  const SvdProblem* probs = nullptr;
+  const int32_t* all = nullptr;
+  const int32_t* rand = nullptr;
+  const int32_t* ref = nullptr;
+  const uint8_t* base = nullptr;
+};
+
+// Problems, problem lists and GEMM descriptors in one table, one upload.
+DeviceTable upload_plan(SvdPlan& plan, const at::Device& device) {
+  HostTable table;
+  const int64_t off_probs = table.append(plan.probs);
+  const int64_t off_all = table.append(plan.all);
+  const int64_t off_rand = plan.rand.empty() ? -1 : table.append(plan.rand);
+  const int64_t off_ref = plan.ref.empty() ? -1 : table.append(plan.ref);
+  for (GemmList* gl : {&plan.g_y, &plan.g_z, &plan.g_gram, &plan.g_u, &plan.g_v, &plan.g_h,
+                       &plan.g_x2, &plan.g_u2}) {
+    if (!gl->empty()) gl->table_off = table.append(gl->descs());
+  }
+  DeviceTable t;
+  t.bytes = table.upload(device);
+  t.base = t.bytes.data_ptr<uint8_t>();
+  t.probs = reinterpret_cast<const SvdProblem*>(t.base + off_probs);
+  t.all = reinterpret_cast<const int32_t*>(t.base + off_all);
+  t.rand = off_rand >= 0 ? reinterpret_cast<const int32_t*>(t.base + off_rand) : nullptr;
+  t.ref = off_ref >= 0 ? reinterpret_cast<const int32_t*>(t.base + off_ref) : nullptr;
+  return t;
+}
+
+// The two launch helpers that most stages use, bound to one stream, table and workspace.
+struct StageLauncher {
+  cudaStream_t stream;
+  const DeviceTable& t;
+  double* ws;
+  uint64_t seed_key;
+  uint64_t orth_salt = 0;  // a fresh random stream for every orthonormalisation
+
+  void gemm(const GemmList& gl) {
+    if (gl.empty()) return;
+    TORCH_CHECK(gl.tiles() < (int64_t{1} << 31), "batched_svd (CUDA): too many GEMM tiles");
+    batched_svd_gemm_kernel<<<static_cast<unsigned>(gl.tiles()), kThreads, 0, stream>>>(
+        reinterpret_cast<const GemmDesc*>(t.base + gl.table_off), gl.size(), ws);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  void orth(const int32_t* plist, unsigned count, int target) {
+    if (count == 0) return;
+    ++orth_salt;
+    batched_svd_orth_kernel<<<count, kThreads, 0, stream>>>(t.probs, plist, target, ws,
+                                                            splitmix64(seed_key + orth_salt));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// Randomized problems: the range finder, ending with B = Q^T A' in the P buffer.
+void launch_range_finder(StageLauncher& run, const SvdPlan& plan, int64_t niter) {
+  const unsigned nrand = static_cast<unsigned>(plan.rand.size());
+  if (nrand == 0) return;
+  batched_svd_sketch_kernel<<<dim3(grid_blocks(plan.max_rand, kThreads, 1024), nrand), kThreads, 0,
+                              run.stream>>>(run.t.probs, run.t.rand, run.ws, run.seed_key);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run.gemm(plan.g_y);                   // Y = A' Omega
+  run.orth(run.t.rand, nrand, kOrthY);  // Q
+  for (int64_t it = 0; it < niter; ++it) {
+    run.gemm(plan.g_z);                   // Z = A'^T Q
+    run.orth(run.t.rand, nrand, kOrthP);  // P = orth(Z)
+    run.gemm(plan.g_y);                   // Y = A' P
+    run.orth(run.t.rand, nrand, kOrthY);  // Q = orth(Y)
+  }
+  run.gemm(plan.g_z);  // B = Q^T A'
+}
+
+// Launches every stage on the current stream, in order (see the stage list at the top).
+void launch_stages(SvdPlan& plan, int64_t niter, int64_t seed, const at::Device& device) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  at::Tensor ws_t = at::empty({std::max<int64_t>(plan.ws_size, 1)},
+                              at::TensorOptions().dtype(at::kDouble).device(device));
+  const DeviceTable t = upload_plan(plan, device);
+  StageLauncher run{stream, t, ws_t.data_ptr<double>(), splitmix64(static_cast<uint64_t>(seed))};
+  const unsigned nprob = static_cast<unsigned>(plan.probs.size());
+  const unsigned nref = static_cast<unsigned>(plan.ref.size());
+
+  batched_svd_scale_kernel<<<nprob, kThreads, 0, stream>>>(t.probs, run.ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  batched_svd_pack_kernel<<<dim3(grid_blocks(plan.max_pack, kThreads, 1024), nprob), kThreads, 0,
+                            stream>>>(t.probs, run.ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_range_finder(run, plan, niter);
+  run.gemm(plan.g_gram);  // G = B B^T
+  batched_svd_jacobi_kernel<<<nprob, kJacobiThreads, 0, stream>>>(t.probs, t.all, 0, run.ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run.gemm(plan.g_u);  // U' = Q W (randomized problems)
+  run.gemm(plan.g_v);  // X = W^T B (V'^T before normalisation)
+  if (nref > 0) {      // float64: second pass on X X^T
+    run.gemm(plan.g_h);
+    batched_svd_jacobi_kernel<<<nref, kJacobiThreads, 0, stream>>>(t.probs, t.ref, 1, run.ws);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    run.gemm(plan.g_x2);
+    run.gemm(plan.g_u2);
+  }
+  run.orth(t.all, nprob, kOrthV);  // sigma = row norms; normalise, re-orthonormalise
+  batched_svd_finalize_kernel<<<dim3(grid_blocks(plan.max_fin, kThreads, 1024), nprob), kThreads, 0,
+                                stream>>>(t.probs, run.ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+BatchedSvdOutput batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_t niter,
+                                  int64_t oversample, int64_t seed) {
+  check_batched_svd_args(mats, k, niter, oversample);  // the CPU kernel's checks and messages
   const int64_t nmat = static_cast<int64_t>(mats.size());
   const at::Device device = mats[0].device();  // every matrix is on it (checked above)
   TORCH_CHECK(device.is_cuda(), "batched_svd (CUDA kernel): mats[0] is on ", device,
@@ -548,201 +761,14 @@ SvdResult batched_svd_cuda(at::TensorList mats, std::optional<int64_t> k, int64_
                 "batched_svd (CUDA kernel): mats[", i, "] of shape ", mats[i].sizes(),
                 " has a dimension of 2^31 or more");
   }
-
   c10::cuda::CUDAGuard guard(device);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-
-  std::vector<at::Tensor> S_out, U_out, Vh_out;
-  S_out.reserve(nmat), U_out.reserve(nmat), Vh_out.reserve(nmat);
-
-  // Plan: shapes -> workspace offsets, problem table, GEMM descriptor lists.
-  std::vector<SvdProblem> probs;
-  std::vector<int32_t> plist_all, plist_rand, plist_ref;
-  int64_t ws_size = 0;
-  auto take = [&](int64_t count) {
-    const int64_t off = ws_size;
-    ws_size += ceil_div(std::max<int64_t>(count, 1), 32) * 32;  // 256-byte aligned pieces
-    return off;
-  };
-  int64_t max_pack = 1, max_rand = 1, max_fin = 1;
-
-  for (int64_t i = 0; i < nmat; ++i) {
-    const at::Tensor& A = mats[i];
-    const int64_t m = A.size(0), n = A.size(1);
-    const int64_t s = std::min(m, n), L = std::max(m, n);
-    const int64_t r = k.has_value() ? *k : s;
-    const auto opts = A.options();
-    S_out.push_back(at::empty({r}, opts));
-    U_out.push_back(at::empty({m, r}, opts));
-    Vh_out.push_back(at::empty({r, n}, opts));
-
-    const int64_t l = k.has_value() ? std::min(*k + std::min(oversample, s), s) : s;
-    const bool exact = (l == s);
-    SvdProblem P{};
-    P.in_ptr = reinterpret_cast<uint64_t>(A.data_ptr());
-    P.in_s0 = A.stride(0), P.in_s1 = A.stride(1);
-    P.s_ptr = reinterpret_cast<uint64_t>(S_out.back().data_ptr());
-    P.u_ptr = reinterpret_cast<uint64_t>(U_out.back().data_ptr());
-    P.vh_ptr = reinterpret_cast<uint64_t>(Vh_out.back().data_ptr());
-    P.m = static_cast<int32_t>(m), P.n = static_cast<int32_t>(n);
-    P.s = static_cast<int32_t>(s), P.L = static_cast<int32_t>(L);
-    P.l = static_cast<int32_t>(l), P.r = static_cast<int32_t>(r);
-    P.transposed = (m > n) ? 1 : 0;
-    P.is_double = (A.scalar_type() == at::kDouble) ? 1 : 0;
-    P.scale_off = take(1);
-    P.a_off = take(s * L);
-    P.g_off = take(l * l);
-    P.wt_off = take(l * l);
-    P.ws_off = take(l * l);
-    P.lam_off = take(l);
-    P.rot_off = take(kRotStride * ((l + 1) / 2));
-    P.coef_off = take(l);
-    P.vt_off = take(r * L);
-    P.sig_off = take(r);
-    P.perm_off = take(r);
-    if (exact) {
-      P.y_off = P.p_off = P.ut_off = -1;
-      P.u_off = P.ws_off;  // U'^T = first r rows of Ws (rows of length l = s)
-    } else {
-      P.y_off = take(l * s);
-      P.p_off = take(l * L);
-      P.ut_off = take(r * s);
-      P.u_off = P.ut_off;
-      plist_rand.push_back(static_cast<int32_t>(probs.size()));
-      max_rand = std::max(max_rand, l * L);
-    }
-    P.vfin_off = P.vt_off;
-    P.ufin_off = P.u_off;
-    P.refine = P.is_double;
-    if (P.refine) {
-      P.h_off = take(r * r);
-      P.hwt_off = take(r * r);
-      P.hws_off = take(r * r);
-      P.lam2_off = take(r);
-      P.x2_off = take(r * L);
-      P.u2_off = take(r * s);
-      P.vfin_off = P.x2_off;
-      P.ufin_off = P.u2_off;
-      plist_ref.push_back(static_cast<int32_t>(probs.size()));
-    } else {
-      P.h_off = P.hwt_off = P.hws_off = P.lam2_off = P.x2_off = P.u2_off = -1;
-    }
-    plist_all.push_back(static_cast<int32_t>(probs.size()));
-    max_pack = std::max(max_pack, s * L);
-    max_fin = std::max(max_fin, r + m * r + r * n);
-    probs.push_back(P);
-  }
-  // GEMM stages. Buffers (row-major): A' s x L; Y^T l x s (columns of Y as rows); P buffer
-  // l x L (Omega^T, then Z^T, then B); G, Wt, Ws l x l; U'^T r x s; V'^T r x L.
-  GemmList g_y, g_z, g_gram, g_u, g_v, g_h, g_x2, g_u2;
-  for (const SvdProblem& P : probs) {
-    const int64_t s = P.s, L = P.L, l = P.l, r = P.r;
-    const bool exact = P.y_off < 0;
-    if (!exact) {
-      // Y^T (l x s) = Pbuf (l x L) * A'^T          [Y = A' Omega, then Y = A' P]
-      g_y.add(l, s, L, P.p_off, L, 1, P.a_off, 1, L, P.y_off, s);
-      // Pbuf (l x L) = Y^T (l x s) * A' (s x L)     [Z^T = Q^T A', and finally B = Q^T A']
-      g_z.add(l, L, s, P.y_off, s, 1, P.a_off, L, 1, P.p_off, L);
-      // U'^T (r x s) = Ws[:r] (r x l) * Q^T (l x s)
-      g_u.add(r, s, l, P.ws_off, l, 1, P.y_off, s, 1, P.ut_off, s);
-    }
-    const int64_t bmat = exact ? P.a_off : P.p_off;  // B, l x L
-    // G (l x l) = B B^T
-    g_gram.add(l, l, L, bmat, L, 1, bmat, 1, L, P.g_off, l);
-    // V'^T before normalisation (r x L) = Ws[:r] (r x l) * B (l x L)
-    g_v.add(r, L, l, P.ws_off, l, 1, bmat, L, 1, P.vt_off, L);
-    if (P.refine) {
-      // H (r x r) = X X^T, X = V'^T before normalisation
-      g_h.add(r, r, L, P.vt_off, L, 1, P.vt_off, 1, L, P.h_off, r);
-      // X2 (r x L) = W2^T X and U2'^T (r x s) = W2^T U'^T, W2^T = rows of hws
-      g_x2.add(r, L, r, P.hws_off, r, 1, P.vt_off, L, 1, P.x2_off, L);
-      g_u2.add(r, s, r, P.hws_off, r, 1, P.u_off, s, 1, P.u2_off, s);
-    }
-  }
-
-  // Table: problems, problem lists, GEMM descriptors; one upload.
-  HostTable table;
-  const int64_t off_probs = table.append(probs);
-  const int64_t off_all = table.append(plist_all);
-  const int64_t off_rand = plist_rand.empty() ? -1 : table.append(plist_rand);
-  const int64_t off_ref = plist_ref.empty() ? -1 : table.append(plist_ref);
-  for (GemmList* gl : {&g_y, &g_z, &g_gram, &g_u, &g_v, &g_h, &g_x2, &g_u2}) {
-    if (!gl->empty()) gl->table_off = table.append(gl->descs());
-  }
-
-  at::Tensor ws_t = at::empty({std::max<int64_t>(ws_size, 1)},
-                              at::TensorOptions().dtype(at::kDouble).device(device));
-  at::Tensor table_t = table.upload(device);
-  double* ws = ws_t.data_ptr<double>();
-  const uint8_t* base = table_t.data_ptr<uint8_t>();
-  const SvdProblem* d_probs = reinterpret_cast<const SvdProblem*>(base + off_probs);
-  const int32_t* d_all = reinterpret_cast<const int32_t*>(base + off_all);
-  const int32_t* d_rand = off_rand >= 0 ? reinterpret_cast<const int32_t*>(base + off_rand) : nullptr;
-  const int32_t* d_ref = off_ref >= 0 ? reinterpret_cast<const int32_t*>(base + off_ref) : nullptr;
-  const unsigned nprob = static_cast<unsigned>(probs.size());
-  const unsigned nrand = static_cast<unsigned>(plist_rand.size());
-  const unsigned nref = static_cast<unsigned>(plist_ref.size());
-  const uint64_t seed_key = splitmix64(static_cast<uint64_t>(seed));
-  uint64_t orth_salt = 0;
-
-  auto gemm = [&](const GemmList& gl) {
-    if (gl.empty()) return;
-    TORCH_CHECK(gl.tiles() < (int64_t{1} << 31), "batched_svd (CUDA): too many GEMM tiles");
-    batched_svd_gemm_kernel<<<static_cast<unsigned>(gl.tiles()), kThreads, 0, stream>>>(
-        reinterpret_cast<const GemmDesc*>(base + gl.table_off), gl.size(), ws);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  auto orth = [&](const int32_t* plist, unsigned count, int target) {
-    if (count == 0) return;
-    ++orth_salt;
-    batched_svd_orth_kernel<<<count, kThreads, 0, stream>>>(d_probs, plist, target, ws,
-                                                             splitmix64(seed_key + orth_salt));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-
-  batched_svd_scale_kernel<<<nprob, kThreads, 0, stream>>>(d_probs, ws);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  batched_svd_pack_kernel<<<dim3(grid_blocks(max_pack, kThreads, 1024), nprob), kThreads, 0,
-                            stream>>>(d_probs, ws);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  if (nrand > 0) {
-    batched_svd_sketch_kernel<<<dim3(grid_blocks(max_rand, kThreads, 1024), nrand), kThreads, 0,
-                                stream>>>(d_probs, d_rand, ws, seed_key);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gemm(g_y);                       // Y = A' Omega
-    orth(d_rand, nrand, kOrthY);     // Q
-    for (int64_t it = 0; it < niter; ++it) {
-      gemm(g_z);                     // Z = A'^T Q
-      orth(d_rand, nrand, kOrthP);   // P = orth(Z)
-      gemm(g_y);                     // Y = A' P
-      orth(d_rand, nrand, kOrthY);   // Q = orth(Y)
-    }
-    gemm(g_z);                       // B = Q^T A'
-  }
-  gemm(g_gram);                      // G = B B^T
-  batched_svd_jacobi_kernel<<<nprob, kJacobiThreads, 0, stream>>>(d_probs, d_all, 0, ws);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  gemm(g_u);                         // U' = Q W (randomized problems)
-  gemm(g_v);                         // X = W^T B (V'^T before normalisation)
-  if (nref > 0) {                    // float64: second pass on X X^T
-    gemm(g_h);
-    batched_svd_jacobi_kernel<<<nref, kJacobiThreads, 0, stream>>>(d_probs, d_ref, 1, ws);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gemm(g_x2);
-    gemm(g_u2);
-  }
-  orth(d_all, nprob, kOrthV);        // sigma = row norms; normalise, re-orthonormalise
-  batched_svd_finalize_kernel<<<dim3(grid_blocks(max_fin, kThreads, 1024), nprob), kThreads, 0,
-                                stream>>>(d_probs, ws);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  return SvdResult(std::move(S_out), std::move(U_out), std::move(Vh_out));
+  SvdPlan plan = plan_problems(mats, k, oversample);
+  launch_stages(plan, niter, seed, device);
+  return BatchedSvdOutput(std::move(plan.S), std::move(plan.U), std::move(plan.Vh));
 }
 
 }  // namespace
-}  // namespace svdgrow_cuda
 
-TORCH_LIBRARY_IMPL(svdgrow, CUDA, m) {
-  m.impl("batched_svd", TORCH_FN(svdgrow_cuda::batched_svd_cuda));
-}
+TORCH_LIBRARY_IMPL(svdgrow, CUDA, m) { m.impl("batched_svd", TORCH_FN(batched_svd_cuda)); }
+
+}  // namespace svdgrow

@@ -1,47 +1,35 @@
-// slice_copy / slice_copy_ on CUDA: move kept rows / channels of many tensors into new storage
-// and fill the new slices, one kernel launch per element size for all tensors.
+// slice_copy / slice_copy_ on CUDA: one kernel launch per element size for all tensors.
 //
-// src[i] is viewed as [R, C, B] (R = size(0), B = block[i], C = numel / (R * B)); destination
-// [R', C', B] with R' = len(row_index[i]) (or R), C' = len(col_index[i]) (or C). Destination
-// element (r, c, b) takes src (row_index[r], col_index[c], b), or, where either index is -1,
-// fill[i] at the same place (zeros when fill[i] is None).
-//
-// Arguments are checked by the helpers in csrc/common.h, as in the CPU kernel, with its
-// messages: index tensors are int64 1-D tensors on the device of src. Their values (range and
-// duplicates) are validated on the host before any data moves: all indices are packed into one
-// device buffer and copied to the host once, the op's only synchronisation. So slice_copy is
-// not CUDA-graph capturable (batched_svd is). The kernel then reads the indices from that
-// device buffer.
-//
-// The copy moves raw bits, so tensors of every supported dtype (float64/32, half, bfloat16)
-// share one launch per element size: a device table of entries (pointers, sizes, index
-// pointers, first element), uploaded in one non-blocking copy from pinned memory; grid-stride
-// over all destination elements, binary search for the entry. A source or fill that overlaps
-// any destination is read from a copy.
+// The [R, C, B] contract, the checks and the aliasing rules: docs/design.md, "Kernels:
+// slice_copy" (shared with the CPU kernel through csrc/common.h). Index values are validated on
+// the host before any data moves: all indices are packed into one device buffer and copied to
+// the host once, the op's only synchronisation (so slice_copy is not CUDA-graph capturable;
+// batched_svd is). The copy moves raw bits, so all dtypes of one element size share a launch: a
+// device table of entries (pointers, sizes, index pointers, first element), uploaded in one
+// non-blocking copy from pinned memory; grid-stride over all destination elements, binary
+// search for the entry.
+#include <optional>
+#include <vector>
+
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <optional>
-#include <vector>
+#include "common.h"
+#include "cuda/cuda_helpers.cuh"
 
-#include "../common.h"
-#include "svdgrow_cuda_common.cuh"
-
-namespace svdgrow_cuda {
+namespace svdgrow {
 namespace {
 
 constexpr int kThreads = 256;
-using OptTensorList = c10::List<std::optional<at::Tensor>>;
 
 struct SliceEntry {
-  int64_t begin;  // first destination element of this tensor within the launch
-  int64_t count;  // destination elements
-  uint64_t src, dst, fill;   // fill == 0: zeros
-  uint64_t rows, cols;       // int64 index arrays on the device; 0: identity
-  int64_t C, Cn, B;          // source channels, destination channels, block
+  int64_t begin;            // first destination element of this tensor within the launch
+  int64_t count;            // destination elements
+  uint64_t src, dst, fill;  // fill == 0: zeros
+  uint64_t rows, cols;      // int64 index arrays on the device; 0: identity
+  int64_t C, Cn, B;         // source channels, destination channels, block
 };
 
 template <typename T>
@@ -67,23 +55,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Same rule and messages as the CPU kernel: values in [-1, limit), no source slice twice.
-void check_index_values(const int64_t* v, int64_t len, int64_t limit, const char* name, size_t i,
-                        const char* dim) {
-  std::vector<int64_t> seen(static_cast<size_t>(limit), -1);
-  for (int64_t t = 0; t < len; ++t) {
-    const int64_t x = v[t];
-    TORCH_CHECK(x >= -1 && x < limit, "slice_copy: ", name, "[", i, "] has value ", x,
-                " at position ", t, ", outside [-1, ", limit, ") (src[", i, "] has ", limit, " ",
-                dim, ")");
-    if (x >= 0) {
-      TORCH_CHECK(seen[x] < 0, "slice_copy: ", name, "[", i, "] repeats source ", dim, " ", x,
-                  " at positions ", seen[x], " and ", t, "; each source slice may be kept once");
-      seen[x] = t;
-    }
-  }
-}
-
 template <typename T>
 void launch_group(const std::vector<SliceEntry>& entries, int64_t entries_off, const uint8_t* base,
                   cudaStream_t stream) {
@@ -95,103 +66,76 @@ void launch_group(const std::vector<SliceEntry>& entries, int64_t entries_off, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Validates everything (before any data moves), then fills dst (already allocated with the
-// destination shapes). With `check_dst`, dst comes from the caller and is checked too.
-void slice_copy_impl(at::TensorList src, at::TensorList dst, const OptTensorList& row_index,
-                     const OptTensorList& col_index, at::IntArrayRef block,
-                     const OptTensorList& fill, bool check_dst) {
-  const size_t n = src.size();
+// Checks every index value on the host (one copy, before anything is written), and returns
+// the packed device buffer with each index's offset in it (-1: None).
+struct PackedIndices {
+  at::Tensor packed;
+  std::vector<int64_t> row_at, col_at;
+};
+
+PackedIndices pack_and_check_indices(const std::vector<SliceGeometry>& geo, const SliceInputs& in) {
+  const size_t n = geo.size();
+  PackedIndices out;
+  out.row_at.assign(n, -1);
+  out.col_at.assign(n, -1);
+  std::vector<at::Tensor> idx;
+  int64_t len = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (in.rows[i].defined()) {
+      out.row_at[i] = len;
+      len += in.rows[i].numel();
+      idx.push_back(in.rows[i]);
+    }
+    if (in.cols[i].defined()) {
+      out.col_at[i] = len;
+      len += in.cols[i].numel();
+      idx.push_back(in.cols[i]);
+    }
+  }
+  if (idx.empty()) return out;
+  out.packed = idx.size() == 1 ? idx[0] : at::cat(idx);
+  const at::Tensor host = out.packed.to(at::kCPU);
+  const int64_t* h = host.const_data_ptr<int64_t>();
+  for (size_t i = 0; i < n; ++i) {
+    if (out.row_at[i] >= 0) {
+      check_index_values(h + out.row_at[i], geo[i].Rn, geo[i].R, "row_index", i, "rows");
+    }
+    if (out.col_at[i] >= 0) {
+      check_index_values(h + out.col_at[i], geo[i].Cn, geo[i].C, "col_index", i, "channels");
+    }
+  }
+  return out;
+}
+
+void slice_copy_impl(const std::vector<SliceGeometry>& geo, const SliceInputs& in,
+                     at::TensorList dst) {
+  const size_t n = geo.size();
   if (n == 0) return;
-  const at::Device device = src[0].device();
-  TORCH_CHECK(device.is_cuda(), "slice_copy (CUDA kernel): src[0] is on ", device,
-              "; expected a CUDA tensor");
+  const at::Device device = in.src[0].device();
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-
-  std::vector<svdgrow::SliceGeometry> geo(n);
-  std::vector<at::Tensor> srcs(n), fills(n);
-  // Index tensors (on the device, contiguous) and where each one starts in the packed buffer.
-  std::vector<at::Tensor> idx;
-  std::vector<int64_t> row_at(n, -1), col_at(n, -1);
-  int64_t packed_len = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const std::optional<at::Tensor> ri = row_index.get(i), ci = col_index.get(i), fi = fill.get(i);
-    geo[i] = svdgrow::slice_geometry(src[i], ri, ci, block[i], fi, i, device);
-    if (check_dst) svdgrow::check_slice_dst(dst[i], src[i], geo[i], i);
-    at::Tensor s = src[i].contiguous();
-    // Reading from memory that this call overwrites: read from a copy instead.
-    if (at::get_overlap_status(dst[i], s) != at::MemOverlapStatus::No) s = s.clone();
-    srcs[i] = s;
-    if (fi.has_value() && fi->defined()) {
-      at::Tensor f = fi->contiguous();
-      if (at::get_overlap_status(dst[i], f) != at::MemOverlapStatus::No) f = f.clone();
-      fills[i] = f;
-    }
-    if (ri.has_value() && ri->defined()) {
-      row_at[i] = packed_len;
-      packed_len += ri->numel();
-      idx.push_back(ri->contiguous());
-    }
-    if (ci.has_value() && ci->defined()) {
-      col_at[i] = packed_len;
-      packed_len += ci->numel();
-      idx.push_back(ci->contiguous());
-    }
-  }
-
-  // A destination may also overlap another tensor's source or fill (one launch writes all
-  // destinations): read those from copies too.
-  for (size_t i = 0; i < n; ++i) {
-    for (size_t j = 0; j < n; ++j) {
-      if (j == i) continue;
-      if (at::get_overlap_status(dst[i], srcs[j]) != at::MemOverlapStatus::No) {
-        srcs[j] = srcs[j].clone();
-      }
-      if (fills[j].defined() &&
-          at::get_overlap_status(dst[i], fills[j]) != at::MemOverlapStatus::No) {
-        fills[j] = fills[j].clone();
-      }
-    }
-  }
-
-  // All indices in one device buffer, copied to the host once to be validated there with the
-  // CPU kernel's rules and messages. This copy is the op's one synchronisation.
-  at::Tensor packed;
-  const int64_t* dev_idx = nullptr;
-  if (!idx.empty()) {
-    packed = idx.size() == 1 ? idx[0] : at::cat(idx);
-    dev_idx = packed.const_data_ptr<int64_t>();
-    const at::Tensor host = packed.to(at::kCPU);
-    const int64_t* h = host.const_data_ptr<int64_t>();
-    for (size_t i = 0; i < n; ++i) {
-      if (row_at[i] >= 0) {
-        check_index_values(h + row_at[i], geo[i].Rn, geo[i].R, "row_index", i, "rows");
-      }
-      if (col_at[i] >= 0) {
-        check_index_values(h + col_at[i], geo[i].Cn, geo[i].C, "col_index", i, "channels");
-      }
-    }
-  }
+  const PackedIndices idx = pack_and_check_indices(geo, in);
+  const int64_t* dev_idx = idx.packed.defined() ? idx.packed.const_data_ptr<int64_t>() : nullptr;
 
   std::vector<SliceEntry> groups[3];  // element sizes 2, 4, 8
   for (size_t i = 0; i < n; ++i) {
-    const svdgrow::SliceGeometry& g = geo[i];
+    const SliceGeometry& g = geo[i];
     SliceEntry E{};
     E.count = g.Rn * g.Cn * g.B;
-    E.src = reinterpret_cast<uint64_t>(srcs[i].const_data_ptr());
+    E.src = reinterpret_cast<uint64_t>(in.src[i].const_data_ptr());
     E.dst = reinterpret_cast<uint64_t>(dst[i].data_ptr());
-    E.fill = fills[i].defined() ? reinterpret_cast<uint64_t>(fills[i].const_data_ptr()) : 0;
-    E.rows = row_at[i] >= 0 ? reinterpret_cast<uint64_t>(dev_idx + row_at[i]) : 0;
-    E.cols = col_at[i] >= 0 ? reinterpret_cast<uint64_t>(dev_idx + col_at[i]) : 0;
+    E.fill = in.fill[i].defined() ? reinterpret_cast<uint64_t>(in.fill[i].const_data_ptr()) : 0;
+    E.rows = idx.row_at[i] >= 0 ? reinterpret_cast<uint64_t>(dev_idx + idx.row_at[i]) : 0;
+    E.cols = idx.col_at[i] >= 0 ? reinterpret_cast<uint64_t>(dev_idx + idx.col_at[i]) : 0;
     E.C = g.C, E.Cn = g.Cn, E.B = g.B;
-    const int64_t esz = static_cast<int64_t>(srcs[i].element_size());
+    const int64_t esz = static_cast<int64_t>(in.src[i].element_size());
     TORCH_CHECK(esz == 2 || esz == 4 || esz == 8, "slice_copy (CUDA kernel): src[", i,
                 "] has elements of ", esz, " bytes; expected 2, 4 or 8");
     auto& grp = groups[esz == 2 ? 0 : esz == 4 ? 1 : 2];
     E.begin = grp.empty() ? 0 : grp.back().begin + grp.back().count;
     if (E.count > 0) grp.push_back(E);
   }
-  svdgrow_cuda::HostTable table;
+  HostTable table;
   int64_t offs[3];
   for (int g = 0; g < 3; ++g) offs[g] = groups[g].empty() ? -1 : table.append(groups[g]);
   if (groups[0].empty() && groups[1].empty() && groups[2].empty()) return;
@@ -205,32 +149,20 @@ void slice_copy_impl(at::TensorList src, at::TensorList dst, const OptTensorList
 std::vector<at::Tensor> slice_copy_cuda(at::TensorList src, const OptTensorList& row_index,
                                         const OptTensorList& col_index, at::IntArrayRef block,
                                         const OptTensorList& fill) {
-  svdgrow::check_slice_copy_lists(src, row_index, col_index, block, fill);
-  std::vector<at::Tensor> dst;
-  dst.reserve(src.size());
-  const at::Device device = src.empty() ? at::Device(at::kCUDA) : src[0].device();
-  for (size_t i = 0; i < src.size(); ++i) {
-    const svdgrow::SliceGeometry g = svdgrow::slice_geometry(
-        src[i], row_index.get(i), col_index.get(i), block[i], fill.get(i), i, device);
-    dst.push_back(at::empty(g.dst_sizes, src[i].options().memory_format(at::MemoryFormat::Contiguous)));
-  }
-  slice_copy_impl(src, dst, row_index, col_index, block, fill, /*check_dst=*/false);
-  return dst;
+  return slice_copy_allocate(src, row_index, col_index, block, fill, at::kCUDA, slice_copy_impl);
 }
 
 void slice_copy__cuda(at::TensorList src, at::TensorList dst, const OptTensorList& row_index,
                       const OptTensorList& col_index, at::IntArrayRef block,
                       const OptTensorList& fill) {
-  svdgrow::check_slice_copy_lists(src, row_index, col_index, block, fill);
-  TORCH_CHECK(dst.size() == src.size(), "slice_copy_: dst has ", dst.size(),
-              " entries but src has ", src.size(), "; pass one destination per tensor");
-  slice_copy_impl(src, dst, row_index, col_index, block, fill, /*check_dst=*/true);
+  slice_copy_into(src, dst, row_index, col_index, block, fill, at::kCUDA, slice_copy_impl);
 }
 
 }  // namespace
-}  // namespace svdgrow_cuda
 
 TORCH_LIBRARY_IMPL(svdgrow, CUDA, m) {
-  m.impl("slice_copy", TORCH_FN(svdgrow_cuda::slice_copy_cuda));
-  m.impl("slice_copy_", TORCH_FN(svdgrow_cuda::slice_copy__cuda));
+  m.impl("slice_copy", TORCH_FN(slice_copy_cuda));
+  m.impl("slice_copy_", TORCH_FN(slice_copy__cuda));
 }
+
+}  // namespace svdgrow

@@ -4,18 +4,18 @@
 // synchronises with the host and every op can be captured in a CUDA graph).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
-namespace svdgrow_cuda {
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace svdgrow {
 
 // ---------------------------------------------------------------------------------------------
 // Host side
@@ -58,8 +58,7 @@ class HostTable {
   // until the copy has run (and, for a block used during graph capture, for good).
   at::Tensor upload(const at::Device& device) const {
     const int64_t n = std::max<int64_t>(static_cast<int64_t>(bytes_.size()), 16);
-    at::Tensor host =
-        at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memset(host.data_ptr(), 0, static_cast<size_t>(n));
     if (!bytes_.empty()) std::memcpy(host.data_ptr(), bytes_.data(), bytes_.size());
     at::Tensor dev = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
@@ -130,7 +129,7 @@ __host__ __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
 __device__ __forceinline__ double gaussian_hash(uint64_t key, uint64_t idx) {
   const uint64_t h1 = splitmix64(key ^ splitmix64(2 * idx));
   const uint64_t h2 = splitmix64(key ^ splitmix64(2 * idx + 1));
-  const double inv53 = 1.0 / 9007199254740992.0;                // 2^-53
+  const double inv53 = 1.0 / 9007199254740992.0;                    // 2^-53
   const double u1 = (static_cast<double>(h1 >> 11) + 1.0) * inv53;  // (0, 1]
   const double u2 = static_cast<double>(h2 >> 11) * inv53;          // [0, 1)
   return sqrt(-2.0 * log(u1)) * cospi(2.0 * u2);
@@ -152,4 +151,4 @@ __device__ __forceinline__ int find_segment(const Rec* recs, int n, int64_t x) {
   return lo;
 }
 
-}  // namespace svdgrow_cuda
+}  // namespace svdgrow

@@ -22,16 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from svdgrow._utils import eval_mode
+from svdgrow.policy import budget_at
+from svdgrow.surgery import renormalize_rows_, row_norm_snapshot
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig, lr_at
 from .data import DeviceDataset
-from .models import conv_bn_pairs, count_flops, count_params, spec_of
+from .models import count_flops, count_params, spec_of
 from .plot import plot_run
 from .rundir import CKPT_NAME, FINAL_SPEC_NAME, last_checkpoint, load_run_config, write_json
 from .state import EpochStats, RunState, setup_run
 
-__all__ = ["TrainingInterrupted", "budget_at", "evaluate", "train"]
+__all__ = ["TrainingInterrupted", "evaluate", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +155,13 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
     shrinking = cfg.target_params is not None and r.step <= cfg.shrink_steps
     r.resizer.policy.energy_eps = cfg.shrink_energy_eps if shrinking else r.eps_after
     params_before = count_params(r.model)
-    norms = row_norm_snapshot(r.model) if cfg.renorm else {}
+    graph = r.resizer.graph
+    norms = row_norm_snapshot(r.model, graph) if cfg.renorm else {}
     with r.autocast():
         loss_before = _probe_loss(r.model, x, y)
     t0 = time.perf_counter()
     report = r.resizer.step(data=x if cfg.mode == "data" else None, budget=budget)
-    renorm = renormalize_bn_convs_(r.model, r.optimizer, norms) if cfg.renorm else {}
+    renorm = renormalize_rows_(r.model, graph, r.optimizer, norms) if cfg.renorm else {}
     seconds = time.perf_counter() - t0
     r.resize_checks += 1
     if not report.changed:
@@ -317,68 +320,3 @@ def _probe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clone()
-
-
-# ----------------------------------------------------------------------------------------------
-# library logic on its way out (to svdgrow.policy.budget_at and svdgrow.surgery.renorm)
-
-
-def budget_at(step: int, start_params: int, target: int | None, shrink_steps: int) -> int | None:
-    """The parameter budget at ``step``: geometric from ``start_params`` to ``target``.
-
-    Reaches ``target`` at ``shrink_steps`` and stays there; None when there is no target.
-    """
-    if target is None:
-        return None
-    if shrink_steps <= 0 or step >= shrink_steps or start_params <= target:
-        return int(target)
-    frac = step / shrink_steps
-    return int(round(start_params * (target / start_params) ** frac))
-
-
-@torch.no_grad()
-def row_norm_snapshot(model: nn.Module) -> dict[str, tuple[tuple[int, ...], float]]:
-    """Shape and RMS row norm of every BatchNorm-followed convolution."""
-    out = {}
-    for name, conv, _ in conv_bn_pairs(model):
-        w = conv.weight
-        out[name] = (
-            tuple(w.shape),
-            float(w.reshape(w.shape[0], -1).norm(dim=1).pow(2).mean().sqrt()),
-        )
-    return out
-
-
-@torch.no_grad()
-def renormalize_bn_convs_(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    before: dict[str, tuple[tuple[int, ...], float]],
-) -> dict[str, float]:
-    """Scale the rows of every BatchNorm-followed conv whose shape changed back to ``before``.
-
-    Returns:
-        module name -> mean factor applied to its rows, for every rescaled convolution.
-    """
-    applied: dict[str, float] = {}
-    for name, conv, bn in conv_bn_pairs(model):
-        shape, target = before.get(name, (None, 0.0))
-        w = conv.weight
-        if shape is None or tuple(w.shape) == shape or not target > 0:
-            continue
-        rows = w.reshape(w.shape[0], -1).norm(dim=1)
-        c = torch.where(rows > 0, target / rows.clamp_min(1e-30), torch.ones_like(rows))
-        view = c.view(-1, *([1] * (w.dim() - 1)))
-        w.mul_(view)
-        if bn.running_mean is not None:
-            bn.running_mean.mul_(c)
-            bn.running_var.mul_(c * c)
-        state = optimizer.state.get(w, {}) if optimizer is not None else {}
-        for key, t in state.items():
-            if isinstance(t, torch.Tensor) and t.shape == w.shape:
-                if key in ("exp_avg_sq", "max_exp_avg_sq"):
-                    t.div_(view * view)
-                elif key in ("momentum_buffer", "exp_avg"):
-                    t.div_(view)
-        applied[name] = float(c.mean())
-    return applied

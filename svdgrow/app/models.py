@@ -46,7 +46,6 @@ __all__ = [
     "count_flops",
     "describe",
     "layer_widths",
-    "conv_bn_pairs",
 ]
 
 NEGATIVE_SLOPE = 0.01
@@ -296,23 +295,6 @@ def layer_widths(spec: dict[str, Any]) -> dict[str, int]:
             widths[f"blocks.{i}.shortcut"] = blk["out"]
     widths["head"] = spec["num_classes"]
     return widths
-
-
-def conv_bn_pairs(model: ResNet) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
-    """Every convolution directly followed by a BatchNorm, as ``(name, conv, bn)``.
-
-    Such a convolution is scale-invariant per output channel: scaling its row ``i`` by ``c``
-    and the BatchNorm's ``running_mean[i]`` by ``c`` and ``running_var[i]`` by ``c**2`` keeps
-    the network's function (exactly in training mode; in eval mode up to the BatchNorm's eps).
-    Empty for a model built with ``bn: false``.
-    """
-    pairs = [("stem", model.stem, model.stem_bn)]
-    for i, blk in enumerate(model.blocks):
-        pairs.append((f"blocks.{i}.conv1", blk.conv1, blk.bn1))
-        pairs.append((f"blocks.{i}.conv2", blk.conv2, blk.bn2))
-        if blk.shortcut is not None:
-            pairs.append((f"blocks.{i}.shortcut", blk.shortcut, blk.shortcut_bn))
-    return [p for p in pairs if isinstance(p[2], nn.BatchNorm2d)]
 
 
 def count_params(model_or_spec: nn.Module | dict[str, Any]) -> int:

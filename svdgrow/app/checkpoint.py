@@ -4,19 +4,25 @@ A checkpoint holds no pickled modules or classes, only what ``torch.load(weights
 accepts: the architecture spec as a JSON string (see :mod:`svdgrow.app.models`), the model's
 ``state_dict``, optionally the optimizer's ``state_dict`` with the names of its parameters in
 order (so it can be re-attached to a rebuilt model), the LR scheduler's and the grad scaler's
-state, the step and epoch, RNG states as tensors, and a JSON string of free-form extras.
+state, the step and epoch, RNG states as tensors, a JSON string of free-form extras, and a
+``sha256`` over all of these (every tensor's dtype, shape and bytes, every other value's repr,
+in a fixed order), verified on load: a flipped byte inside a tensor is refused by name.
 
-Writes go to a temporary file in the same folder, are flushed and fsynced, and then renamed
-over the target with ``os.replace``: a crash or exception while writing leaves the previous
-checkpoint as it was.
+Writes go to a temporary file ``.<name>.<random>.tmp`` in the same folder, are flushed and
+fsynced, and then renamed over the target with ``os.replace``: a crash or exception while
+writing leaves the previous checkpoint as it was (:func:`remove_stale_temps` clears the temp
+file a SIGKILL leaves behind).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,12 +44,17 @@ __all__ = [
     "set_rng_state",
     "atomic_torch_save",
     "atomic_write_bytes",
+    "checksum",
+    "remove_stale_temps",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "svdgrow-checkpoint-v1"
 """Value of the ``format`` field of every checkpoint this module writes."""
+
+REQUIRED = ("spec", "model", "step", "epoch", "rng", "extra")
+"""Keys every checkpoint has (resuming a run also needs ``optimizer`` and its param names)."""
 
 
 class CheckpointError(RuntimeError):
@@ -76,6 +87,20 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
             os.close(dfd)
     except OSError:  # pragma: no cover - e.g. platforms without directory fds
         pass
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that an atomic write killed mid-way (SIGKILL) left in ``folder``.
+
+    Returns:
+        the paths removed.
+    """
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        logger.info("removing %s, left by a write that was killed", path)
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -192,46 +217,108 @@ def save_checkpoint(
         "rng": rng if rng is not None else rng_state(),
         "extra": json.dumps(extra or {}, sort_keys=True),
     }
+    ckpt["sha256"] = checksum(ckpt)
     atomic_torch_save(ckpt, path)
     logger.debug("checkpoint written: %s (step %d)", path, step)
     return Path(path)
 
 
+def checksum(ckpt: dict[str, Any]) -> str:
+    """sha256 (hex) of a checkpoint's content: every key and value but ``sha256`` itself.
+
+    Tensors contribute their dtype, shape and raw bytes; other values their repr; dict entries
+    go in sorted key order, so the digest does not depend on insertion order.
+    """
+    h = hashlib.sha256()
+    _hash_into(h, {k: v for k, v in ckpt.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def _hash_into(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor {t.dtype} {tuple(obj.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"dict {len(obj)}\n".encode())
+        for key in sorted(obj, key=repr):
+            h.update(f"{key!r}:".encode())
+            _hash_into(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__} {len(obj)}\n".encode())
+        for item in obj:
+            _hash_into(h, item)
+    else:
+        h.update(f"{obj!r}\n".encode())
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``.
+    """Read a checkpoint with ``torch.load(weights_only=True)`` and verify its checksum.
 
     Returns:
         the checkpoint dict, with ``spec`` and ``extra`` parsed from JSON.
 
     Raises:
-        CheckpointError: naming the path, when the file is missing, unreadable, corrupt, or not
-            an svdgrow checkpoint.
+        CheckpointError: naming the path and the reason, when the file is missing, unreadable,
+            truncated, holds objects weights_only loading refuses, is not an svdgrow checkpoint,
+            lacks a key, or its content does not match its checksum.
     """
-    path = Path(path)
+    path = Path(path).resolve()
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path.resolve()}: the file does not exist")
+        raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a bad file
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(_refused(path, exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - any other failure to unpickle means a bad file
         raise CheckpointError(
-            f"cannot read checkpoint {path.resolve()}: it is corrupt, truncated or not a torch "
-            f"file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"cannot read checkpoint {path}: it is corrupt, truncated or not a torch file "
+            f"({type(exc).__name__}: {_first_line(exc)})"
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
-            f"{path.resolve()} is not an svdgrow checkpoint (format {got!r}, expected {FORMAT!r})"
+            f"{path} is not an svdgrow checkpoint (format {got!r}, expected {FORMAT!r})"
+        )
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(map(repr, missing))}")
+    if "sha256" in ckpt and ckpt["sha256"] != checksum(ckpt):  # older checkpoints have none
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its content does not match the sha256 stored in it "
+            "(bytes changed on disk); resume from another copy or start the run again"
         )
     try:
         ckpt["spec"] = json.loads(ckpt["spec"])
-        ckpt["extra"] = json.loads(ckpt.get("extra") or "{}")
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path.resolve()} has a malformed spec/extra: {exc}"
-        ) from exc
+        ckpt["extra"] = json.loads(ckpt["extra"] or "{}")
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} has a malformed spec/extra: {exc}") from exc
     return ckpt
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = _ESCAPES.sub("", str(exc)).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _refused(path: Path, exc: BaseException) -> str:
+    """The reason ``weights_only`` loading refused a file, without torch's boilerplate."""
+    text = _ESCAPES.sub("", str(exc))
+    if "Weights only load failed" not in text:
+        return f"cannot read checkpoint {path}: it is corrupt ({_first_line(exc)})"
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+    reasons = [p for p in paragraphs[1:] if not p.startswith("Check the documentation")]
+    why = "; ".join(reasons) or "it holds a Python object that is not a tensor or plain data"
+    return (
+        f"refusing to load checkpoint {path}: it holds pickled Python objects that "
+        f"weights_only loading does not allow ({why}). svdgrow never writes such objects, so "
+        "the file comes from elsewhere or was altered; load it only if you trust its source"
+    )
 
 
 def load_model(
@@ -247,9 +334,11 @@ def load_model(
         ``(model, ckpt)``: the model in eval mode, and the checkpoint dict.
     """
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
-    model = build_model(ckpt["spec"])
     try:
+        model = build_model(ckpt["spec"])
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint weights do not match its own spec: {exc}") from exc
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint weights do not match its own spec: {_first_line(exc)}"
+        ) from exc
     return model.to(device).eval(), ckpt

@@ -1,6 +1,8 @@
 """Checkpoints: exact round trip, atomic writes, weights_only loading, clear errors."""
 
 import os
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -137,3 +139,87 @@ def test_missing_and_corrupt_files(tmp_path):
     torch.save({"a": torch.zeros(1)}, other)
     with pytest.raises(ck.CheckpointError, match="not an svdgrow checkpoint"):
         ck.load_checkpoint(other)
+
+
+def _flip_a_byte_inside_a_tensor(path):
+    """Flip one byte in the middle of a tensor's bytes (a stored zip entry of torch.save)."""
+    with zipfile.ZipFile(path) as zf:
+        infos = [i for i in zf.infolist() if "/data/" in i.filename]
+        info = max(infos, key=lambda i: i.file_size)  # the largest tensor
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+    )
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_inside_a_tensor_is_refused(tmp_path):
+    model, opt, sched = _trained()
+    path = tmp_path / "c.pt"
+    ck.save_checkpoint(path, model, opt, step=3)
+    raw = torch.load(path, weights_only=True)
+    assert raw["sha256"] == ck.checksum(raw) and ck.load_checkpoint(path)["step"] == 3
+    _flip_a_byte_inside_a_tensor(path)
+    torch.load(path, weights_only=True)  # torch itself reads it without complaint
+    with pytest.raises(ck.CheckpointError, match=r"c\.pt is corrupt: .*sha256"):
+        ck.load_checkpoint(path)
+
+
+def test_checksum_covers_every_value():
+    model, opt, _ = _trained()
+    base = {"model": model.state_dict(), "step": 3, "rng": {"torch": torch.get_rng_state()}}
+    digest = ck.checksum(base)
+    assert ck.checksum({**base, "sha256": "anything"}) == digest
+    assert ck.checksum({**base, "step": 4}) != digest
+    changed = {k: v.clone() for k, v in base["model"].items()}
+    changed["stem.weight"].view(-1)[0] += 1e-6
+    assert ck.checksum({**base, "model": changed}) != digest
+    assert ck.checksum(dict(reversed(list(base.items())))) == digest  # key order is irrelevant
+
+
+def test_old_checkpoints_without_a_checksum_still_load(tmp_path):
+    model, opt, _ = _trained()
+    path = tmp_path / "old.pt"
+    ck.save_checkpoint(path, model, opt, step=5)
+    raw = torch.load(path, weights_only=True)
+    del raw["sha256"]
+    torch.save(raw, path)
+    assert ck.load_checkpoint(path)["step"] == 5
+
+
+def test_a_checkpoint_missing_a_key_names_it(tmp_path):
+    model, opt, _ = _trained()
+    path = tmp_path / "c.pt"
+    ck.save_checkpoint(path, model, opt)
+    raw = torch.load(path, weights_only=True)
+    del raw["rng"]
+    torch.save(raw, path)
+    with pytest.raises(ck.CheckpointError, match="lacks 'rng'"):
+        ck.load_checkpoint(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_an_unsafe_pickle_is_refused_with_the_reason_on_one_line(tmp_path, capfd):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": ck.FORMAT, "x": _Payload()}, path)
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.load_checkpoint(path)
+    msg = str(info.value)
+    assert "refusing to load" in msg and "system" in msg and "weights_only" in msg
+    assert "\n" not in msg and "\x1b" not in msg
+    assert "must never run" not in capfd.readouterr().out
+
+
+def test_remove_stale_temps(tmp_path):
+    (tmp_path / ".last.pt.k2j3h.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "last.pt").write_bytes(b"x")
+    (tmp_path / "notes.tmp").write_bytes(b"not ours")
+    assert [p.name for p in ck.remove_stale_temps(tmp_path)] == [".last.pt.k2j3h.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+    assert ck.remove_stale_temps(tmp_path / "absent") == []

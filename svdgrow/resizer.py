@@ -37,6 +37,7 @@ from .surgery import (
     check_resizable,
     check_targets,
     commit_plan,
+    consumer_input_sizes,
     detect_activation,
     plan_prunes,
 )
@@ -117,7 +118,8 @@ class Resizer:
         policy: the width :class:`Policy` (default ``Policy()``).
         optimizer: its per-parameter state follows every resize (the same object keeps working).
         mode: how a prune compensates for the dropped channels: ``"data"`` (a fold fitted on
-            the batch passed to :meth:`step` / :meth:`apply`), ``"weights"`` (the same fold on
+            the batch passed to :meth:`step` / :meth:`apply`, on a convolution's im2col
+            patches), ``"weights"`` (the same fold on
             moments predicted from the weights; no data), ``"auto"`` (``"data"`` when a batch
             is passed, else ``"weights"``) or ``"magnitude"`` (keep the largest rows, fold
             nothing). See docs/design.md, "Stage 4: surgery".
@@ -172,6 +174,7 @@ class Resizer:
                     raise TypeError(f"group {g.name!r} cannot be resized: {why}")
                 logger.warning("group %r frozen: %s", g.name, why)
                 self._frozen[g.id] = why
+        self._input_sizes: dict[str, tuple[int, int]] | None = None  # see _resize
         self.history: list[StepReport] = []
 
     # ------------------------------------------------------------------------------------------
@@ -281,6 +284,9 @@ class Resizer:
         targets = check_targets(ctx, new_widths, self._frozen)
         mode = self.mode if self.mode != "auto" else ("data" if data is not None else "weights")
         prunes = {gid: w for gid, w in targets.items() if w < ctx.widths[gid]}
+        if mode == "weights" and prunes and self._input_sizes is None:  # for padded convs
+            names = list(self.graph.consumers)
+            self._input_sizes = consumer_input_sizes(self.model, self.example_input, names)
         changes: dict[int, GroupChange] = plan_prunes(
             mode,
             ctx,
@@ -290,6 +296,7 @@ class Resizer:
             ridge=self.ridge,
             max_samples=self.max_samples,
             generator=self._gen,
+            input_sizes=self._input_sizes,
         )
         for gid, w in targets.items():
             if w > ctx.widths[gid]:

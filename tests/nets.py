@@ -153,3 +153,32 @@ def low_rank_(weight2d: torch.Tensor, r: int, gen, noise=0.0) -> None:
 def rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute change relative to the largest entry of ``b``."""
     return float((a - b).abs().max() / b.abs().max())
+
+
+class TinyDense(nn.Module):
+    """A DenseNet in miniature: two bottleneck layers whose outputs are concatenated and read
+    by BatchNorms (``l2_norm1`` reads [x0, n1], ``norm5`` reads [x0, n1, n2]). Between each
+    bottleneck's norm and its second conv there is no activation, so its fold can be exact."""
+
+    def __init__(self, k2=1, pad2=0):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.norm0 = nn.BatchNorm2d(8)
+        self.l1_norm1 = nn.BatchNorm2d(8)
+        self.l1_conv1 = nn.Conv2d(8, 12, 1, bias=False)
+        self.l1_norm2 = nn.BatchNorm2d(12)
+        self.l1_conv2 = nn.Conv2d(12, 4, k2, padding=pad2, bias=False)
+        self.l2_norm1 = nn.BatchNorm2d(12)
+        self.l2_conv1 = nn.Conv2d(12, 12, 1, bias=False)
+        self.l2_norm2 = nn.BatchNorm2d(12)
+        self.l2_conv2 = nn.Conv2d(12, 4, k2, padding=pad2, bias=False)
+        self.norm5 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x0 = torch.relu(self.norm0(self.conv0(x)))
+        n1 = self.l1_conv2(self.l1_norm2(self.l1_conv1(torch.relu(self.l1_norm1(x0)))))
+        h = torch.relu(self.l2_norm1(torch.cat([x0, n1], 1)))
+        n2 = self.l2_conv2(self.l2_norm2(self.l2_conv1(h)))
+        out = torch.relu(self.norm5(torch.cat([x0, n1, n2], 1)))
+        return self.fc(out.mean((2, 3)))

@@ -7,6 +7,7 @@ import torch
 from nets import (
     ConvNet,
     ResLinear,
+    TinyDense,
     convnet_graph,
     low_rank_,
     quick,
@@ -233,16 +234,18 @@ def test_predicted_moments_match_measured_ones_on_a_batchnorm_net():
     ctx = ResizeContext(dict(m.named_modules()), graph, {0: 3, 1: 10, 2: 6, 3: 5})
     grp = [graph.groups[1]]
     x = torch.randn(2048, 3, 4, 4, generator=g)
-    ((mu_d, cov_d, _),) = surgery.capture_features(ctx, grp, x, max_samples=32768)[0].values()
+    (measured,) = surgery.capture_features(ctx, grp, x, max_samples=32768)[0].values()
+    mu_d, cov_d = measured.mean, measured.cov
     act = surgery.detect_activation(m)
-    ((mu_w, cov_w, _),) = surgery.predict_features(ctx, grp, act, samples=65536, generator=g)[
-        0
-    ].values()
+    feats, _ = surgery.predict_features(ctx, grp, act, samples=65536, generator=g)
+    (predicted,) = feats.values()
+    mu_w, cov_w = predicted.mean, predicted.cov
     scale = float(cov_d.diagonal().mean())
     assert float((mu_w - mu_d).abs().max()) < 0.05 * scale**0.5, (mu_w, mu_d)
     assert float((cov_w - cov_d).abs().max()) < 0.05 * scale, (cov_w, cov_d)
     # without the activation the prediction is the pre-activation moments: clearly different
-    ((mu_l, _, _),) = surgery.predict_features(ctx, grp, None)[0].values()
+    (linear,) = surgery.predict_features(ctx, grp, None)[0].values()
+    mu_l = linear.mean
     assert float((mu_l - mu_d).abs().max()) > 0.1 * scale**0.5
 
 
@@ -654,3 +657,184 @@ def test_renormalize_rows_scales_a_linear_bias_with_its_row():
         m.train(mode), ref.train(mode)
         with torch.no_grad():
             torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the fold where a consumer zero-pads, and where it is exact
+
+
+def _padded_pair(side, cin=1, pad=1, act=None, stride=1, k=3, seed=0):
+    """The issue's reproducer: conv(cin -> 16) with random biases, then conv(16 -> 4)."""
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(cin, 16, 3, padding=1)] + ([act] if act is not None else [])
+    layers += [nn.Conv2d(16, 4, k, stride=stride, padding=pad), nn.Flatten()]
+    m = nn.Sequential(*layers)
+    with torch.no_grad():
+        m[0].bias.normal_()
+    x = torch.randn(256, cin, side, side, generator=torch.Generator().manual_seed(seed + 1))
+    return m, x
+
+
+def _output_change(m, x, y0):
+    with torch.no_grad():
+        return float((m(x) - y0).norm() / y0.norm())
+
+
+def _least_squares_optimum(m, keep, x):
+    """The best the pruned consumer can do: its kept weights and bias refitted by least
+    squares on its im2col patches (padding included) to the unpruned output."""
+    producer, consumer = m[:-2], m[-2]
+    with torch.no_grad():
+        h = producer(x)
+        target = consumer(h).permute(0, 2, 3, 1).reshape(-1, consumer.out_channels).double()
+        P = nn.functional.unfold(
+            h[:, keep], consumer.kernel_size, padding=consumer.padding, stride=consumer.stride
+        )
+    N, D, L = P.shape
+    A = torch.cat([P.transpose(1, 2).reshape(N * L, D).double(), torch.ones(N * L, 1)], 1)
+    best = A @ torch.linalg.lstsq(A, target).solution
+    return float((best - target).norm() / target.norm())
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", [28, 8, 3, 1])
+def test_zero_padded_fold_reaches_the_least_squares_optimum(side, device):
+    """Issue 9 item 0: the constant folded into a zero-padded consumer reached its border taps
+    too (relative output change 0.18 / 0.33 / 0.57 / 330 at 28 / 8 / 3 / 1 here). Data mode
+    fits the fold on the consumer's im2col patches: the least-squares optimum."""
+    m, x = _padded_pair(side)
+    ref = copy.deepcopy(m)  # the unpruned model, to refit from
+    m, x = m.to(device), x.to(device)
+    with torch.no_grad():
+        y0 = m(x)
+    rep = Resizer(m, x[:2], mode="data", ridge=1e-10).apply({"0": 9}, data=x)
+    assert not rep.warnings
+    best = _least_squares_optimum(ref, torch.tensor(rep.index["0"]), x.cpu())
+    assert _output_change(m, x, y0) <= 1.02 * best + 1e-4, (_output_change(m, x, y0), best)
+
+
+@pytest.mark.parametrize("side", [8, 3])
+def test_zero_padded_fold_near_the_optimum_when_it_is_not_exact(side):
+    m, x = _padded_pair(side, cin=3, act=nn.LeakyReLU(0.1))
+    with torch.no_grad():
+        y0 = m(x)
+    ref = copy.deepcopy(m)
+    rep = Resizer(m, x[:2], mode="data", ridge=1e-10).apply({"0": 9}, data=x)
+    best = _least_squares_optimum(ref, torch.tensor(rep.index["0"]), x)
+    assert best > 0.01  # a real approximation
+    assert _output_change(m, x, y0) <= 1.02 * best, (_output_change(m, x, y0), best)
+
+
+def test_weights_mode_folds_the_constant_only_into_taps_that_read_data():
+    """On a 1x1 map only the centre tap of a padded 3x3 consumer reads data: weights mode
+    puts the folded constant there alone, which is exact here (it was 2.0 before)."""
+    m, x = _padded_pair(1)
+    with torch.no_grad():
+        y0 = m(x)
+    Resizer(m, x[:2], mode="weights", ridge=1e-10).apply({"0": 9})
+    assert _output_change(m, x, y0) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["data", "weights"])
+@pytest.mark.parametrize(
+    "k, stride, side", [(1, 1, 1), (1, 2, 6), (3, 1, 3), (3, 2, 9), (3, 3, 8), (2, 2, 5)]
+)
+def test_fold_is_exact_for_unpadded_convs_at_any_stride_and_map_size(mode, k, stride, side):
+    m, x = _padded_pair(side, pad=0, stride=stride, k=k)
+    with torch.no_grad():
+        y0 = m(x)
+    data = x if mode == "data" else None
+    Resizer(m, x[:2], mode=mode, ridge=1e-10).apply({"0": 9}, data=data)
+    assert m[1].in_channels == 9
+    assert _output_change(m, x, y0) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::svdgrow.trace.CouplingWarning")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["data", "weights"])
+def test_fold_into_a_batchnorm_across_a_concatenation(mode, device):
+    """DenseNet-style: the bottleneck's second conv has no bias and its output is read only by
+    BatchNorms, through concatenations. The folded constant goes into each of their running
+    means at that conv's channel offset (it was dropped with a warning)."""
+    g = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    m = TinyDense()
+    randomise_bn(m, g)
+    low_rank_(m.l1_conv1.weight.view(12, 8), 6, g)
+    m.eval().to(device)
+    x = torch.randn(64, 3, 6, 6, generator=g).to(device)
+    with torch.no_grad():
+        y0 = m(x)
+    rs = Resizer(m, x[:2], mode=mode, ridge=1e-10)
+    gid = {n: rs.graph.group_of(n).id for n in ("conv0", "l1_conv2", "l2_conv2")}
+    assert rs.graph.concat_norms == {  # x0 is read after a ReLU: not a producer's output
+        "l2_norm1": [(gid["conv0"], None), (gid["l1_conv2"], "l1_conv2")],
+        "norm5": [
+            (gid["conv0"], None),
+            (gid["l1_conv2"], "l1_conv2"),
+            (gid["l2_conv2"], "l2_conv2"),
+        ],
+    }
+    before = {n: m.get_submodule(n).running_mean.clone() for n in ("l2_norm1", "norm5")}
+    rep = rs.apply({"l1_conv1": 6}, data=x if mode == "data" else None)
+    assert not rep.warnings and m.l1_conv2.in_channels == 6
+    for name, old in before.items():  # only n1's channels (8..11) moved
+        new = m.get_submodule(name).running_mean
+        assert torch.equal(new[:8], old[:8]) and torch.equal(new[12:], old[12:])
+        assert not torch.equal(new[8:12], old[8:12])
+    with torch.no_grad():
+        assert float((m(x) - y0).norm() / y0.norm()) < 1e-5
+
+
+def test_a_dropped_constant_is_still_reported():
+    """No bias and nothing that reads the output directly: the constant has nowhere to go."""
+    g = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    m = nn.Sequential(nn.Conv2d(2, 8, 1), nn.Conv2d(8, 4, 1, bias=False), nn.ReLU(), nn.Flatten())
+    with torch.no_grad():
+        m[0].bias.normal_(0, 1, generator=g)
+    x = torch.randn(16, 2, 3, 3, generator=g)
+    rep = Resizer(m, x[:2], mode="data").apply({"0": 4}, data=x)
+    assert len(rep.warnings) == 1 and "'1' has no bias and no BatchNorm" in rep.warnings[0]
+
+
+@pytest.mark.parametrize(
+    "k, stride, padding, dilation, size",
+    [
+        (3, 1, 1, 1, (5, 4)),
+        (3, 2, 1, 1, (7, 7)),
+        (3, 1, 1, 1, (1, 1)),
+        (5, 2, 2, 1, (6, 9)),
+        (3, 1, 2, 2, (4, 5)),
+        (3, 1, "same", 2, (5, 5)),
+        (4, 1, "same", 1, (6, 5)),
+        (3, 1, 0, 1, (4, 4)),
+    ],
+)
+def test_tap_fractions_and_patch_moments_match_unfold(k, stride, padding, dilation, size):
+    conv = nn.Conv2d(3, 2, k, stride=stride, padding=padding, dilation=dilation)
+    pads = surgery.zero_padding(conv)
+    assert (pads is None) == (padding == 0)
+    ones = nn.functional.pad(torch.ones(1, 1, *size, dtype=torch.float64), pads or (0, 0, 0, 0))
+    reads = nn.functional.unfold(ones, k, dilation=dilation, stride=stride)  # [1, B, L]
+    torch.testing.assert_close(surgery.tap_fractions(conv, size), reads[0].mean(1))
+    x = torch.randn(4, 5, *size, generator=torch.Generator().manual_seed(0))
+    mean, cov = surgery.patch_moments(x, conv, slice(1, 4), max_samples=10**6)
+    P = nn.functional.unfold(
+        nn.functional.pad(x[:, 1:4], pads or (0, 0, 0, 0)), k, dilation=dilation, stride=stride
+    )
+    P = P.transpose(1, 2).reshape(-1, 3 * k * k).double()
+    torch.testing.assert_close(mean, P.mean(0))
+    torch.testing.assert_close(cov, torch.cov(P.T), rtol=1e-5, atol=1e-6)
+
+
+def test_which_consumers_fit_on_patches():
+    assert surgery.fits_on_patches(nn.Conv2d(2, 2, 3))
+    assert surgery.fits_on_patches(nn.Conv2d(2, 2, 1, padding=1))
+    assert not surgery.fits_on_patches(nn.Conv2d(2, 2, 1))
+    assert surgery.fits_on_patches(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    assert not surgery.fits_on_patches(nn.Linear(2, 2))
+    assert surgery.zero_padding(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")) is None

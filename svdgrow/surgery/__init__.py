@@ -1,10 +1,11 @@
 """Stage 4, width surgery: prune with a fold, grow with orthogonal rows, commit all-or-nothing.
 
-``prune`` plans which channels stay and what is folded (on moments from ``moments``, pivots
-from ``pivots``); ``plan`` turns the group changes into tensor moves (stage 5, the optimizer
-state, included); ``commit`` applies them in one ``slice_copy`` call through a rollback
-journal; ``renorm`` rescales BatchNorm-followed rows afterwards. See docs/design.md,
-"Stage 4: surgery".
+``prune`` plans which channels stay and what is folded (on moments from ``moments``, zero
+padding handled in ``patches``, pivots from ``pivots``); ``plan`` turns the group changes into
+tensor moves (stage 5, the optimizer state, included); ``commit`` applies them in one
+``slice_copy`` call through a rollback journal; ``renorm`` rescales BatchNorm-followed rows
+afterwards. The model as they read it, and what can be resized, is in ``context``. See
+docs/design.md, "Stage 4: surgery".
 """
 
 from .commit import Journal, check_finite, commit_plan
@@ -20,11 +21,19 @@ from .context import (
 )
 from .moments import (
     ACTIVATIONS,
+    ConsumerMoments,
     Moments,
     capture_features,
     consumer_offsets,
     detect_activation,
     predict_features,
+)
+from .patches import (
+    consumer_input_sizes,
+    fits_on_patches,
+    patch_moments,
+    tap_fractions,
+    zero_padding,
 )
 from .pivots import complement, grow_rows, pivoted_cholesky, pivoted_cholesky_batched
 from .plan import ResizePlan, TensorMove, build_plan
@@ -43,6 +52,7 @@ __all__ = [
     "LAYERS",
     "MODES",
     "NORMS",
+    "ConsumerMoments",
     "GroupChange",
     "Journal",
     "LayerFacts",
@@ -57,12 +67,15 @@ __all__ = [
     "check_targets",
     "commit_plan",
     "complement",
+    "consumer_input_sizes",
     "consumer_offsets",
     "data_pivot_gram",
     "detect_activation",
+    "fits_on_patches",
     "grow_rows",
     "layer_facts",
     "normed_producers",
+    "patch_moments",
     "pivoted_cholesky",
     "pivoted_cholesky_batched",
     "plan_prune_data",
@@ -71,5 +84,7 @@ __all__ = [
     "predict_features",
     "renormalize_rows_",
     "row_norm_snapshot",
+    "tap_fractions",
     "weight_block",
+    "zero_padding",
 ]

@@ -1,11 +1,14 @@
 """Where the fold's moments come from: the mean and covariance of what each consumer reads on a
-group's channels, measured on a batch (:func:`capture_features`, data mode) or predicted from
-the weights and BatchNorm statistics (:func:`predict_features`, weights mode).
+group's channels, measured on a batch (:func:`capture_features`, data mode; for a zero-padded
+Conv2d, of its im2col patches) or predicted from the weights and BatchNorm statistics
+(:func:`predict_features`, weights mode).
 
 See docs/design.md, "Stage 4: surgery" (the fold and weights mode's predicted moments).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -14,9 +17,11 @@ from .._utils import as_args, eval_mode
 from ..spectrum import bn_affine, bn_output_stats, group_matrix, norm_directly_after
 from ..trace import Group
 from .context import ResizeContext
+from .patches import fits_on_patches, patch_moments, tap_fractions
 
 __all__ = [
     "ACTIVATIONS",
+    "ConsumerMoments",
     "Moments",
     "capture_features",
     "consumer_offsets",
@@ -43,8 +48,34 @@ ACTIVATIONS = (
     nn.PReLU,
 )
 
-#: (group id, consumer) -> (mean (Tensor[n]), covariance (Tensor[n, n]), sample count), float64.
-Moments = dict[tuple[int, str], tuple[Tensor, Tensor, int]]
+
+@dataclass
+class ConsumerMoments:
+    """What one consumer reads on one group's ``n`` channels (float64 tensors).
+
+    Attributes:
+        mean (Tensor[n]): the mean per channel.
+        cov (Tensor[n, n]): the covariance.
+        count: the samples they were taken on.
+        taps (Tensor[B] | None): for a zero-padded Conv2d, the fraction of its output
+            positions at which each of its ``B = kh*kw`` taps reads data; None when every tap
+            always does.
+        patch_mean (Tensor[n*B] | None): data mode on a Conv2d that
+            :func:`~svdgrow.surgery.patches.fits_on_patches`: the mean of its im2col patches on
+            the group's channels (channel-major, padding included).
+        patch_cov (Tensor[n*B, n*B] | None): their covariance.
+    """
+
+    mean: Tensor
+    cov: Tensor
+    count: int
+    taps: Tensor | None = None
+    patch_mean: Tensor | None = None
+    patch_cov: Tensor | None = None
+
+
+#: (group id, consumer) -> what that consumer reads on that group's channels.
+Moments = dict[tuple[int, str], ConsumerMoments]
 
 
 def detect_activation(model: nn.Module):
@@ -127,6 +158,7 @@ def predict_features(
     activation=None,
     samples: int = 8192,
     generator: torch.Generator | None = None,
+    input_sizes: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[Moments, dict[tuple[int, str], int]]:
     """Data-free stand-in for :func:`capture_features`: the moments every consumer reads on a
     group's channels, predicted from the weights.
@@ -144,6 +176,10 @@ def predict_features(
             the moments are exact without sampling.
         samples: Gaussian samples pushed through ``activation``.
         generator: CPU random generator of the samples.
+        input_sizes: the input's spatial size of each zero-padded Conv2d consumer, for its
+            :func:`~svdgrow.surgery.patches.tap_fractions` (see
+            :func:`~svdgrow.surgery.patches.consumer_input_sizes`); one left out is folded as
+            if every tap read data.
 
     Returns:
         the same ``(moments, offsets)`` as :func:`capture_features`.
@@ -163,7 +199,9 @@ def predict_features(
             fc = f - mu
             fcov = fc.T @ fc / max(samples - 1, 1)
         for cons in g.consumers:
-            feats[(g.id, cons)] = (mu, fcov, samples)
+            size = (input_sizes or {}).get(cons)
+            taps = tap_fractions(ctx.modules[cons], size) if size is not None else None
+            feats[(g.id, cons)] = ConsumerMoments(mu, fcov, samples, taps)
     return feats, offsets
 
 
@@ -179,6 +217,9 @@ def capture_features(
     consumer of every group, the mean and covariance of its INPUT on the group's channels.
 
     A Conv2d input gives one sample per position, a Linear after Flatten one per channel block.
+    For a Conv2d with a kernel wider than 1x1 or zero padding the moments of its im2col patches
+    (padding included) are taken too, on at most ``max_samples`` output positions: the fold is
+    then fitted per column (see :func:`~svdgrow.surgery.patches.fits_on_patches`).
 
     Args:
         ctx: the model now.
@@ -188,8 +229,8 @@ def capture_features(
         generator: CPU random generator of the sub-sampling.
 
     Returns:
-        (moments, offsets): (group id, consumer) -> (mean (Tensor[n]), covariance
-        (Tensor[n, n]), samples), both float64; and (group id, consumer) -> channel offset.
+        (moments, offsets): (group id, consumer) -> :class:`ConsumerMoments`; and
+        (group id, consumer) -> channel offset.
     """
     offsets = consumer_offsets(ctx, groups)
     wanted: dict[str, list[tuple[int, int, int]]] = {}
@@ -197,28 +238,12 @@ def capture_features(
         wanted.setdefault(cons, []).append((gid, o, ctx.widths[gid]))
     feats: Moments = {}
 
-    def make_hook(name):
-        def hook(mod, inputs):
-            x = inputs[0].detach()
-            C = sum(ctx.widths[s] for s in ctx.graph.consumers[name].segments)
-            # linear input [N, C*B]: one sample per channel block; conv [N, C, H, W]: per position
-            v = x.reshape(x.shape[0], C, -1) if x.dim() == 2 else x.flatten(2)
-            N, _, P = v.shape
-            if N * P > max_samples:
-                pick = torch.randperm(N * P, generator=generator)[:max_samples].to(x.device)
-            else:
-                pick = torch.arange(N * P, device=x.device)
-            sample, pos = pick // P, pick % P
-            for gid, o, n in wanted[name]:
-                f = v[sample, o : o + n, pos]  # Tensor[samples, n] (no copy of the whole input)
-                mu = f.double().mean(0)
-                fc = f - mu.to(f.dtype)
-                cov = (fc.T @ fc).double() / max(f.shape[0] - 1, 1)
-                feats[(gid, name)] = (mu, cov, f.shape[0])
-
-        return hook
-
-    hooks = [ctx.modules[name].register_forward_pre_hook(make_hook(name)) for name in wanted]
+    hooks = [
+        ctx.modules[name].register_forward_pre_hook(
+            _capture_hook(ctx, name, wanted[name], feats, max_samples, generator)
+        )
+        for name in wanted
+    ]
     try:
         with eval_mode(ctx.modules[""]) as model:
             model(*as_args(data))
@@ -226,3 +251,33 @@ def capture_features(
         for h in hooks:
             h.remove()
     return feats, offsets
+
+
+def _capture_hook(ctx, name: str, wanted, feats: Moments, max_samples: int, generator):
+    """The forward pre-hook of :func:`capture_features` on consumer ``name``: for each
+    ``(group id, offset, width)`` in ``wanted``, the moments of its input on those channels."""
+
+    def hook(mod, inputs):
+        x = inputs[0].detach()
+        C = sum(ctx.widths[s] for s in ctx.graph.consumers[name].segments)
+        # linear input [N, C*B]: one sample per channel block; conv [N, C, H, W]: per position
+        v = x.reshape(x.shape[0], C, -1) if x.dim() == 2 else x.flatten(2)
+        N, _, P = v.shape
+        if N * P > max_samples:
+            pick = torch.randperm(N * P, generator=generator)[:max_samples].to(x.device)
+        else:
+            pick = torch.arange(N * P, device=x.device)
+        sample, pos = pick // P, pick % P
+        for gid, o, n in wanted:
+            f = v[sample, o : o + n, pos]  # Tensor[samples, n] (no copy of the whole input)
+            mu = f.double().mean(0)
+            fc = f - mu.to(f.dtype)
+            cov = (fc.T @ fc).double() / max(f.shape[0] - 1, 1)
+            moments = ConsumerMoments(mu, cov, f.shape[0])
+            if fits_on_patches(mod):
+                moments.patch_mean, moments.patch_cov = patch_moments(
+                    x, mod, slice(o, o + n), max_samples, generator
+                )
+            feats[(gid, name)] = moments
+
+    return hook

@@ -3,7 +3,7 @@ anything changes (:func:`build_plan`); :func:`svdgrow.surgery.commit_plan` then 
 
 A prune keeps the producer rows ``K`` and folds the dropped consumer columns into the kept ones,
 ``A_K <- A_K + A_D M``, with the constant ``A_D c`` going into the consumer's bias (or the
-BatchNorm right after it); a grow appends orthogonal rows and zero columns. See docs/design.md,
+BatchNorms that read its output directly); a grow appends orthogonal rows and zero columns. See docs/design.md,
 "Stage 4: surgery" and "Stage 5: optimizer-state remap".
 """
 
@@ -106,13 +106,13 @@ def build_plan(
     touched = []  # producers (rows) and consumers (columns) of the changed groups
     for ch in changes.values():
         touched += [n for n in ch.group.producers + ch.group.consumers if n not in touched]
-    mean_shift: dict[str, Tensor] = {}  # norm -> running-mean correction of a bias-free consumer
+    mean_shift: dict[str, list] = {}  # norm -> (offset, shift) of bias-free consumers it reads
     for name in touched:
         _plan_layer(ctx, name, changes, row_change.get(name), plan, mean_shift)
     _plan_norms(ctx, changes, plan, mean_shift)
-    for nm, shift in mean_shift.items():  # norms whose own group does not change
+    for nm, shifts in mean_shift.items():  # norms whose own group does not change
         buf = ctx.modules[nm]._buffers["running_mean"]
-        src = (buf.double() + shift).to(buf.dtype)
+        src = _shifted(buf, shifts)
         plan.moves.append(
             TensorMove("buffer", ctx.modules[nm]._buffers, "running_mean", src, None, None, 1)
         )
@@ -213,31 +213,66 @@ def _plan_columns(ctx, name: str, changes, work: Tensor, block: int):
 
 def _fold_columns_(view: Tensor, keep: Tensor, drop: Tensor, M: Tensor, c: Tensor) -> Tensor:
     """``A_K <- A_K + A_D M`` on a consumer weight viewed ``[R, C, B]`` (in place); returns the
-    constant ``sum_B A_D c`` per row (float64)."""
+    constant ``A_D c`` per row (float64). ``M`` and ``c`` are per channel or per column (see
+    :class:`~svdgrow.surgery.GroupChange`)."""
     A_drop = view[:, drop, :].double()  # [R, |D|, B]
     A_keep = view[:, keep, :].double()
-    view[:, keep, :] = (A_keep + torch.einsum("rdb,dk->rkb", A_drop, M)).to(view.dtype)
-    return torch.einsum("rdb,d->r", A_drop, c)
+    R, n_drop, B = A_drop.shape
+    if M.shape[0] == n_drop:  # one map for every column of a channel
+        A_keep = A_keep + torch.einsum("rdb,dk->rkb", A_drop, M)
+    else:
+        A_keep = A_keep + (A_drop.reshape(R, n_drop * B) @ M).reshape(A_keep.shape)
+    view[:, keep, :] = A_keep.to(view.dtype)
+    if c.shape[0] == n_drop:
+        return torch.einsum("rdb,d->r", A_drop, c)
+    return A_drop.reshape(R, n_drop * B) @ c
 
 
 def _plan_bias_correction(ctx, name, bias, bias_work, delta, plan, mean_shift):
     """Put a consumer's folded constant ``delta`` into its bias, else into the running mean of
-    the BatchNorm right after it, else drop it with a warning. Returns the bias source."""
+    every BatchNorm that reads its output directly (right after it, or across a
+    concatenation), else drop it with a warning. Returns the bias source."""
     if bias is not None:
         base = bias_work if bias_work is not None else bias
         return (base.double() + delta).to(bias.dtype)
-    norm = None
-    for g in ctx.graph.groups:
-        if name in g.producers:
-            norm = norm_directly_after(g).get(name)
-    if norm is not None and getattr(ctx.modules[norm], "running_mean", None) is not None:
-        mean_shift[norm] = -delta
-    elif float(delta.abs().max()) > 0:
+    readers = [
+        (norm, offset)
+        for norm, offset in _norms_reading(ctx, name)
+        if getattr(ctx.modules[norm], "running_mean", None) is not None
+    ]
+    for norm, offset in readers:
+        mean_shift.setdefault(norm, []).append((offset, -delta))
+    if not readers and float(delta.abs().max()) > 0:
         plan.warnings.append(
-            f"consumer {name!r} has no bias and no BatchNorm right after it: the folded "
-            f"constant (max |delta| {float(delta.abs().max()):.3g}) was dropped"
+            f"consumer {name!r} has no bias and no BatchNorm reads its output directly: the "
+            f"folded constant (max |delta| {float(delta.abs().max()):.3g}) was dropped"
         )
     return bias_work
+
+
+def _norms_reading(ctx: ResizeContext, name: str) -> list[tuple[str, int]]:
+    """``(norm, channel offset)`` of every BatchNorm that reads the output of ``name``
+    directly: right after it (``Group.norm_after``) or as a segment of a concatenation
+    (``CouplingGraph.concat_norms``)."""
+    out = []
+    for g in ctx.graph.groups:
+        if name in g.producers and name in norm_directly_after(g):
+            out.append((norm_directly_after(g)[name], 0))
+    for norm, segments in ctx.graph.concat_norms.items():
+        offset = 0
+        for gid, source in segments:
+            if source == name:
+                out.append((norm, offset))
+            offset += ctx.widths[gid]
+    return out
+
+
+def _shifted(buf: Tensor, shifts: list[tuple[int, Tensor]]) -> Tensor:
+    """``buf`` (float64 sum, cast back) with each ``(offset, shift)`` added from ``offset``."""
+    out = buf.double()
+    for offset, shift in shifts:
+        out[offset : offset + len(shift)] += shift
+    return out.to(buf.dtype)
 
 
 def _plan_norms(ctx, changes: dict[int, GroupChange], plan: ResizePlan, mean_shift) -> None:
@@ -269,7 +304,7 @@ def _plan_norms(ctx, changes: dict[int, GroupChange], plan: ResizePlan, mean_shi
                 if buf is not None:
                     src = extend(buf, value)
                     if bname == "running_mean" and nm in mean_shift:
-                        src = (src.double() + mean_shift.pop(nm)).to(buf.dtype)
+                        src = _shifted(src, mean_shift.pop(nm))
                     plan.moves.append(TensorMove("buffer", bn._buffers, bname, src, rows, None, 1))
             plan.attrs.append((bn, "num_features", ch.new_width))
 

@@ -44,8 +44,12 @@ class GroupChange:
         drop (Tensor[old_width - new_width], int64): the dropped channels (a prune).
         grown_rows: producer -> its new rows ``Tensor[new_width - old_width, in*kh*kw]`` (a
             grow; filled by :func:`svdgrow.surgery.build_plan`).
-        folds: consumer -> ``(M (Tensor[|D|, |K|]), c (Tensor[|D|]))`` (a prune; a consumer
-            without an entry drops its columns without a fold).
+        folds: consumer -> ``(M, c)`` (a prune; a consumer without an entry drops its columns
+            without a fold): ``A_K <- A_K + A_D M``, ``bias <- bias + A_D c`` over the
+            consumer's columns. ``M`` (Tensor[|D|, |K|]) maps every column of a channel alike,
+            or (Tensor[|D|*B, |K|*B], columns channel-major) each column on its own; ``c``
+            (Tensor[|D|]) is the same at every column of a channel, or (Tensor[|D|*B]) given
+            per column.
     """
 
     group: Group
@@ -81,7 +85,7 @@ def data_pivot_gram(
         key = (group.id, cons)
         if key not in feats:
             continue
-        _, cov, _ = feats[key]
+        cov = feats[key].cov
         A = ctx.modules[cons].weight.detach().double()
         A = A.reshape(A.shape[0], -1, ctx.weight_block(cons))
         o = offsets[key]
@@ -108,7 +112,10 @@ def plan_prune_data(
     pivots: Tensor | None = None,
 ) -> GroupChange:
     """Prune ``group`` to ``r`` channels with the fold fitted on its consumers' input moments:
-    ``M = S_DK (S_KK + lambda I)^-1``, ``c = mu_D - M mu_K`` per consumer.
+    ``M = S_DK (S_KK + lambda I)^-1``, ``c = mu_D - M mu_K`` per consumer, on channels, or on
+    im2col patches for a zero-padded Conv2d measured on data (its border taps read zeros,
+    which no per-channel constant can follow). A per-channel constant is weighted by the
+    fraction of positions each tap reads data at, when that is known.
 
     Args:
         ctx: the model now.
@@ -129,15 +136,30 @@ def plan_prune_data(
     for cons in group.consumers:
         if (group.id, cons) not in feats:  # this consumer did not run: drop without a fold
             continue
-        mu, cov, _ = feats[(group.id, cons)]
-        S_KK = cov[keep][:, keep]
-        S_KD = cov[keep][:, drop]
-        lam = ridge * float(torch.diagonal(S_KK).sum()) / max(r, 1) + 1e-12
-        eye = torch.eye(r, dtype=S_KK.dtype, device=S_KK.device)
-        M = torch.linalg.solve(S_KK + lam * eye, S_KD).T
-        c = mu[drop] - M @ mu[keep]
+        moments = feats[(group.id, cons)]
+        if moments.patch_cov is not None:
+            B = moments.patch_cov.shape[0] // n
+            taps = torch.arange(B, device=keep.device)
+            k_cols, d_cols = ((idx[:, None] * B + taps).flatten() for idx in (keep, drop))
+            M, c = _fit(moments.patch_mean, moments.patch_cov, k_cols, d_cols, ridge)
+        else:
+            M, c = _fit(moments.mean, moments.cov, keep, drop, ridge)
+            if moments.taps is not None:  # the constant reaches only the taps that read data
+                c = (c[:, None] * moments.taps.to(c)[None, :]).flatten()
         change.folds[cons] = (M, c)
     return change
+
+
+def _fit(mu: Tensor, cov: Tensor, keep: Tensor, drop: Tensor, ridge: float):
+    """The least-squares fold ``f_drop ~ M f_keep + c`` on the moments ``mu``, ``cov``:
+    ``M = S_DK (S_KK + lambda I)^-1``, ``c = mu_D - M mu_K``,
+    ``lambda = ridge * trace(S_KK) / |K|``."""
+    S_KK = cov[keep][:, keep]
+    S_KD = cov[keep][:, drop]
+    lam = ridge * float(torch.diagonal(S_KK).sum()) / max(len(keep), 1) + 1e-12
+    eye = torch.eye(len(keep), dtype=S_KK.dtype, device=S_KK.device)
+    M = torch.linalg.solve(S_KK + lam * eye, S_KD).T
+    return M, mu[drop] - M @ mu[keep]
 
 
 def plan_prune_magnitude(ctx: ResizeContext, group: Group, r: int) -> GroupChange:
@@ -164,6 +186,7 @@ def plan_prunes(
     ridge: float = 1e-3,
     max_samples: int = 16384,
     generator: torch.Generator | None = None,
+    input_sizes: dict[str, tuple[int, int]] | None = None,
 ) -> dict[int, GroupChange]:
     """Plan every prune of one resize.
 
@@ -180,6 +203,8 @@ def plan_prunes(
         ridge: relative ridge of the fold (see :func:`plan_prune_data`).
         max_samples: feature vectors per consumer in data mode.
         generator: CPU random generator (data mode's sub-sampling, weights mode's samples).
+        input_sizes: weights mode: the input's spatial size of each zero-padded Conv2d
+            consumer (see :func:`~svdgrow.surgery.patches.consumer_input_sizes`).
 
     Returns:
         group id -> its :class:`GroupChange`.
@@ -199,7 +224,9 @@ def plan_prunes(
             raise ValueError("mode='data' prunes need a batch: pass data=... to step() or apply()")
         feats, offsets = capture_features(ctx, groups, data, max_samples, generator)
     else:
-        feats, offsets = predict_features(ctx, groups, activation, generator=generator)
+        feats, offsets = predict_features(
+            ctx, groups, activation, generator=generator, input_sizes=input_sizes
+        )
     grams = [data_pivot_gram(ctx, g, feats, offsets) for g in groups]
     pivots = pivoted_cholesky_batched(grams, [targets[g.id] for g in groups])
     return {

@@ -43,6 +43,8 @@ class GroupBuilder:
         consumer_block: the activation entries per channel each consumer reads.
         producer_group: the raw group of each producer's output (one per module).
         norm_group: the raw group each BatchNorm normalises.
+        concat_norms: each BatchNorm on a concatenation: its (raw group, direct producer)
+            segments.
         fresh_layouts: the frozen layouts given to tensors without one (see
             :meth:`layout_or_frozen`).
     """
@@ -58,6 +60,7 @@ class GroupBuilder:
         self.consumer_block: dict[str, int] = {}
         self.producer_group: dict[str, int] = {}
         self.norm_group: dict[str, int] = {}
+        self.concat_norms: dict[str, list[tuple[int, str | None]]] = {}
         self.fresh_layouts: dict[torch.fx.Node, Layout] = {}
 
     # ---- naming ops in messages -------------------------------------------------------
@@ -213,8 +216,16 @@ class GroupBuilder:
             )
             for name, segs in self.consumer_segments.items()
         }
+        concat_norms = {
+            name: [(new_id[self.groups.find(s)], p) for s, p in segs]
+            for name, segs in self.concat_norms.items()
+            if all(self.groups.find(s) in new_id for s, _ in segs)
+        }
         return CouplingGraph(
-            groups=groups, consumers=consumers, warnings=list(self.groups.messages)
+            groups=groups,
+            consumers=consumers,
+            warnings=list(self.groups.messages),
+            concat_norms=concat_norms,
         )
 
     def _freeze_tiled_consumer_inputs(self) -> None:

@@ -75,11 +75,16 @@ class CouplingGraph:
             2-D input), the layout of its input channels; in graph order.
         warnings: one line per reason a group was frozen by an op the tracer could not
             follow (the same lines are issued as :class:`CouplingWarning`).
+        concat_norms: each BatchNorm that normalises a concatenation of groups (those groups
+            are frozen), with its segments in order: (group id, the producer whose output
+            that segment is directly, or None). Surgery puts a constant folded into such a
+            producer into the norm's running mean.
     """
 
     groups: list[Group]
     consumers: dict[str, ConsumerLayout]
     warnings: list[str] = field(default_factory=list)
+    concat_norms: dict[str, list[tuple[int, str | None]]] = field(default_factory=dict)
 
     def resizable(self) -> list[Group]:
         """Groups that may be resized (``frozen is None``)."""

@@ -20,6 +20,13 @@ class Layout:
     segs: tuple[int, ...]
     block: int = 1
     producer: str | None = None  # the producer whose output this value is, directly
+    sources: tuple[str | None, ...] = ()  # after a cat: per segment, what ``producer`` says
+
+    def direct_sources(self) -> tuple[str | None, ...]:
+        """Per segment, the producer whose output it is directly (None where none is)."""
+        if self.sources:
+            return self.sources
+        return (self.producer,) if len(self.segs) == 1 else (None,) * len(self.segs)
 
 
 @dataclass(frozen=True)

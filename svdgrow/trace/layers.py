@@ -72,6 +72,8 @@ def batch_norm(b: GroupBuilder, node: torch.fx.Node, m: nn.Module, x: torch.fx.N
     if len(lay.segs) != 1 or lay.block != 1:
         why = "a concatenation of groups" if len(lay.segs) != 1 else "a flattened value"
         b.groups.freeze(lay.segs, f"BatchNorm {name!r} normalises {why}")
+        if lay.block == 1:  # surgery puts a folded constant into its running mean
+            b.concat_norms.setdefault(name, list(zip(lay.segs, lay.direct_sources(), strict=True)))
         return Layout(lay.segs, lay.block)
     gid = lay.segs[0]
     if name in b.norm_group:  # one norm called on two values ties their channels

@@ -80,7 +80,9 @@ def passthrough(b: GroupBuilder, node: torch.fx.Node, x: Any, check_others: bool
         or (node.op == "call_function" and t in IDENTITY_FUNCS)
     )
     # a norm after an identity-like op still follows the producer directly
-    return Layout(lay.segs, lay.block, lay.producer if identity_like else None)
+    if not identity_like:
+        return Layout(lay.segs, lay.block)
+    return Layout(lay.segs, lay.block, lay.producer, lay.sources)
 
 
 def pad(b: GroupBuilder, node: torch.fx.Node, x: Any, n_pad: int) -> Any:
@@ -353,7 +355,8 @@ def cat(b: GroupBuilder, node: torch.fx.Node) -> Any:
             return b.opaque(
                 node, f"concatenation of differently flattened values: {b.describe_op(node)}"
             )
-        out = Layout(tuple(s for x in lays for s in x.segs), lays[0].block)
+        sources = tuple(p for x in lays for p in x.direct_sources())
+        out = Layout(tuple(s for x in lays for s in x.segs), lays[0].block, sources=sources)
         b.freeze_repeated_groups(out, node, "one concatenation")
         return out
     out = join_layouts(

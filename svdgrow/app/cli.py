@@ -8,8 +8,9 @@ Examples::
     svdgrow summary runs/mnist-mnist-2m-20240101-120000
     svdgrow plot runs/mnist-mnist-2m-20240101-120000
 
-Every user error (a bad flag, a missing or corrupt file, an unusable device) ends in one line
-on stderr and exit status 2; an interrupted run exits with 130 (Ctrl-C) or 143 (SIGTERM).
+Every user error (a bad flag, a missing or corrupt file, an unusable device, a diverged run)
+ends in one line on stderr and exit status 2. Ctrl-C or SIGTERM stops a run after its current
+step with a checkpoint (exit status 130 or 143); a second one aborts at once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import logging
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -264,10 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = {k: v for k, v in vars(ns).items() if k not in ("command", "verbose")}
     try:
         return _COMMANDS[ns.command](args)
-    except KeyboardInterrupt as exc:
-        print("svdgrow: interrupted; the run was checkpointed: continue it with "
-              "svdgrow train --resume RUN_DIR", file=sys.stderr)  # fmt: skip
-        return 143 if isinstance(exc, TrainingInterrupted) else 130
+    except TrainingInterrupted as exc:
+        print(f"svdgrow: stopped by {signal.Signals(exc.signum).name} after a checkpoint; "
+              f"continue with: svdgrow train --resume {exc.run_dir}", file=sys.stderr)  # fmt: skip
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("svdgrow: aborted without a new checkpoint (a run folder resumes from its last "
+              "one)", file=sys.stderr)  # fmt: skip
+        return 130
     except _USER_ERRORS as exc:
         logger.debug("error details", exc_info=True)
         print(f"svdgrow: error: {_one_line(exc)}", file=sys.stderr)

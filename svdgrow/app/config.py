@@ -6,14 +6,16 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from svdgrow import Policy
 
-from .models import preset_spec
+from .data import IMAGE_SHAPE, NUM_CLASSES
+from .models import preset_spec, validate_spec
 
-__all__ = ["DEFAULT_LR", "DEFAULT_WD", "TrainConfig", "lr_at"]
+__all__ = ["DEFAULT_LR", "DEFAULT_WD", "TrainConfig", "check_spec_fits", "lr_at"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,27 +170,79 @@ class TrainConfig:
             raise ValueError(f"--policy: {exc}") from None
 
     def validate(self) -> None:
-        """Raise ValueError with an actionable message on inconsistent settings."""
-        if self.optimizer not in DEFAULT_LR:
-            raise ValueError(f"optimizer {self.optimizer!r} unknown; choose sgd, adam or adamw")
-        if self.mode not in ("weights", "data"):
-            raise ValueError(f"mode {self.mode!r} unknown; choose weights or data")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})"
-            )
-        if self.target_params is not None and self.resize_every <= 0:
+        """Check every setting before anything starts.
+
+        Raises:
+            ValueError: naming the first bad setting (as its command-line flag), what it must
+                be and what it is.
+        """
+        for name, ok, must in _CHECKS:
+            value = getattr(self, name)
+            try:
+                good = ok(value)
+            except TypeError:  # e.g. a string where a number belongs, from a hand-edited file
+                good = False
+            if not good:
+                raise ValueError(f"--{name.replace('_', '-')} must be {must}, got {value!r}")
+        if self.target_params is not None and self.resize_every == 0:
             raise ValueError("--target-params needs resizing: give --resize-every N with N >= 1")
-        if self.target_params is not None and self.target_params < 1:
-            raise ValueError(f"--target-params must be positive, got {self.target_params}")
-        if not 0.0 <= self.shrink_energy_eps < 1.0:
-            raise ValueError(f"--shrink-energy-eps must be in [0, 1), got {self.shrink_energy_eps}")
-        if not 0.0 <= self.resize_until <= 1.0:
-            raise ValueError(
-                f"--resize-until is a fraction of all steps in [0, 1], got {self.resize_until}"
-            )
+        try:
+            spec = self.starting_spec()
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        check_spec_fits(spec, self.dataset)
         if self.resize_every > 0:
             self.make_policy()
+
+
+def check_spec_fits(spec: dict[str, Any], dataset: str) -> None:
+    """Check that ``spec`` is a buildable network whose input and output fit ``dataset``.
+
+    Raises:
+        ValueError: naming the spec entry that is malformed or does not fit.
+    """
+    validate_spec(spec)
+    channels, size, _ = IMAGE_SHAPE
+    fits = {"in_channels": channels, "input_size": size, "num_classes": NUM_CLASSES}
+    for key, want in fits.items():
+        if spec[key] != want:
+            raise ValueError(
+                f"the architecture spec has {key} {spec[key]}, but {dataset} has {channels}-"
+                f"channel {size}x{size} images in {NUM_CLASSES} classes: set {key} to {want}"
+            )
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("optimizer", lambda v: v in DEFAULT_LR, "sgd, adam or adamw"),
+    ("mode", lambda v: v in ("weights", "data"), "weights or data"),
+    ("epochs", lambda v: _count(v) and v >= 1, "an integer >= 1"),
+    ("batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),
+    ("eval_batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),
+    ("lr", lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0"),
+    ("momentum", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("weight_decay", lambda v: v is None or (_finite(v) and v >= 0), "a finite number >= 0"),
+    ("warmup_steps", lambda v: _count(v) and v >= 0, "an integer >= 0"),
+    ("label_smoothing", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("resize_every", lambda v: _count(v) and v >= 0, "an integer >= 0 (0: never resize)"),
+    ("resize_until", lambda v: _finite(v) and 0 <= v <= 1, "a fraction of all steps in [0, 1]"),
+    ("target_params", lambda v: v is None or (_count(v) and v >= 1), "a count >= 1"),
+    ("shrink_steps", lambda v: _count(v) and v >= 0, "an integer >= 0"),
+    ("shrink_energy_eps", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("shift", lambda v: _count(v) and v >= 0, "an integer >= 0 (pixels)"),
+    ("subset", lambda v: v is None or (_count(v) and v >= 1), "a sample count >= 1"),
+    ("test_subset", lambda v: v is None or (_count(v) and v >= 1), "a sample count >= 1"),
+    ("threads", lambda v: v is None or (_count(v) and v >= 1), "an integer >= 1"),
+    ("checkpoint_minutes", lambda v: _finite(v) and v >= 0, "a number >= 0 (0: epoch ends)"),
+]
+"""``(field, test, what it must be)`` for every setting :meth:`TrainConfig.validate` checks."""
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:

@@ -26,7 +26,10 @@ import torchvision.datasets as tvd
 
 __all__ = [
     "DATASETS",
+    "DataCorruptError",
     "DataNotFoundError",
+    "IMAGE_SHAPE",
+    "NUM_CLASSES",
     "DeviceDataset",
     "candidate_roots",
     "find_root",
@@ -45,6 +48,11 @@ DATASETS: dict[str, tuple[str, str, float, float]] = {
 }
 """Known datasets: ``name -> (torchvision class, folder under the root, mean, std)``."""
 
+IMAGE_SHAPE = (1, 28, 28)
+"""``(channels, height, width)`` of every sample of every known dataset."""
+NUM_CLASSES = 10
+"""Classes of every known dataset."""
+
 _RAW_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -55,6 +63,10 @@ _RAW_FILES = (
 
 class DataNotFoundError(FileNotFoundError):
     """The dataset is in none of the places searched and could not be downloaded."""
+
+
+class DataCorruptError(ValueError):
+    """The dataset's files are there but cannot be parsed (truncated or corrupt)."""
 
 
 def _canonical(name: str) -> str:
@@ -127,7 +139,17 @@ def _load_split(cls, root: Path, train: bool, download: bool) -> tuple[torch.Ten
 
 
 def _parse_split(cls, root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = cls(str(root), train=train, download=download)
+    try:
+        ds = cls(str(root), train=train, download=download)
+    except (RuntimeError, ValueError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and download:
+            raise  # a failed download: reported with the places searched
+        raw = Path(root).resolve() / cls.__name__ / "raw"
+        split = "train" if train else "test"
+        raise DataCorruptError(
+            f"cannot parse the {cls.__name__} {split} split in {raw}: {exc}. A file there is "
+            "truncated or corrupt: delete it (and download again) or point --data-dir elsewhere"
+        ) from exc
     images = ds.data
     if not isinstance(images, torch.Tensor):  # pragma: no cover - older torchvision
         images = torch.as_tensor(images)

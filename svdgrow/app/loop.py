@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -25,21 +29,40 @@ from svdgrow._utils import eval_mode
 from svdgrow.policy import budget_at
 from svdgrow.surgery import renormalize_rows_, row_norm_snapshot
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint
+from .checkpoint import load_checkpoint
 from .config import TrainConfig, lr_at
 from .data import DeviceDataset
 from .models import count_flops, count_params, spec_of
 from .plot import plot_run
-from .rundir import CKPT_NAME, FINAL_SPEC_NAME, last_checkpoint, load_run_config, write_json
-from .state import EpochStats, RunState, setup_run
+from .rundir import (
+    CKPT_NAME,
+    FINAL_SPEC_NAME,
+    RunDirError,
+    check_new_run_dir,
+    default_run_dir,
+    last_checkpoint,
+    load_run_config,
+    write_json,
+)
+from .state import EpochStats, RunState, TrainingDiverged, open_run_folder, setup_run
 
-__all__ = ["TrainingInterrupted", "evaluate", "train"]
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "evaluate", "train"]
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Raised from the SIGTERM handler: the run checkpoints, then stops (resume with --resume)."""
+    """SIGINT or SIGTERM stopped the run at a step boundary, after a checkpoint.
+
+    Attributes:
+        signum: the signal's number.
+        run_dir: the run folder, to resume with ``svdgrow train --resume``.
+    """
+
+    def __init__(self, signum: int, run_dir: Path):
+        super().__init__(f"{signal.Signals(signum).name} at a step boundary")
+        self.signum = signum
+        self.run_dir = run_dir
 
 
 def train(
@@ -48,6 +71,9 @@ def train(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) one training run, writing its run folder.
+
+    SIGINT (Ctrl-C) and SIGTERM stop the run at the next step boundary with a checkpoint; a
+    second one aborts at once, leaving the last checkpoint.
 
     Args:
         cfg: the run's config (ignored when ``resume`` is given).
@@ -59,37 +85,24 @@ def train(
         ``step``, ``epoch``, ``widths``.
 
     Raises:
-        TrainingInterrupted: on SIGTERM, after checkpointing (KeyboardInterrupt on Ctrl-C).
+        TrainingInterrupted: after the checkpoint of a stop signal.
+        TrainingDiverged: when the weights become NaN/inf (the last finite checkpoint stays).
+        ValueError: a bad setting or run folder (nothing is written).
+        CheckpointError: the checkpoint to resume cannot be used.
     """
-    ckpt = None
-    if resume is not None:
-        cfg, record = load_run_config(resume)
-        for k, v in (overrides or {}).items():
-            if v is not None:
-                setattr(cfg, k, v)
-        cfg.run_dir = str(resume)
-        start_spec = record["start_spec"]
-        ckpt = load_checkpoint(last_checkpoint(resume))
-    else:
-        cfg = cfg if cfg is not None else TrainConfig()
-        start_spec = cfg.starting_spec()
-    cfg.validate()
-    threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        run = setup_run(cfg, start_spec, ckpt)
-        return _run_loop(run)
-    finally:
-        torch.set_num_threads(threads_before)
+    with _stop_signals() as stop:
+        cfg, start_spec, ckpt = _prepare(cfg, resume, overrides)
+        with _num_threads(cfg.threads):
+            r = setup_run(cfg, start_spec, ckpt)
+            open_run_folder(r, resumed=ckpt is not None)
+            return _run_loop(r, stop)
 
 
-def _run_loop(r: RunState) -> dict[str, Any]:
+def _run_loop(r: RunState, stop: _StopRequest) -> dict[str, Any]:
     cfg = r.cfg
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        while r.epoch < cfg.epochs:
-            while r.batch_in_epoch < r.steps_per_epoch:
+        while r.epoch < cfg.epochs and stop.signum is None:
+            while r.batch_in_epoch < r.steps_per_epoch and stop.signum is None:
                 # forward, backward, update (an epoch's first step draws its batch order)
                 x, y, loss = _train_step(r)
                 # every resize_every steps until resize_until: resize, renormalise, log
@@ -97,19 +110,91 @@ def _run_loop(r: RunState) -> dict[str, Any]:
                 # progress bar; a mid-epoch checkpoint every checkpoint_minutes
                 _show_progress(r, loss)
                 if _checkpoint_due(r):
-                    _save(r)
-            # evaluate on the test split, log the epoch, checkpoint
-            _end_epoch(r)
+                    r.save()
+            # at the epoch's end: evaluate on the test split, log the epoch, checkpoint
+            if r.batch_in_epoch == r.steps_per_epoch:
+                _end_epoch(r)
+        if stop.signum is not None and r.epoch < cfg.epochs:
+            # a stop signal: checkpoint at this step boundary and leave
+            _stop(r, stop.signum)
         return _finish(r)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through TrainingInterrupted
-        _on_interrupt(r)
-        raise
+    except TrainingDiverged as exc:
+        _diverged(r, exc)
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
         if r.bar is not None:
             r.bar.close()
         r.log.close()
+
+
+def _prepare(
+    cfg: TrainConfig | None, resume: str | os.PathLike | None, overrides: dict[str, Any] | None
+) -> tuple[TrainConfig, dict[str, Any], dict[str, Any] | None]:
+    """The checked config, starting spec and checkpoint (None: a new run) of a run."""
+    if resume is None:
+        cfg = cfg if cfg is not None else TrainConfig()
+        cfg.validate()
+        cfg.run_dir = cfg.run_dir or default_run_dir(cfg)
+        check_new_run_dir(cfg.run_dir)
+        return cfg, cfg.starting_spec(), None
+    cfg, record = load_run_config(resume)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            setattr(cfg, k, v)
+    cfg.run_dir = str(resume)
+    cfg.validate()
+    path = last_checkpoint(resume)
+    if not path.is_file() or not isinstance(record.get("start_spec"), dict):
+        raise RunDirError(
+            f"cannot resume {resume}: it has no checkpoint or no start_spec in its config.json "
+            "(the files were removed or come from elsewhere); start the run again"
+        )
+    ckpt = load_checkpoint(path)
+    if ckpt["epoch"] >= cfg.epochs:
+        raise RunDirError(
+            f"run {resume} is finished: it trained {ckpt['epoch']} of {cfg.epochs} epochs; to "
+            f"train it further, resume it with --epochs N, N > {ckpt['epoch']}"
+        )
+    return cfg, record["start_spec"], ckpt
+
+
+@dataclass
+class _StopRequest:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[_StopRequest]:
+    """SIGINT and SIGTERM only set a flag that the loop reads at step boundaries; a second
+    signal raises KeyboardInterrupt at once. Handlers are installed from the main thread only."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signum is not None:
+            raise KeyboardInterrupt  # a second signal: abort without a new checkpoint
+        stop.signum = signum
+        logger.warning("%s: stopping after this step (send it again to abort at once)",
+                       signal.Signals(signum).name)  # fmt: skip
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _num_threads(n: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,14 +238,22 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
         return
     budget = budget_at(r.step, r.start_params, cfg.target_params, cfg.shrink_steps)
     shrinking = cfg.target_params is not None and r.step <= cfg.shrink_steps
+    # the energy epsilon follows the schedule too (Policy has no per-step argument for it)
     r.resizer.policy.energy_eps = cfg.shrink_energy_eps if shrinking else r.eps_after
     params_before = count_params(r.model)
     graph = r.resizer.graph
     norms = row_norm_snapshot(r.model, graph) if cfg.renorm else {}
     with r.autocast():
         loss_before = _probe_loss(r.model, x, y)
+    if not math.isfinite(loss_before):  # no point resizing garbage: the spectra are NaN too
+        raise TrainingDiverged(
+            f"training diverged by step {r.step}: the batch loss is {loss_before}"
+        )
     t0 = time.perf_counter()
-    report = r.resizer.step(data=x if cfg.mode == "data" else None, budget=budget)
+    try:
+        report = r.resizer.step(data=x if cfg.mode == "data" else None, budget=budget)
+    except FloatingPointError as exc:  # NaN/inf weights: nothing was resized
+        raise TrainingDiverged(f"training diverged by step {r.step}: {exc}") from None
     renorm = renormalize_rows_(r.model, graph, r.optimizer, norms) if cfg.renorm else {}
     seconds = time.perf_counter() - t0
     r.resize_checks += 1
@@ -216,20 +309,7 @@ def _end_epoch(r: RunState) -> None:
             f"epoch {r.epoch}/{cfg.epochs}: train acc {stats['correct'] / seen:.4f} "
             f"test acc {r.test_acc:.4f} params {params:,} ({r.elapsed():.0f} s)"
         )
-    _save(r, final=r.epoch == cfg.epochs)
-
-
-def _save(r: RunState, final: bool = False) -> None:
-    """Checkpoint the run at the current step (atomically, over the previous one)."""
-    extra = {"elapsed": r.elapsed(), "batch_in_epoch": r.batch_in_epoch,
-             "epoch_stats": r.stats.as_dict(), "final": final}  # fmt: skip
-    rng = rng_state(r.generators)
-    if r.order is not None and r.batch_in_epoch > 0:
-        rng["order"] = r.order.cpu()
-    scaler = r.scaler if r.scaler.is_enabled() else None
-    save_checkpoint(r.dir / CKPT_NAME, r.model, r.optimizer, scaler=scaler, step=r.step,
-                    epoch=r.epoch, rng=rng, extra=extra)  # fmt: skip
-    r.last_save = time.perf_counter()
+    r.save(final=r.epoch == cfg.epochs)
 
 
 def _checkpoint_due(r: RunState) -> bool:
@@ -237,11 +317,24 @@ def _checkpoint_due(r: RunState) -> bool:
     return minutes > 0 and time.perf_counter() - r.last_save > 60 * minutes
 
 
-def _on_interrupt(r: RunState) -> None:
-    logger.warning("interrupted at step %d: checkpointing to %s (resume with --resume %s)",
-                   r.step, r.dir / CKPT_NAME, r.dir)  # fmt: skip
-    _save(r)
-    r.log.write("interrupted", step=r.step, epoch=r.epoch, elapsed=r.elapsed())
+def _stop(r: RunState, signum: int) -> None:
+    """Checkpoint at this step boundary, log the interruption, raise TrainingInterrupted."""
+    name = signal.Signals(signum).name
+    logger.warning("%s: checkpointing step %d to %s (resume with --resume %s)", name, r.step,
+                   r.dir / CKPT_NAME, r.dir)  # fmt: skip
+    r.save()
+    r.log.write("interrupted", step=r.step, epoch=r.epoch, signal=name, elapsed=r.elapsed())
+    raise TrainingInterrupted(signum, r.dir)
+
+
+def _diverged(r: RunState, exc: TrainingDiverged) -> NoReturn:
+    """Log the divergence and raise it again, saying which checkpoint the folder keeps."""
+    r.log.write("diverged", step=r.step, epoch=r.epoch, saved_step=r.saved_step,
+                error=str(exc), elapsed=r.elapsed())  # fmt: skip
+    raise TrainingDiverged(
+        f"{exc}. The run folder {r.dir} keeps its last finite checkpoint (step {r.saved_step}); "
+        "start again with a lower --lr"
+    ) from None
 
 
 def _finish(r: RunState) -> dict[str, Any]:
@@ -260,14 +353,6 @@ def _finish(r: RunState) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - plots must never fail a finished run
         logger.warning("plotting failed: %s", exc)
     return {"run_dir": str(r.dir), **result}
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise TrainingInterrupted()
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,35 +117,48 @@ def validate_spec(spec: dict[str, Any]) -> None:
     """Check that a spec describes a buildable network.
 
     Raises:
-        ValueError: naming the first inconsistent entry and how to fix it.
+        ValueError: naming the first malformed or inconsistent entry and how to fix it.
     """
+    if not isinstance(spec, dict):
+        raise ValueError(f"an architecture spec is a JSON object, got a {type(spec).__name__}")
     required = ("in_channels", "num_classes", "input_size", "stem", "blocks")
     missing = [k for k in required if k not in spec]
     if missing:
         raise ValueError(f"architecture spec lacks {missing}; it needs the keys {list(required)}")
     if spec.get("arch", "resnet") != "resnet":
         raise ValueError(f"unknown arch {spec.get('arch')!r}; only 'resnet' is known")
+    if not isinstance(spec.get("bn", True), bool):
+        raise ValueError(f"spec['bn'] must be true or false, got {spec['bn']!r}")
     for key in ("in_channels", "num_classes", "input_size", "stem"):
-        if not isinstance(spec[key], int) or spec[key] < 1:
-            raise ValueError(f"spec[{key!r}] must be a positive int, got {spec[key]!r}")
+        _check_positive(spec[key], f"spec[{key!r}]")
+    if not isinstance(spec["blocks"], list):
+        kind = type(spec["blocks"]).__name__
+        raise ValueError(f"spec['blocks'] must be a list of block objects, got a {kind}")
     width = spec["stem"]
     for i, blk in enumerate(spec["blocks"]):
+        where = f"spec['blocks'][{i}]"
+        if not isinstance(blk, dict):
+            raise ValueError(f"{where} must be an object with mid, out, stride, projection")
         for key in ("mid", "out"):
-            if not isinstance(blk.get(key), int) or blk[key] < 1:
-                raise ValueError(
-                    f"spec['blocks'][{i}][{key!r}] must be a positive int, got {blk.get(key)!r}"
-                )
+            _check_positive(blk.get(key), f"{where}[{key!r}]")
         stride = blk.get("stride", 1)
-        if stride not in (1, 2):
-            raise ValueError(f"spec['blocks'][{i}]['stride'] must be 1 or 2, got {stride!r}")
+        if stride not in (1, 2) or isinstance(stride, bool):
+            raise ValueError(f"{where}['stride'] must be 1 or 2, got {stride!r}")
         projection = blk.get("projection", stride != 1)
+        if not isinstance(projection, bool):
+            raise ValueError(f"{where}['projection'] must be true or false, got {projection!r}")
         if not projection and (stride != 1 or blk["out"] != width):
             raise ValueError(
-                f"spec['blocks'][{i}] has an identity shortcut, so it needs stride 1 and out == its "
-                f"input width ({width}); got stride {stride}, out {blk['out']}. Set "
-                "'projection': true or fix the widths."
+                f"{where} has an identity shortcut, so it needs stride 1 and out == its input "
+                f"width ({width}); got stride {stride}, out {blk['out']}. Set 'projection': "
+                "true or fix the widths."
             )
         width = blk["out"]
+
+
+def _check_positive(value: Any, where: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{where} must be a positive int, got {value!r}")
 
 
 class ResBlock(nn.Module):

@@ -32,6 +32,7 @@ __all__ = [
     "JsonlLog",
     "RunDirError",
     "baseline_config",
+    "check_new_run_dir",
     "default_run_dir",
     "last_checkpoint",
     "load_run_config",
@@ -53,11 +54,16 @@ class RunDirError(ValueError):
 
 
 class JsonlLog:
-    """Appends one JSON object per line to ``path``, flushed at once."""
+    """Appends one JSON object per line to ``path``, flushed at once.
 
-    def __init__(self, path: Path):
+    Args:
+        path: the log file.
+        fresh: start it empty (a new run) instead of appending (a resumed one).
+    """
+
+    def __init__(self, path: Path, fresh: bool = False):
         self.path = path
-        self.fh = open(path, "a", buffering=1)  # held open for the whole run
+        self.fh = open(path, "w" if fresh else "a", buffering=1)  # held open for the whole run
 
     def write(self, event: str, **fields: Any) -> None:
         """Append ``{"event": event, **fields}`` as one line."""
@@ -151,6 +157,22 @@ def default_run_dir(cfg: TrainConfig) -> str:
     return os.path.join("runs", f"{cfg.dataset}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def check_new_run_dir(run_dir: str | os.PathLike) -> None:
+    """Refuse a ``--run-dir`` that is a file, or a folder that already holds a run.
+
+    Raises:
+        RunDirError: saying what to do instead.
+    """
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--run-dir {path} is a file, not a folder: choose another --run-dir")
+    if (path / CONFIG_NAME).exists():
+        raise RunDirError(
+            f"--run-dir {path} already holds a run: continue it with --resume {path}, or choose "
+            "another --run-dir"
+        )
+
+
 def load_run_config(run_dir: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any]]:
     """A run's :class:`TrainConfig` and the whole ``config.json`` record.
 
@@ -163,7 +185,10 @@ def load_run_config(run_dir: str | os.PathLike) -> tuple[TrainConfig, dict[str, 
     """
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():
-        raise RunDirError(f"no {CONFIG_NAME} in {Path(run_dir).resolve()}: not a run folder")
+        raise RunDirError(
+            f"no {CONFIG_NAME} in {Path(run_dir).resolve()}: not a run folder (or one whose start "
+            "was killed before its first checkpoint: start that run again)"
+        )
     record = read_json(path, "run config")
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise RunDirError(f"run config {path} has no 'config' object: not written by svdgrow train")

@@ -1,7 +1,11 @@
-"""A run's state between steps (:class:`RunState`), and how a new or resumed run gets it.
+"""A run's state between steps (:class:`RunState`): how a run gets it, saves it and restores it.
 
-:func:`setup_run` loads the data, builds (or restores) the model, optimizer, mixed precision and
-resizer, restores the saved position of a resumed run, and opens the run folder's log.
+:func:`setup_run` loads the data and builds (or restores) the model, optimizer, mixed precision
+and resizer without touching the run folder, so a start that fails leaves nothing behind;
+:func:`open_run_folder` then writes a new run's first checkpoint before its config.json (a
+folder with a config.json can always be resumed), or appends a ``resume`` event to a resumed
+run's log. :meth:`RunState.save` and :meth:`RunState.restore` are each other's inverse: a
+checkpoint holds everything the next step depends on (docs/design.md, "The application").
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,16 +25,35 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdgrow import Resizer
+from svdgrow._utils import all_finite
 
-from .checkpoint import load_model, set_rng_state
+from .checkpoint import (
+    CheckpointError,
+    load_model,
+    remove_stale_temps,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig
 from .data import DeviceDataset, load_dataset
 from .models import build_model, count_flops, count_params, layer_widths, spec_of
-from .rundir import CONFIG_NAME, LOG_NAME, JsonlLog, default_run_dir, write_json
+from .rundir import CKPT_NAME, CONFIG_NAME, LOG_NAME, JsonlLog, write_json
 
-__all__ = ["EpochStats", "RunState", "pick_device", "setup_run"]
+__all__ = [
+    "EpochStats",
+    "RunState",
+    "TrainingDiverged",
+    "open_run_folder",
+    "pick_device",
+    "setup_run",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The weights became NaN/inf; the run folder keeps its last finite checkpoint."""
 
 
 @dataclass
@@ -47,6 +71,7 @@ class RunState:
     autocast: Callable[[], Any]
     scaler: torch.amp.GradScaler
     generators: dict[str, torch.Generator]
+    start_spec: dict[str, Any]
     start_params: int
     steps_per_epoch: int
     stats: EpochStats
@@ -59,6 +84,7 @@ class RunState:
     eps_after: float = 0.0  # the energy policy's epsilon once the budget schedule is over
     test_acc: float = math.nan
     test_loss: float = math.nan
+    saved_step: int | None = None  # the step of the checkpoint on disk
     log: JsonlLog | None = None
     bar: Any = None
     elapsed_before: float = 0.0
@@ -79,6 +105,45 @@ class RunState:
         if self.resizer is not None:
             out["groups"] = {str(k): int(v) for k, v in self.resizer.widths().items()}
         return out
+
+    def save(self, final: bool = False) -> None:
+        """Checkpoint the run at the current step boundary (atomically, over the last one).
+
+        Raises:
+            TrainingDiverged: when a weight or buffer is NaN/inf (the last checkpoint stays).
+        """
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        if not bool(all_finite(tensors)):
+            raise TrainingDiverged(
+                f"training diverged by step {self.step}: the weights hold NaN/inf"
+            )
+        extra = {"elapsed": self.elapsed(), "batch_in_epoch": self.batch_in_epoch,
+                 "epoch_stats": self.stats.as_dict(), "resize_checks": self.resize_checks,
+                 "final": final}  # fmt: skip
+        rng = rng_state(self.generators)
+        if self.order is not None and self.batch_in_epoch > 0:
+            rng["order"] = self.order.cpu()
+        scaler = self.scaler if self.scaler.is_enabled() else None
+        save_checkpoint(self.dir / CKPT_NAME, self.model, self.optimizer, scaler=scaler,
+                        step=self.step, epoch=self.epoch, rng=rng, extra=extra)  # fmt: skip
+        self.saved_step = self.step
+        self.last_save = time.perf_counter()
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Step, epoch, position in the epoch, statistics, scaler and RNG states of ``ckpt``."""
+        extra = ckpt["extra"]
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        self.saved_step = self.step
+        self.elapsed_before = float(extra.get("elapsed", 0.0))
+        self.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
+        self.resize_checks = int(extra.get("resize_checks", 0))
+        if "epoch_stats" in extra:
+            self.stats.load(extra["epoch_stats"])
+        if self.batch_in_epoch > 0 and "order" in ckpt["rng"]:
+            self.order = ckpt["rng"]["order"].to(self.device)
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], self.generators)
 
 
 class EpochStats:
@@ -106,18 +171,17 @@ class EpochStats:
 def setup_run(
     cfg: TrainConfig, start_spec: dict[str, Any], ckpt: dict[str, Any] | None
 ) -> RunState:
-    """Data, model, optimizer, AMP and resizer; the run folder; the saved position on resume.
+    """Data, model, optimizer, AMP and resizer, and a resumed run's saved position.
+
+    Writes nothing: the run folder is :func:`open_run_folder`'s job.
 
     Args:
-        cfg: the run's settings.
+        cfg: the run's settings (``run_dir`` set).
         start_spec: the architecture the run started from.
         ckpt: the checkpoint to resume from (None: a new run).
     """
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
-    cfg.run_dir = cfg.run_dir or default_run_dir(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     train_ds, test_ds = _load_data(cfg, device)
     data_gen = torch.Generator(device=device)
     data_gen.manual_seed(cfg.seed)
@@ -138,21 +202,98 @@ def setup_run(
     if resizer is not None:
         generators["resizer"] = resizer._gen
     r = RunState(
-        cfg=cfg, dir=run_dir, device=device, train_ds=train_ds, test_ds=test_ds, model=model,
-        optimizer=optimizer, resizer=resizer, autocast=autocast, scaler=scaler,
-        generators=generators, start_params=count_params(start_spec),
+        cfg=cfg, dir=Path(cfg.run_dir), device=device, train_ds=train_ds, test_ds=test_ds,
+        model=model, optimizer=optimizer, resizer=resizer, autocast=autocast, scaler=scaler,
+        generators=generators, start_spec=start_spec, start_params=count_params(start_spec),
         steps_per_epoch=train_ds.num_batches(cfg.batch_size, drop_last=len(train_ds) >= cfg.batch_size),
         stats=EpochStats(device), t_start=t_start,
     )  # fmt: skip
     if resizer is not None:
         r.eps_after = resizer.policy.energy_eps
     if ckpt is not None:
-        _restore_position(r, ckpt)
-    _open_log(r, start_spec, resumed=ckpt is not None)
-    if cfg.progress:
-        r.bar = tqdm(total=r.total_steps, initial=r.step, dynamic_ncols=True, unit="step",
-                     desc=cfg.dataset)  # fmt: skip
+        r.restore(ckpt)
     return r
+
+
+def open_run_folder(r: RunState, resumed: bool) -> None:
+    """Start writing the run folder: clear stale temp files, then log a resume, or (a new run)
+    write the first checkpoint, the ``start`` event and, last, config.json.
+
+    A new run's folder is removed again (or, when it existed before, emptied of what was
+    written) if this fails part way.
+    """
+    for folder in (r.dir, (r.dir / CKPT_NAME).parent):
+        remove_stale_temps(folder)
+    if resumed:
+        r.log = JsonlLog(r.dir / LOG_NAME)
+        r.log.write("resume", step=r.step, epoch=r.epoch, params=count_params(r.model),
+                    elapsed=r.elapsed(), batch_in_epoch=r.batch_in_epoch)  # fmt: skip
+    else:
+        created = not r.dir.exists()
+        try:
+            _start_folder(r)
+        except BaseException:
+            if r.log is not None:
+                r.log.close()
+            _remove_start(r.dir, created)
+            raise
+    if r.cfg.progress:
+        r.bar = tqdm(total=r.total_steps, initial=r.step, dynamic_ncols=True, unit="step",
+                     desc=r.cfg.dataset)  # fmt: skip
+    logger.info("run folder %s: %s on %s, %d params, %d steps", r.dir, r.cfg.dataset, r.device,
+                count_params(r.model), r.total_steps)  # fmt: skip
+
+
+def _start_folder(r: RunState) -> None:
+    r.dir.mkdir(parents=True, exist_ok=True)
+    r.save()
+    r.log = JsonlLog(r.dir / LOG_NAME, fresh=True)
+    r.log.write("start", step=0, epoch=0, params=count_params(r.model),
+                flops=count_flops(r.model), widths=r.widths(), spec=spec_of(r.model),
+                elapsed=r.elapsed(), steps_per_epoch=r.steps_per_epoch,
+                total_steps=r.total_steps, device=str(r.device))  # fmt: skip
+    record = {"config": r.cfg.to_json(), "start_spec": r.start_spec,
+              "start_params": r.start_params, "device": str(r.device),
+              "torch": torch.__version__}  # fmt: skip
+    write_json(r.dir / CONFIG_NAME, record)
+
+
+def _remove_start(run_dir: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in (CKPT_NAME, LOG_NAME, CONFIG_NAME):
+        (run_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # only when empty
+        (run_dir / CKPT_NAME).parent.rmdir()
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else the CPU), or a named CPU or CUDA device.
+
+    Raises:
+        ValueError: for a name torch does not know, a device type other than cpu/cuda, or a
+            CUDA device this machine does not have.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto"
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: training runs on cpu or cuda (or auto)")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    return dev
 
 
 def _load_data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceDataset, DeviceDataset]:
@@ -169,57 +310,21 @@ def _load_data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceDataset, D
 def _restore_model(
     cfg: TrainConfig, ckpt: dict[str, Any], device: torch.device
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The checkpoint's model in training mode and the optimizer re-attached to it by name."""
     model, _ = load_model(ckpt, device)
     model.train()
     named = dict(model.named_parameters())
-    optimizer = _make_optimizer(cfg, [named[n] for n in ckpt["optimizer_param_names"][0]])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if not isinstance(ckpt.get("optimizer"), dict) or not ckpt.get("optimizer_param_names"):
+        raise CheckpointError("the checkpoint holds no optimizer state: it cannot resume training")
+    try:
+        optimizer = _make_optimizer(cfg, [named[n] for n in ckpt["optimizer_param_names"][0]])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's optimizer state does not fit its model ({type(exc).__name__}: "
+            f"{exc}): it cannot resume training"
+        ) from None
     return model, optimizer
-
-
-def _restore_position(r: RunState, ckpt: dict[str, Any]) -> None:
-    """Step, epoch, position in the epoch, epoch statistics, scaler and RNG states."""
-    extra = ckpt["extra"]
-    r.step, r.epoch = ckpt["step"], ckpt["epoch"]
-    r.elapsed_before = float(extra.get("elapsed", 0.0))
-    r.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
-    if "epoch_stats" in extra:
-        r.stats.load(extra["epoch_stats"])
-    if r.batch_in_epoch > 0 and "order" in ckpt["rng"]:
-        r.order = ckpt["rng"]["order"].to(r.device)
-    if ckpt.get("scaler") and r.scaler.is_enabled():
-        r.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], r.generators)
-
-
-def _open_log(r: RunState, start_spec: dict[str, Any], resumed: bool) -> None:
-    """Open the event log; a new run first writes config.json and a ``start`` event."""
-    r.log = JsonlLog(r.dir / LOG_NAME)
-    params = count_params(r.model)
-    if resumed:
-        r.log.write("resume", step=r.step, epoch=r.epoch, params=params, elapsed=r.elapsed(),
-                    batch_in_epoch=r.batch_in_epoch)  # fmt: skip
-    else:
-        record = {"config": r.cfg.to_json(), "start_spec": start_spec,
-                  "start_params": r.start_params, "device": str(r.device),
-                  "torch": torch.__version__}  # fmt: skip
-        write_json(r.dir / CONFIG_NAME, record)
-        r.log.write("start", step=0, epoch=0, params=params, flops=count_flops(r.model),
-                    widths=r.widths(), spec=spec_of(r.model), elapsed=r.elapsed(),
-                    steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps,
-                    device=str(r.device))  # fmt: skip
-    logger.info("run folder %s: %s on %s, %d params, %d steps", r.dir, r.cfg.dataset, r.device,
-                params, r.total_steps)  # fmt: skip
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present, else CPU), or the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no GPU; use --device cpu")
-    return dev
 
 
 def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

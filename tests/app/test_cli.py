@@ -1,16 +1,23 @@
-"""The ``svdgrow`` command line: help generated from TrainConfig, and user errors that end in
-one line on stderr with exit status 2."""
+"""The ``svdgrow`` command line: help generated from TrainConfig, and every bad command line
+ending in one line on stderr, exit status 2, no traceback and no run folder left behind."""
 
 import argparse
 import dataclasses
+import json
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
+from svdgrow.app.checkpoint import load_checkpoint
 from svdgrow.app.cli import _count, build_parser, main
 from svdgrow.app.config import TrainConfig
+from svdgrow.app.rundir import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,3 +94,279 @@ def test_python_m_svdgrow_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "svdgrow", "train", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0 and "--target-params" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# bad command lines, table-driven
+
+
+class Ctx:
+    """Paths a case builds its command line from: a finished tiny run to copy and break, a
+    fresh run folder, and scratch files."""
+
+    def __init__(self, tmp: Path, data: Path, finished: Path):
+        self.tmp, self.data, self.finished = tmp, data, finished
+        self.new = tmp / "new-run"
+
+    def train(self, *extra: str) -> list[str]:
+        return ["train", "--data-dir", str(self.data), "--no-download", "--no-progress",
+                "--subset", "100", "--test-subset", "50", "--batch-size", "50", "--epochs", "1",
+                "--threads", "1", "--run-dir", str(self.new), *extra]  # fmt: skip
+
+    def file(self, name: str, text: str) -> str:
+        path = self.tmp / name
+        path.write_text(text)
+        return str(path)
+
+    def spec(self, **change: object) -> str:
+        spec = {"arch": "resnet", "in_channels": 1, "num_classes": 10, "input_size": 28,
+                "bn": True, "stem": 4, "blocks": [{"mid": 4, "out": 4, "stride": 1}]}  # fmt: skip
+        return self.file("spec.json", json.dumps({**spec, **change}))
+
+    def run_copy(self, break_it=None) -> str:
+        run = self.tmp / "copy"
+        shutil.copytree(self.finished, run)
+        if break_it is not None:
+            break_it(run)
+        return str(run)
+
+    def truncated_data(self) -> str:
+        raw = self.tmp / "data" / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for f in (self.data / "MNIST" / "raw").iterdir():
+            if f.name.startswith("train-images"):
+                (raw / f.name).write_bytes(f.open("rb").read(100_000))
+            else:
+                (raw / f.name).symlink_to(f)
+        return str(self.tmp / "data")
+
+
+def _edit_checkpoint(run: Path, edit) -> None:
+    path = run / "checkpoints" / "last.pt"
+    raw = torch.load(path, weights_only=True)
+    edit(raw)
+    torch.save(raw, path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def _unsafe(run: Path) -> None:
+    torch.save(
+        {"format": "svdgrow-checkpoint-v1", "x": _Payload()}, run / "checkpoints" / "last.pt"
+    )
+
+
+def _flip(run: Path) -> None:
+    path = run / "checkpoints" / "last.pt"
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2] ^= 1
+    path.write_bytes(bytes(raw))
+
+
+def _config(run: Path, text: str) -> None:
+    (run / "config.json").write_text(text)
+
+
+def _more_epochs(c: Ctx, break_it) -> list[str]:
+    return ["train", "--resume", c.run_copy(break_it), "--epochs", "2", "--no-progress"]
+
+
+CASES = {
+    # devices
+    "device foo": (lambda c: c.train("--device", "foo"), "'foo' is not a device"),
+    "device meta": (lambda c: c.train("--device", "meta"), "cpu or cuda"),
+    "device cuda:99": (lambda c: c.train("--device", "cuda:99"), "cuda:99"),
+    "device cuda": (lambda c: c.train("--device", "cuda"), "no CUDA GPU"),
+    # numbers out of range
+    "threads -1": (lambda c: c.train("--threads", "-1"), "--threads must be an integer >= 1"),
+    "threads 0": (lambda c: c.train("--threads", "0"), "--threads must be"),
+    "lr nan": (lambda c: c.train("--lr", "nan"), "--lr must be a finite number > 0, got nan"),
+    "lr inf": (lambda c: c.train("--lr", "inf"), "--lr must be a finite number"),
+    "lr -1": (lambda c: c.train("--lr", "-1"), "--lr must be"),
+    "subset 0": (lambda c: c.train("--subset", "0"), "--subset must be a sample count >= 1"),
+    "subset -5": (lambda c: c.train("--subset", "-5"), "got -5"),
+    "test-subset 0": (lambda c: c.train("--test-subset", "0"), "--test-subset must be"),
+    "shift -1": (lambda c: c.train("--shift", "-1"), "--shift must be an integer >= 0"),
+    "epochs 0": (lambda c: c.train("--epochs", "0"), "--epochs must be"),
+    "batch-size 0": (lambda c: c.train("--batch-size", "0"), "--batch-size must be"),
+    "resize-every -1": (lambda c: c.train("--resize-every", "-1"), "--resize-every must be"),
+    "resize-until 2": (lambda c: c.train("--resize-until", "2"), "--resize-until must be"),
+    "target-params 0": (lambda c: c.train("--target-params", "0"), "--target-params must be"),
+    "target without resizing": (
+        lambda c: c.train("--target-params", "9k", "--resize-every", "0"),
+        "--target-params needs resizing",
+    ),
+    "label-smoothing 1": (lambda c: c.train("--label-smoothing", "1"), "--label-smoothing"),
+    "checkpoint-minutes -1": (lambda c: c.train("--checkpoint-minutes", "-1"), "--checkpoint"),
+    "warmup-steps -1": (lambda c: c.train("--warmup-steps", "-1"), "--warmup-steps must be"),
+    "energy-eps 1": (lambda c: c.train("--energy-eps", "1"), "energy_eps must be in [0, 1)"),
+    # argparse
+    "epochs text": (lambda c: c.train("--epochs", "three"), "invalid int value: 'three'"),
+    "target-params text": (lambda c: c.train("--target-params", "lots"), "such as 12500"),
+    "unknown flag": (lambda c: c.train("--nope"), "unrecognized arguments: --nope"),
+    "no command": (lambda c: [], "the following arguments are required: COMMAND"),
+    # --policy
+    "policy list": (lambda c: c.train("--policy", "[1, 2]"), "must be a JSON object"),
+    "policy bad json": (lambda c: c.train("--policy", "{min_width: 4"), "must be a JSON object"),
+    "policy unknown": (
+        lambda c: c.train("--policy", '{"nonexistent": 1}'),
+        "Policy has no setting 'nonexistent'",
+    ),
+    "policy floor": (lambda c: c.train("--policy", '{"floor": 4}'), "no setting 'floor'"),
+    "policy string": (
+        lambda c: c.train("--policy", '{"energy_eps": "x"}'),
+        "energy_eps must be a number, got 'x'",
+    ),
+    "policy range": (lambda c: c.train("--policy", '{"min_width": 0}'), "min_width must be"),
+    # --spec
+    "spec blocks not a list": (lambda c: c.train("--spec", c.spec(blocks=3)), "a list of block"),
+    "spec block not an object": (lambda c: c.train("--spec", c.spec(blocks=[3])), "must be an"),
+    "spec not an object": (lambda c: c.train("--spec", c.file("s.json", "[1]")), "JSON object"),
+    "spec in_channels": (lambda c: c.train("--spec", c.spec(in_channels=3)), "in_channels 3"),
+    "spec num_classes": (lambda c: c.train("--spec", c.spec(num_classes=5)), "num_classes 5"),
+    "spec input_size": (lambda c: c.train("--spec", c.spec(input_size=32)), "input_size 32"),
+    "spec width": (lambda c: c.train("--spec", c.spec(stem="8")), "must be a positive int"),
+    "spec corrupt": (
+        lambda c: c.train("--spec", c.file("bad.json", '{"stem": 4,\n "blocks": }')),
+        "bad.json is not valid JSON: Expecting value at line 2 column 12",
+    ),
+    "spec missing": (lambda c: c.train("--spec", str(c.tmp / "nope.json")), "nope.json"),
+    # run folders and data
+    "run-dir is a file": (
+        lambda c: c.train("--run-dir", c.file("afile", "x")),
+        "afile is a file, not a folder",
+    ),
+    "run-dir holds a run": (lambda c: c.train("--run-dir", c.run_copy()), "already holds a run"),
+    "data truncated": (
+        lambda c: c.train("--data-dir", c.truncated_data()),
+        "train split in",
+    ),
+    "data missing": (lambda c: c.train("--data-dir", str(c.tmp / "nowhere")), "not found"),
+    "lr 1e4 diverges": (
+        lambda c: c.train("--lr", "1e4", "--resize-every", "8", "--epochs", "3", "--subset", "200"),
+        "training diverged by step",
+    ),
+    # resume
+    "resume nothing": (lambda c: ["train", "--resume", str(c.tmp / "none")], "no config.json"),
+    "resume finished": (
+        lambda c: ["train", "--resume", c.run_copy(), "--no-progress"],
+        "is finished: it trained 1 of 1 epochs",
+    ),
+    "resume corrupt config": (
+        lambda c: _more_epochs(c, lambda r: _config(r, '{"config": {\n  "epochs": 1,,\n')),
+        "config.json is not valid JSON: Expecting property name enclosed in double quotes "
+        "at line 2 column 15",
+    ),
+    "resume config not a run's": (
+        lambda c: _more_epochs(c, lambda r: _config(r, "[]")),
+        "has no 'config' object",
+    ),
+    "resume bad setting": (
+        lambda c: _more_epochs(c, lambda r: _config(r, '{"config": {"shift": "2"}}')),
+        "--shift must be an integer >= 0 (pixels), got '2'",
+    ),
+    "resume no checkpoint": (
+        lambda c: _more_epochs(c, lambda r: (r / "checkpoints" / "last.pt").unlink()),
+        "it has no checkpoint",
+    ),
+    "resume checkpoint lacks a key": (
+        lambda c: _more_epochs(c, lambda r: _edit_checkpoint(r, lambda ck: ck.pop("rng"))),
+        "lacks 'rng'",
+    ),
+    "resume checkpoint without optimizer": (
+        lambda c: _more_epochs(c, lambda r: _edit_checkpoint(r, _drop_optimizer)),
+        "cannot resume training",
+    ),
+    "resume flipped byte": (lambda c: _more_epochs(c, _flip), "is corrupt: its content"),
+    "resume unsafe checkpoint": (
+        lambda c: _more_epochs(c, _unsafe),
+        "refusing to load checkpoint",
+    ),
+    "resume truncated checkpoint": (
+        lambda c: _more_epochs(c, _truncate_checkpoint),
+        "corrupt, truncated or not a torch file",
+    ),
+    "resume with a setting": (
+        lambda c: ["train", "--resume", c.run_copy(), "--lr", "0.1"],
+        "cannot change: --lr",
+    ),
+    "baseline from nothing": (
+        lambda c: ["train", "--baseline-from", str(c.tmp / "none")],
+        "no config.json",
+    ),
+    # plot and summary
+    "summary corrupt log": (
+        lambda c: ["summary", c.run_copy(_corrupt_log)],
+        "log.jsonl line 1 is not valid JSON",
+    ),
+    "summary not a run": (lambda c: ["summary", str(c.tmp)], "no log.jsonl"),
+    "plot nothing": (lambda c: ["plot", str(c.tmp / "none")], "no log.jsonl"),
+}
+
+
+def _drop_optimizer(ck: dict) -> None:
+    ck["optimizer"] = None
+    ck.pop("sha256")
+
+
+def _truncate_checkpoint(run: Path) -> None:
+    path = run / "checkpoints" / "last.pt"
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+def _corrupt_log(run: Path) -> None:
+    log = run / "log.jsonl"
+    log.write_text("{oops\n" + log.read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("cli") / "finished"
+    argv = ["train", "--data-dir", str(data_dir), "--no-download", "--no-progress", "--subset",
+            "100", "--test-subset", "50", "--batch-size", "50", "--epochs", "1", "--threads", "1",
+            "--resize-every", "1", "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    return run
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_command_line(case, finished, data_dir, tmp_path, capsys):
+    if case == "device cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    build, expected = CASES[case]
+    c = Ctx(tmp_path, data_dir, finished)
+    argv = build(c)
+    capsys.readouterr()
+    err = _user_error(capsys, argv)
+    assert expected in err, err
+    assert err.startswith("svdgrow") and "\x1b" not in err
+    if case == "lr 1e4 diverges":  # the last finite checkpoint stays, and it loads
+        ckpt = load_checkpoint(c.new / "checkpoints" / "last.pt")
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+        assert [e["event"] for e in read_log(c.new)][-1] == "diverged"
+    else:  # a refused start leaves no run folder
+        assert not c.new.exists()
+
+
+@pytest.mark.parametrize("case", ["policy floor", "resume finished"])
+def test_bad_command_line_in_a_fresh_process(case, finished, data_dir, tmp_path):
+    build, expected = CASES[case]
+    argv = build(Ctx(tmp_path, data_dir, finished))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "svdgrow", *argv], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and expected in out.stderr, out.stderr
+
+
+def test_resuming_a_finished_run_leaves_its_log_alone(finished, data_dir, tmp_path, capsys):
+    run = Ctx(tmp_path, data_dir, finished).run_copy()
+    before = (Path(run) / "log.jsonl").read_text()
+    assert main(["train", "--resume", run]) == 2
+    assert (Path(run) / "log.jsonl").read_text() == before
+    assert "nan" not in capsys.readouterr().err

@@ -7,6 +7,8 @@ Kept small: the whole file runs in well under a minute on 2 cores.
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -135,14 +137,14 @@ def test_resume_after_interrupt_matches_uninterrupted(run_a, args, tmp_path, mon
         if augment:  # training batches only
             calls["n"] += 1
             if calls["n"] == 28:  # mid epoch 2 (20 steps per epoch), after a few resizes
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: step 28 ends, then a checkpoint
         return real_batch(self, index, augment, *args, **kwargs)
 
     monkeypatch.setattr(DeviceDataset, "batch", interrupting_batch)
     assert main([*args, "--run-dir", str(run_b)]) == 130  # Ctrl-C: checkpoint, then stop
     monkeypatch.setattr(DeviceDataset, "batch", real_batch)
     ck = load_checkpoint(run_b / "checkpoints" / "last.pt")
-    assert ck["step"] == 27 and ck["epoch"] == 1 and ck["extra"]["batch_in_epoch"] == 7
+    assert ck["step"] == 28 and ck["epoch"] == 1 and ck["extra"]["batch_in_epoch"] == 8
     assert main(["train", "--resume", str(run_b), "--no-progress"]) == 0
     kinds = [e["event"] for e in read_log(run_b)]
     assert "interrupted" in kinds and "resume" in kinds and kinds[-1] == "end"

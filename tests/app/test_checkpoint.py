@@ -1,11 +1,10 @@
 """Checkpoints: exact round trip, atomic writes, weights_only loading, clear errors."""
 
 import os
-import struct
-import zipfile
 
 import pytest
 import torch
+from faults import flip_a_tensor_byte, write_unsafe_checkpoint
 
 from svdgrow.app import checkpoint as ck
 from svdgrow.app.models import build_model, preset_spec, spec_of
@@ -141,27 +140,13 @@ def test_missing_and_corrupt_files(tmp_path):
         ck.load_checkpoint(other)
 
 
-def _flip_a_byte_inside_a_tensor(path):
-    """Flip one byte in the middle of a tensor's bytes (a stored zip entry of torch.save)."""
-    with zipfile.ZipFile(path) as zf:
-        infos = [i for i in zf.infolist() if "/data/" in i.filename]
-        info = max(infos, key=lambda i: i.file_size)  # the largest tensor
-    raw = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack(
-        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
-    )
-    start = info.header_offset + 30 + name_len + extra_len
-    raw[start + info.file_size // 2] ^= 0x10
-    path.write_bytes(bytes(raw))
-
-
 def test_a_flipped_byte_inside_a_tensor_is_refused(tmp_path):
     model, opt, sched = _trained()
     path = tmp_path / "c.pt"
     ck.save_checkpoint(path, model, opt, step=3)
     raw = torch.load(path, weights_only=True)
     assert raw["sha256"] == ck.checksum(raw) and ck.load_checkpoint(path)["step"] == 3
-    _flip_a_byte_inside_a_tensor(path)
+    flip_a_tensor_byte(path)
     torch.load(path, weights_only=True)  # torch itself reads it without complaint
     with pytest.raises(ck.CheckpointError, match=r"c\.pt is corrupt: .*sha256"):
         ck.load_checkpoint(path)
@@ -200,14 +185,9 @@ def test_a_checkpoint_missing_a_key_names_it(tmp_path):
         ck.load_checkpoint(path)
 
 
-class _Payload:
-    def __reduce__(self):
-        return (os.system, ("echo this must never run",))
-
-
 def test_an_unsafe_pickle_is_refused_with_the_reason_on_one_line(tmp_path, capfd):
     path = tmp_path / "evil.pt"
-    torch.save({"format": ck.FORMAT, "x": _Payload()}, path)
+    write_unsafe_checkpoint(path)
     with pytest.raises(ck.CheckpointError) as info:
         ck.load_checkpoint(path)
     msg = str(info.value)

@@ -8,11 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from faults import flip_a_tensor_byte, write_unsafe_checkpoint
 
 from svdgrow.app.checkpoint import load_checkpoint
 from svdgrow.app.cli import _count, build_parser, main
@@ -148,24 +148,12 @@ def _edit_checkpoint(run: Path, edit) -> None:
     torch.save(raw, path)
 
 
-class _Payload:
-    def __reduce__(self):
-        return (os.system, ("echo this must never run",))
-
-
 def _unsafe(run: Path) -> None:
-    torch.save(
-        {"format": "svdgrow-checkpoint-v1", "x": _Payload()}, run / "checkpoints" / "last.pt"
-    )
+    write_unsafe_checkpoint(run / "checkpoints" / "last.pt")
 
 
 def _flip(run: Path) -> None:
-    path = run / "checkpoints" / "last.pt"
-    with zipfile.ZipFile(path) as zf:
-        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    raw = bytearray(path.read_bytes())
-    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2] ^= 1
-    path.write_bytes(bytes(raw))
+    flip_a_tensor_byte(run / "checkpoints" / "last.pt")
 
 
 def _config(run: Path, text: str) -> None:

@@ -62,30 +62,8 @@ def state_to_slice(
         st = optimizer.state.get(p)
         if not st:
             continue
-        keys = []
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                if v.shape == p.shape:
-                    keys.append(k)
-                    if known is None or k not in known:
-                        guessed.add(str(k))
-                elif _is_scalar(v):
-                    continue
-                else:
-                    raise ValueError(
-                        f"cannot resize: {type(optimizer).__name__} state[{pname!r}][{k!r}] has shape "
-                        f"{tuple(v.shape)}, neither the parameter's {tuple(p.shape)} nor a scalar, so it "
-                        "cannot follow the resize. Nothing was changed. Rebuild the optimizer after "
-                        "resizing (Resizer(..., optimizer=None)) or use SGD/Adam/AdamW."
-                    )
-            elif isinstance(v, (int, float, bool, str, type(None))):
-                continue
-            else:
-                raise ValueError(
-                    f"cannot resize: {type(optimizer).__name__} state[{pname!r}][{k!r}] is a "
-                    f"{type(v).__name__}, which svdgrow cannot map onto the new shape. Nothing was "
-                    "changed. Rebuild the optimizer after resizing (Resizer(..., optimizer=None))."
-                )
+        keys = [k for k, v in st.items() if _follows(optimizer, p, pname, k, v)]
+        guessed.update(str(k) for k in keys if known is None or k not in known)
         if keys:
             out[p] = keys
     if guessed:
@@ -97,6 +75,30 @@ def state_to_slice(
             stacklevel=3,
         )
     return out
+
+
+def _follows(optimizer, p: Tensor, pname: str, key, value) -> bool:
+    """Whether state entry ``key`` of parameter ``p`` is sliced like it (a tensor of its
+    shape) or kept (a scalar, a plain number or string); raises when it can be neither."""
+    name = type(optimizer).__name__
+    if torch.is_tensor(value):
+        if value.shape == p.shape:
+            return True
+        if _is_scalar(value):
+            return False
+        raise ValueError(
+            f"cannot resize: {name} state[{pname!r}][{key!r}] has shape {tuple(value.shape)}, "
+            f"neither the parameter's {tuple(p.shape)} nor a scalar, so it cannot follow the "
+            "resize. Nothing was changed. Rebuild the optimizer after resizing "
+            "(Resizer(..., optimizer=None)) or use SGD/Adam/AdamW."
+        )
+    if isinstance(value, (int, float, bool, str, type(None))):
+        return False
+    raise ValueError(
+        f"cannot resize: {name} state[{pname!r}][{key!r}] is a {type(value).__name__}, which "
+        "svdgrow cannot map onto the new shape. Nothing was changed. Rebuild the optimizer "
+        "after resizing (Resizer(..., optimizer=None))."
+    )
 
 
 def check_state_shapes(optimizer: torch.optim.Optimizer) -> list[str]:

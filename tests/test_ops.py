@@ -9,10 +9,12 @@ References and tolerances: tests/svd_checks.py.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from svd_checks import (
     MATRIX_KINDS,
@@ -98,6 +100,68 @@ def test_batched_svd_topk(device, specs, dtype, frac):
     for a, s, u, vh in zip(mats, S, U, Vh, strict=True):
         check_svd(a, s, u, vh, k=k)
         check_projectors(a, u, vh, k)
+
+
+# Issue 9, item 2: U and Vh orthonormal for rank-deficient, zero, duplicated-sigma and
+# tiny / huge inputs, thin and top-k. The @example cases are the reported failures.
+DEFICIENT_KINDS = ["constant", "zero_rows", "zero", "lowrank", "repeated", "duplicated_rows"]
+SCALES = {
+    torch.float32: [1.0, 1e-30, 1e30],
+    torch.float64: [1.0, 1e-160, 1e-300, 1e150, 1e300],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.sampled_from([(40, 40), (244, 8), (8, 244), (1, 1), (64, 3), (30, 20)])
+    | st.tuples(st.integers(1, 64), st.integers(1, 64)),
+    kind=st.sampled_from(DEFICIENT_KINDS + ["gauss"]),
+    scale_i=st.integers(0, 4),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    frac=st.sampled_from([None, 0.25, 0.75, 1.0]),
+)
+@example(shape=(40, 40), kind="constant", scale_i=0, seed=0, dtype=torch.float64, frac=None)
+@example(shape=(244, 8), kind="constant", scale_i=0, seed=0, dtype=torch.float32, frac=0.75)
+@example(shape=(30, 20), kind="gauss", scale_i=1, seed=0, dtype=torch.float64, frac=None)
+def test_batched_svd_orthonormal_rank_deficient_and_scaled(
+    device, shape, kind, scale_i, seed, dtype, frac
+):
+    m, n = shape
+    scale = SCALES[dtype][scale_i % len(SCALES[dtype])]
+    a = make_matrix(m, n, kind, scale, seed).to(device=device, dtype=dtype)
+    k = None if frac is None else max(1, round(frac * min(m, n)))
+    S, U, Vh = ops.batched_svd([a], k=k)
+    check_svd(a, S[0], U[0], Vh[0], k=k, what=f"{kind} {m}x{n} * {scale:g}, k={k}")
+
+
+_MANY_SMALL_SVDS = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+torch.set_num_threads(2)
+gen = torch.Generator().manual_seed(0)
+mats = [torch.ones(40, 263), torch.ones(40, 263)]
+for i in range(80):
+    m, n = int(torch.randint(2, 64, (1,), generator=gen)), int(torch.randint(2, 300, (1,), generator=gen))
+    a = torch.randn(m, 2, generator=gen) @ torch.randn(2, n, generator=gen)
+    a[: m // 3] = 0
+    mats.append(a.double() if i % 2 else a)
+S, U, Vh = torch.ops.svdgrow.batched_svd.default(mats, None, 2, 8, 0)
+print("done", len(S))
+"""
+
+
+def test_batched_svd_two_threads_does_not_hang():
+    """Issue 9, item 1: on 2 threads the op hung in MKL's QR inside at::parallel_for."""
+    lib = sys.modules["svdgrow._C"].__file__  # the kernels under test (loaded by svdgrow.ops)
+    cmd = [sys.executable, "-c", _MANY_SMALL_SVDS, lib]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("batched_svd on 2 threads did not finish in 60 s (deadlock)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["done", "82"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,6 +730,98 @@ def test_slice_copy_large_tensor_grid_stride(device):
     cols = _index(torch.randperm(256, generator=gen)[:200], 56, device)
     (got,) = slice_op([src], [rows], [cols], [9], [None])
     assert torch.equal(got, ref_slice_copy(src, rows, cols, 9, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# slice_copy: all-or-nothing, caller's indices, aliasing (issue 9, item 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def _idx(device, *v):
+    return torch.tensor(v, dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slice_copy_failing_call_writes_nothing(device):
+    """Mixed dtypes (the wrapper once ran one kernel call per dtype): an error in a later
+    tensor names the caller's index and leaves every out untouched."""
+    a = torch.randn(4, 3, device=device)
+    b = torch.randn(5, 2, device=device, dtype=torch.float64)
+    out = [torch.full((2, 3), 7.0, device=device), torch.full((2, 2), 7.0, device=device).double()]
+    with pytest.raises(RuntimeError, match=r"row_index\[1\] has value 9"):
+        ops.slice_copy([a, b], [_idx(device, 0, 1), _idx(device, 0, 9)], None, 1, out=out)
+    assert (out[0] == 7).all() and (out[1] == 7).all()
+    bad_out = [out[0], torch.full((3, 2), 7.0, device=device).double()]
+    with pytest.raises(RuntimeError, match=r"dst\[1\] must have shape"):
+        ops.slice_copy([a, b], [_idx(device, 0, 1), _idx(device, 0, 1)], None, 1, out=bad_out)
+    assert (out[0] == 7).all()
+    with pytest.raises(RuntimeError, match=r"col_index\[1\] has value 5"):
+        ops.slice_copy([a, b], None, [None, _idx(device, 5)], 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slice_copy_out_aliasing_other_inputs(device):
+    """out[0] is src[1] (and fill[1]'s storage): the later tensor still reads the old values."""
+    a = torch.randn(4, 3, device=device)
+    b = torch.randn(4, 3, device=device)
+    buf = torch.randn(2 * 4 * 3, device=device)
+    fill1 = buf[:12].view(4, 3)
+    a0, b0, fill0 = a.clone(), b.clone(), fill1.clone()
+    rows = _idx(device, 3, -1, 1, 0)
+    out1 = torch.empty(4, 3, device=device)
+    ops.slice_copy([a, b], [rows, rows], None, 1, [None, fill1], out=[b, out1])
+    assert torch.equal(b, ref_slice_copy(a0, rows, None, 1, None))
+    assert torch.equal(out1, ref_slice_copy(b0, rows, None, 1, fill0))
+    # A destination that overlaps another tensor's fill.
+    src = [torch.randn(4, 3, device=device), torch.randn(4, 3, device=device)]
+    fills = [None, buf[12:].view(4, 3)]
+    want = [
+        ref_slice_copy(s, rows, None, 1, f.clone() if f is not None else None)
+        for s, f in zip(src, fills, strict=True)
+    ]
+    dst = [buf[6:18].view(4, 3), torch.empty(4, 3, device=device)]
+    ops.slice_copy(src, [rows, rows], None, 1, fills, out=dst)
+    assert torch.equal(dst[0], want[0]) and torch.equal(dst[1], want[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slice_copy_refuses_shared_destinations(device):
+    a, b = torch.randn(4, 3, device=device), torch.randn(4, 3, device=device)
+    out = torch.full((4, 3), 7.0, device=device)
+    with pytest.raises(RuntimeError, match=r"dst\[0\] and dst\[1\] share memory"):
+        ops.slice_copy([a, b], None, None, 1, out=[out, out])
+    assert (out == 7).all()
+    buf = torch.zeros(20, device=device)
+    with pytest.raises(RuntimeError, match=r"dst\[0\] and dst\[1\] share memory"):
+        ops.slice_copy([a, b], None, None, 1, out=[buf[:12].view(4, 3), buf[8:].view(4, 3)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slice_copy_none_entries_raise_type_error(device):
+    a = torch.randn(4, 3, device=device)
+    with pytest.raises(TypeError, match=r"src\[1\] must be a Tensor, got NoneType"):
+        ops.slice_copy([a, None], None, None, 1)
+    with pytest.raises(TypeError, match=r"out\[0\] must be a Tensor, got NoneType"):
+        ops.slice_copy([a], None, None, 1, out=[None])
+    with pytest.raises(TypeError, match=r"row_index\[0\] must be a Tensor or None, got list"):
+        ops.slice_copy([a], [[0, 1]], None, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_refuse_backward(device):
+    """Neither op is differentiable: backward raises (autograd's fallback only warned)."""
+    a = torch.randn(5, 4, device=device, requires_grad=True)
+    S, U, Vh = ops.batched_svd([a])
+    with pytest.raises(RuntimeError, match=r"svdgrow::batched_svd is not differentiable"):
+        (S[0].sum() + U[0].sum()).backward()
+    (w,) = ops.slice_copy([a], [_idx(device, 1, -1)], None, 1)
+    with pytest.raises(RuntimeError, match=r"svdgrow::slice_copy is not differentiable"):
+        w.sum().backward()
+    with torch.no_grad():
+        S, _, _ = ops.batched_svd([a])
+    assert not S[0].requires_grad
+    S, _, _ = ops.batched_svd([a.detach()])
+    assert not S[0].requires_grad
 
 
 def test_make_index():

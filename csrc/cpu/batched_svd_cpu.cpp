@@ -2,7 +2,7 @@
 // eigen-solver and one product for the long-side vectors; the trailing block whose vectors the
 // Gram route cannot make orthogonal (small or zero singular values) is solved again one-sided,
 // with its null space completed to a jointly orthonormal set. The algorithm, its accuracy, and
-// why the matrices run one after another: docs/design.md, "Kernels: batched_svd".
+// why the matrices run one after another: docs/design.md, "Kernels: batched_svd on the CPU".
 //
 // niter and oversample belong to the CUDA kernel's range finder and are not used here; seed
 // seeds the completion of null-space vectors.

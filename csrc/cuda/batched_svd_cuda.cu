@@ -1,7 +1,7 @@
 // batched_svd on CUDA: the SVD of many matrices of different shapes, every stage one kernel
 // launch over all of them, no host synchronisation (so a call can be captured in a CUDA graph).
 // The algorithm (exact and randomized paths, the float64 refinement) and its accuracy:
-// docs/design.md, "Kernels: batched_svd".
+// docs/design.md, "Kernels: batched_svd on CUDA".
 //
 // Stages (one launch each, all problems): scale, pack, [sketch, gemm, orth, niter x
 // (gemm, orth, gemm, orth), gemm], gemm (Gram), jacobi, [gemm (U)], gemm (X),

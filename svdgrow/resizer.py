@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .compiled import after_resize, is_compiled, unwrap_compiled
 from .cost import CostModel
 from .policy import Decision, Policy
 from .spectrum import GroupSpectrum, analyse_groups
@@ -113,7 +114,8 @@ class Resizer:
     """Resize a model's widths in place during training, keeping its function and optimizer.
 
     Args:
-        model: the network (Conv2d / Linear / BatchNorm layers are resized).
+        model: the network (Conv2d / Linear / BatchNorm layers are resized); a
+            ``torch.compile`` wrapper is unwrapped (see :mod:`svdgrow.compiled`).
         example_input: an input (or a tuple of inputs) for tracing and FLOP counting.
         policy: the width :class:`Policy` (default ``Policy()``).
         optimizer: its per-parameter state follows every resize (the same object keeps working).
@@ -149,7 +151,8 @@ class Resizer:
     ):
         if mode not in ("auto", "weights", "data", "magnitude"):
             raise ValueError(f"mode must be 'auto', 'weights', 'data' or 'magnitude', got {mode!r}")
-        self.model = model
+        self._compiled = is_compiled(model)  # torch.compile'd: resize the module it runs
+        self.model = model = unwrap_compiled(model)
         self.example_input = example_input
         self.policy = policy if policy is not None else Policy()
         self.optimizer = optimizer
@@ -306,6 +309,8 @@ class Resizer:
             plan = build_plan(ctx, changes, self.optimizer, self._gen)
             commit_plan(plan)
             warnings = plan.warnings
+            if self._compiled:
+                after_resize()  # drop graphs compiled for the old shapes (svdgrow.compiled)
         for w in warnings:
             logger.warning("%s", w)
         if decisions is None:

@@ -10,7 +10,9 @@ import torch
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "needs_cuda: the test needs a CUDA GPU; skipped where none is available")
+    config.addinivalue_line(
+        "markers", "needs_cuda: the test needs a CUDA GPU; skipped where none is available"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -316,6 +316,120 @@ __device__ __forceinline__ void round_robin_pair(int round, int k, int nplayers,
   }
 }
 
+// One Jacobi round, part 1 (all threads of the block): the rotation of each of the round's
+// npairs disjoint pairs (c, s, new g_pp, new g_qq, active) into rot; sets *any_rotation when
+// one is active.
+__device__ void jacobi_rotations(const double* G, int l, double* rot, int round, int nplayers,
+                                 int npairs, int* any_rotation) {
+  for (int k = threadIdx.x; k < npairs; k += blockDim.x) {
+    int p, q;
+    round_robin_pair(round, k, nplayers, p, q);
+    double c = 1.0, s = 0.0, npp = 0.0, nqq = 0.0, active = 0.0;
+    if (p < l && q < l) {
+      const double app = G[static_cast<int64_t>(p) * l + p];
+      const double aqq = G[static_cast<int64_t>(q) * l + q];
+      const double apq = G[static_cast<int64_t>(p) * l + q];
+      if (fabs(apq) > 1e-300 && fabs(apq) > kJacobiTol * sqrt(fabs(app) * fabs(aqq))) {
+        // Golub & Van Loan, sym.schur2: J = [c s; -s c] zeroes G(p, q) in J^T G J.
+        const double tau = (aqq - app) / (2.0 * apq);
+        const double t = copysign(1.0, tau) / (fabs(tau) + hypot(1.0, tau));
+        c = 1.0 / sqrt(1.0 + t * t);
+        s = t * c;
+        npp = app - t * apq;
+        nqq = aqq + t * apq;
+        active = 1.0;
+        *any_rotation = 1;
+      }
+    }
+    double* rk = rot + static_cast<int64_t>(kRotStride) * k;
+    rk[0] = c;
+    rk[1] = s;
+    rk[2] = npp;
+    rk[3] = nqq;
+    rk[4] = active;
+  }
+  __syncthreads();
+}
+
+// One Jacobi round, part 2 (all threads of the block): applies the round's rotations,
+// G <- J^T G J and Wt <- J^T Wt (so that W <- W J), then writes the rotated pairs exactly
+// (zeros off the diagonal, the closed-form diagonal).
+__device__ void jacobi_apply(double* G, double* Wt, int l, const double* rot, int round,
+                             int nplayers, int npairs) {
+  const int64_t pair_work = static_cast<int64_t>(npairs) * l;
+  // Rows: G <- J^T G and Wt <- J^T Wt.
+  for (int64_t e = threadIdx.x; e < pair_work; e += blockDim.x) {
+    const int k = static_cast<int>(e / l);
+    const int64_t col = e % l;
+    const double* rk = rot + static_cast<int64_t>(kRotStride) * k;
+    if (rk[4] == 0.0) continue;
+    const double c = rk[0], s = rk[1];
+    int p, q;
+    round_robin_pair(round, k, nplayers, p, q);
+    double* gp = G + static_cast<int64_t>(p) * l + col;
+    double* gq = G + static_cast<int64_t>(q) * l + col;
+    const double x = *gp, y = *gq;
+    *gp = c * x - s * y;
+    *gq = s * x + c * y;
+    double* wp = Wt + static_cast<int64_t>(p) * l + col;
+    double* wq = Wt + static_cast<int64_t>(q) * l + col;
+    const double u = *wp, w = *wq;
+    *wp = c * u - s * w;
+    *wq = s * u + c * w;
+  }
+  __syncthreads();
+  // Columns: G <- G J.
+  for (int64_t e = threadIdx.x; e < pair_work; e += blockDim.x) {
+    const int k = static_cast<int>(e % npairs);
+    const int64_t row = e / npairs;
+    const double* rk = rot + static_cast<int64_t>(kRotStride) * k;
+    if (rk[4] == 0.0) continue;
+    const double c = rk[0], s = rk[1];
+    int p, q;
+    round_robin_pair(round, k, nplayers, p, q);
+    double* gp = G + row * l + p;
+    double* gq = G + row * l + q;
+    const double x = *gp, y = *gq;
+    *gp = c * x - s * y;
+    *gq = s * x + c * y;
+  }
+  __syncthreads();
+  // The rotated pair: exact zeros off the diagonal, the closed-form diagonal.
+  for (int k = threadIdx.x; k < npairs; k += blockDim.x) {
+    const double* rk = rot + static_cast<int64_t>(kRotStride) * k;
+    if (rk[4] == 0.0) continue;
+    int p, q;
+    round_robin_pair(round, k, nplayers, p, q);
+    G[static_cast<int64_t>(p) * l + q] = 0.0;
+    G[static_cast<int64_t>(q) * l + p] = 0.0;
+    G[static_cast<int64_t>(p) * l + p] = rk[2];
+    G[static_cast<int64_t>(q) * l + q] = rk[3];
+  }
+  __syncthreads();
+}
+
+// Sorts the eigenvalues (G's diagonal) descending into lam (NaN last, ties by index) and the
+// matching eigenvectors (rows of Wt) into the rows of Ws: the rank of eigenvalue i is the
+// number of eigenvalues ahead of it. One warp per eigenvalue; all threads of the block.
+__device__ void jacobi_sort(const double* G, const double* Wt, int l, double* lam, double* Ws) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int i = warp; i < l; i += nwarps) {
+    const double gi = G[static_cast<int64_t>(i) * l + i];
+    const double ki = isnan(gi) ? -INFINITY : gi;
+    int cnt = 0;
+    for (int j = lane; j < l; j += 32) {
+      const double gj = G[static_cast<int64_t>(j) * l + j];
+      const double kj = isnan(gj) ? -INFINITY : gj;
+      cnt += (kj > ki || (kj == ki && j < i)) ? 1 : 0;
+    }
+    cnt = warp_sum_int(cnt);
+    if (lane == 0) lam[cnt] = gi;
+    for (int c = lane; c < l; c += 32) {
+      Ws[static_cast<int64_t>(cnt) * l + c] = Wt[static_cast<int64_t>(i) * l + c];
+    }
+  }
+}
+
 // Stage: symmetric eigen-solve, one block per problem (plist), by cyclic Jacobi in parallel
 // (round-robin) order: each round rotates l/2 disjoint pairs at once (rows, then columns;
 // eigenvectors kept as the rows of Wt). A sweep without any rotation ends the iteration;
@@ -332,123 +446,25 @@ __global__ void __launch_bounds__(kJacobiThreads)
   double* G = ws + (pass == 0 ? P.g_off : P.h_off);
   double* Wt = ws + (pass == 0 ? P.wt_off : P.hwt_off);
   double* rot = ws + P.rot_off;
-  const int tid = threadIdx.x, bs = blockDim.x;
   const int nplayers = l + (l & 1);
   const int npairs = nplayers / 2;
   const int nrounds = nplayers - 1;
-  const int64_t pair_work = static_cast<int64_t>(npairs) * l;
 
-  for (int64_t e = tid; e < ll; e += bs) Wt[e] = (e / l == e % l) ? 1.0 : 0.0;
+  for (int64_t e = threadIdx.x; e < ll; e += blockDim.x) Wt[e] = (e / l == e % l) ? 1.0 : 0.0;
   __syncthreads();
-
   for (int sweep = 0; sweep < kMaxSweeps; ++sweep) {
-    if (tid == 0) any_rotation = 0;
+    if (threadIdx.x == 0) any_rotation = 0;
     __syncthreads();
     for (int round = 0; round < nrounds; ++round) {
-      // Rotation for each pair of this round.
-      for (int k = tid; k < npairs; k += bs) {
-        int p, q;
-        round_robin_pair(round, k, nplayers, p, q);
-        double c = 1.0, s = 0.0, npp = 0.0, nqq = 0.0, active = 0.0;
-        if (p < l && q < l) {
-          const double app = G[static_cast<int64_t>(p) * l + p];
-          const double aqq = G[static_cast<int64_t>(q) * l + q];
-          const double apq = G[static_cast<int64_t>(p) * l + q];
-          if (fabs(apq) > 1e-300 && fabs(apq) > kJacobiTol * sqrt(fabs(app) * fabs(aqq))) {
-            // Golub & Van Loan, sym.schur2: J = [c s; -s c] zeroes G(p, q) in J^T G J.
-            const double tau = (aqq - app) / (2.0 * apq);
-            const double t = copysign(1.0, tau) / (fabs(tau) + hypot(1.0, tau));
-            c = 1.0 / sqrt(1.0 + t * t);
-            s = t * c;
-            npp = app - t * apq;
-            nqq = aqq + t * apq;
-            active = 1.0;
-            any_rotation = 1;
-          }
-        }
-        double* rk = rot + static_cast<int64_t>(kRotStride) * k;
-        rk[0] = c;
-        rk[1] = s;
-        rk[2] = npp;
-        rk[3] = nqq;
-        rk[4] = active;
-      }
-      __syncthreads();
-      // Rows: G <- J^T G and Wt <- J^T Wt (so that W <- W J).
-      for (int64_t e = tid; e < pair_work; e += bs) {
-        const int k = static_cast<int>(e / l);
-        const int64_t col = e % l;
-        const double* rk = rot + static_cast<int64_t>(kRotStride) * k;
-        if (rk[4] == 0.0) continue;
-        const double c = rk[0], s = rk[1];
-        int p, q;
-        round_robin_pair(round, k, nplayers, p, q);
-        double* gp = G + static_cast<int64_t>(p) * l + col;
-        double* gq = G + static_cast<int64_t>(q) * l + col;
-        const double x = *gp, y = *gq;
-        *gp = c * x - s * y;
-        *gq = s * x + c * y;
-        double* wp = Wt + static_cast<int64_t>(p) * l + col;
-        double* wq = Wt + static_cast<int64_t>(q) * l + col;
-        const double u = *wp, w = *wq;
-        *wp = c * u - s * w;
-        *wq = s * u + c * w;
-      }
-      __syncthreads();
-      // Columns: G <- G J.
-      for (int64_t e = tid; e < pair_work; e += bs) {
-        const int k = static_cast<int>(e % npairs);
-        const int64_t row = e / npairs;
-        const double* rk = rot + static_cast<int64_t>(kRotStride) * k;
-        if (rk[4] == 0.0) continue;
-        const double c = rk[0], s = rk[1];
-        int p, q;
-        round_robin_pair(round, k, nplayers, p, q);
-        double* gp = G + row * l + p;
-        double* gq = G + row * l + q;
-        const double x = *gp, y = *gq;
-        *gp = c * x - s * y;
-        *gq = s * x + c * y;
-      }
-      __syncthreads();
-      // The rotated pair: exact zeros off the diagonal, the closed-form diagonal.
-      for (int k = tid; k < npairs; k += bs) {
-        const double* rk = rot + static_cast<int64_t>(kRotStride) * k;
-        if (rk[4] == 0.0) continue;
-        int p, q;
-        round_robin_pair(round, k, nplayers, p, q);
-        G[static_cast<int64_t>(p) * l + q] = 0.0;
-        G[static_cast<int64_t>(q) * l + p] = 0.0;
-        G[static_cast<int64_t>(p) * l + p] = rk[2];
-        G[static_cast<int64_t>(q) * l + q] = rk[3];
-      }
-      __syncthreads();
+      jacobi_rotations(G, l, rot, round, nplayers, npairs, &any_rotation);
+      jacobi_apply(G, Wt, l, rot, round, nplayers, npairs);
     }
     const bool done = (any_rotation == 0);
     __syncthreads();  // every thread has read the flag before thread 0 clears it
     if (done) break;
   }
-
-  // Sort descending (NaN last, ties by index): rank of eigenvalue i = number of eigenvalues
-  // ahead of it. One warp per eigenvalue.
-  double* lam = ws + (pass == 0 ? P.lam_off : P.lam2_off);
-  double* Ws = ws + (pass == 0 ? P.ws_off : P.hws_off);
-  const int lane = tid & 31, warp = tid >> 5, nwarps = bs >> 5;
-  for (int i = warp; i < l; i += nwarps) {
-    const double gi = G[static_cast<int64_t>(i) * l + i];
-    const double ki = isnan(gi) ? -INFINITY : gi;
-    int cnt = 0;
-    for (int j = lane; j < l; j += 32) {
-      const double gj = G[static_cast<int64_t>(j) * l + j];
-      const double kj = isnan(gj) ? -INFINITY : gj;
-      cnt += (kj > ki || (kj == ki && j < i)) ? 1 : 0;
-    }
-    cnt = warp_sum_int(cnt);
-    if (lane == 0) lam[cnt] = gi;
-    for (int c = lane; c < l; c += 32) {
-      Ws[static_cast<int64_t>(cnt) * l + c] = Wt[static_cast<int64_t>(i) * l + c];
-    }
-  }
+  jacobi_sort(G, Wt, l, ws + (pass == 0 ? P.lam_off : P.lam2_off),
+              ws + (pass == 0 ? P.ws_off : P.hws_off));
 }
 
 // Stage: finalize. S, U, Vh in the input dtype and orientation. grid (x: grid-stride, y: problem).

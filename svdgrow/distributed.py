@@ -55,6 +55,7 @@ __all__ = [
     "DistributedResizeError",
     "broadcast_state",
     "check_all_ok",
+    "collective_errors",
     "resize_ddp",
     "rewrap",
     "state_checksum",
@@ -93,9 +94,9 @@ def _describe(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _collective(what: str, group) -> Iterator[None]:
-    """Turn a failed collective (a peer that died, or hung past the group's timeout) into a
-    :class:`DistributedResizeError` naming this rank."""
+def collective_errors(what: str, group=None) -> Iterator[None]:
+    """Turn a failed collective in the ``with`` block (a peer that died, or hung past the
+    group's timeout) into a :class:`DistributedResizeError` naming this rank and ``what``."""
     try:
         yield
     except (RuntimeError, dist.DistError) as exc:
@@ -129,7 +130,7 @@ def check_all_ok(error: BaseException | None, what: str, group=None, extra=None)
     text = None if error is None else _describe(error)
     mine = (text, isinstance(error, FloatingPointError), extra)
     gathered: list = [None] * dist.get_world_size(group)
-    with _collective(what, group):
+    with collective_errors(what, group):
         dist.all_gather_object(gathered, mine, group=group)
     failures = {r: text for r, (text, _, _) in enumerate(gathered) if text is not None}
     if failures:
@@ -231,7 +232,7 @@ def broadcast_state(
             flat = torch.cat([t.detach().reshape(-1) for t in ts]).to(comm)
         else:
             flat = torch.empty(sum(t.numel() for t in ts), dtype=dtype, device=comm)
-        with _collective("broadcast_state", group):
+        with collective_errors("broadcast_state", group):
             dist.broadcast(flat, group=group, group_src=src)
         sent += flat.numel() * flat.element_size()
         if rank != src:
@@ -364,7 +365,7 @@ def resize_ddp(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     payload, cause = _run_on_source(rank == src, resizer, step, data, budget)
     box = [payload]
-    with _collective(what, group):
+    with collective_errors(what, group):
         dist.broadcast_object_list(box, group=group, group_src=src)
     payload = box[0]
     if "error" in payload:

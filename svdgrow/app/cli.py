@@ -7,10 +7,14 @@ Examples::
     svdgrow train --baseline-from runs/mnist-mnist-2m-20240101-120000
     svdgrow summary runs/mnist-mnist-2m-20240101-120000
     svdgrow plot runs/mnist-mnist-2m-20240101-120000
+    torchrun --nproc_per_node 2 -m svdgrow train --preset quick --run-dir runs/ddp
 
 Every user error (a bad flag, a missing or corrupt file, an unusable device, a diverged run)
 ends in one line on stderr and exit status 2. Ctrl-C or SIGTERM stops a run after its current
-step with a checkpoint (exit status 130 or 143); a second one aborts at once.
+step with a checkpoint (exit status 130 or 143); a second one aborts at once. Under torchrun a
+failure on one process (a resize, a checkpoint write, a peer gone past --dist-timeout) ends every
+process with one line naming the rank and the error, exit status 1; ``torchrun --max-restarts
+N`` then restarts the run, which continues from its --run-dir's last checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -29,17 +34,20 @@ from svdgrow import Policy
 
 from .checkpoint import CheckpointError
 from .config import DEFAULT_LR, DEFAULT_WD, TrainConfig
-from .loop import TrainingInterrupted, train
+from .loop import RunFailed, TrainingInterrupted, train
 from .models import PRESETS
+from .parallel import Launch
 from .plot import format_summary, plot_run, summarize_run
 from .rundir import baseline_config, read_json
+from .start import restart_resumes
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("svdgrow")
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # policy: MISSING
-_RESUME_OK = ("epochs", "device", "data_dir", "threads", "checkpoint_minutes", "progress")
+_RESUME_OK = ("epochs", "device", "data_dir", "threads", "checkpoint_minutes", "progress",
+              "compile", "backend", "dist_timeout")  # fmt: skip
 _USER_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
 """What the CLI reports in one line with exit status 2 (DataNotFoundError is an OSError)."""
 
@@ -128,13 +136,15 @@ def _what_to_train(g: Any) -> None:
                         "and schedule, without resizing (a fixed-architecture baseline)")  # fmt: skip
     g.add_argument("--resume", metavar="RUN_DIR", default=S,
                    help="continue RUN_DIR from its last checkpoint (widths, optimizer, schedule, "
-                        "RNG, log appended); only --epochs, --device, --data-dir, --threads, "
-                        "--checkpoint-minutes and --no-progress may change")  # fmt: skip
+                        "RNG, log appended) on as many processes as it trained on; only --epochs, "
+                        "--device, --data-dir, --threads, --checkpoint-minutes, --no-progress, "
+                        "--compile, --backend and --dist-timeout may change")  # fmt: skip
 
 
 def _optimisation(g: Any) -> None:
     _flag(g, "--epochs", "passes over the training set", type=int)
-    _flag(g, "--batch-size", "training batch size", type=int)
+    _flag(g, "--batch-size", "training batch size per process (under torchrun the global batch "
+          "is this times the number of processes)", type=int)  # fmt: skip
     _flag(g, "--lr", f"peak learning rate (default {_per_optimizer(DEFAULT_LR)})", type=float)
     _flag(g, "--optimizer", "sgd = Nesterov momentum 0.9", choices=["sgd", "adam", "adamw"])
     _flag(g, "--weight-decay", f"weight decay (default {_per_optimizer(DEFAULT_WD)})", type=float)
@@ -187,6 +197,13 @@ def _data_device_output(g: Any) -> None:
     _flag(g, "--checkpoint-minutes", "also checkpoint mid-epoch every M minutes; 0 = at epoch "
           "ends only", type=float)  # fmt: skip
     _flag(g, "--no-progress", "no progress bar", dest="progress", action="store_false")
+    _flag(g, "--compile", "train through torch.compile with BACKEND (default inductor); the "
+          "graphs are compiled again after every change of width", nargs="?",
+          const="inductor", metavar="BACKEND")  # fmt: skip
+    _flag(g, "--backend", "process group backend under torchrun (default: gloo for cpu, nccl "
+          "for cuda)", choices=["gloo", "nccl"])  # fmt: skip
+    _flag(g, "--dist-timeout", "under torchrun: seconds before a collective that a dead or hung "
+          "process never joins fails the others", type=float)  # fmt: skip
 
 
 def _train(args: dict[str, Any]) -> int:
@@ -200,6 +217,12 @@ def _train(args: dict[str, Any]) -> int:
             args["policy"] = json.loads(args["policy"])
         except json.JSONDecodeError as exc:
             raise ValueError(f"--policy must be a JSON object: {exc}") from None
+    launch = Launch.from_env()
+    if resume is None and baseline is None and restart_resumes(args.get("run_dir"), launch):
+        logger.warning("torchrun restart %d: resuming %s from its last checkpoint",
+                       launch.restart, args["run_dir"])  # fmt: skip
+        resume, spec_file = args.pop("run_dir"), None
+        args = {k: v for k, v in args.items() if k in _RESUME_OK}
     if resume is not None:
         given = sorted(set(args) - set(_RESUME_OK)) + ["baseline_from"] * bool(baseline)
         given += ["spec"] * bool(spec_file)
@@ -218,8 +241,9 @@ def _train(args: dict[str, Any]) -> int:
             args["spec"] = read_json(spec_file, "spec file")
             args.setdefault("resize_every", 0)
         result = train(TrainConfig(**args))
-    print(f"done: {result['run_dir']}: {result['params']:,} params, test acc "
-          f"{100 * result['test_acc']:.2f}%, {result['elapsed']:.0f} s")  # fmt: skip
+    if launch.rank == 0:
+        print(f"done: {result['run_dir']}: {result['params']:,} params, test acc "
+              f"{100 * result['test_acc']:.2f}%, {result['elapsed']:.0f} s")  # fmt: skip
     return 0
 
 
@@ -258,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a bad command line (2, message printed)
         return int(exc.code or 0)
     level = logging.WARNING - 10 * min(2, ns.verbose + 1)
+    if os.environ.get("RANK", "0") != "0" and not ns.verbose:  # torchrun: rank 0 tells
+        level = logging.WARNING
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("svdgrow").setLevel(level)
@@ -274,7 +300,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("svdgrow: aborted without a new checkpoint (a run folder resumes from its last "
               "one)", file=sys.stderr)  # fmt: skip
         return 130
+    except RunFailed as exc:  # before the user errors: it is a RuntimeError, not one of them
+        logger.debug("error details", exc_info=True)
+        print(f"svdgrow: error: {_rank_prefix()}{_one_line(exc)}", file=sys.stderr)
+        return 1
     except _USER_ERRORS as exc:
         logger.debug("error details", exc_info=True)
-        print(f"svdgrow: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"svdgrow: error: {_rank_prefix()}{_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _rank_prefix() -> str:
+    """``"rank R: "`` under torchrun with several processes (each prints its own line)."""
+    launch = Launch.from_env()
+    return f"rank {launch.rank}: " if launch.distributed else ""

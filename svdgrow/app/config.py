@@ -35,7 +35,8 @@ class TrainConfig:
         spec: an explicit starting architecture spec (overrides ``preset``).
         bn: override the spec's BatchNorm flag (None keeps it).
         epochs: passes over the training set.
-        batch_size: training batch size (the last partial batch of an epoch is dropped).
+        batch_size: training batch size per process (the global batch is ``batch_size *
+            world_size``; the last partial batch of an epoch is dropped).
         lr: peak learning rate (None: :data:`DEFAULT_LR` of the optimizer).
         optimizer: ``sgd`` (Nesterov momentum), ``adam`` or ``adamw``.
         momentum: SGD momentum.
@@ -61,6 +62,13 @@ class TrainConfig:
         eval_batch_size: batch size for evaluation.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler).
+        compile: train through ``torch.compile`` with this backend (None: eagerly).
+        backend: the process group's backend with several processes (None: gloo for the CPU,
+            nccl for CUDA).
+        dist_timeout: seconds before a collective that a dead or hung process never joins fails
+            the others (several processes).
+        world_size: the number of processes the run trains on (set from the launch; the
+            global batch is ``batch_size * world_size``).
         seed: seed of initialisation, batch order, augmentation and the resizer's draws.
         threads: torch CPU threads (None: torch's default).
         checkpoint_minutes: also checkpoint mid-epoch at this interval (0: epoch ends only).
@@ -99,6 +107,10 @@ class TrainConfig:
     eval_batch_size: int = 1000
     device: str = "auto"
     amp: bool = False
+    compile: str | None = None
+    backend: str | None = None
+    dist_timeout: float = 600.0
+    world_size: int = 1
     seed: int = 0
     threads: int | None = None
     checkpoint_minutes: float = 5.0
@@ -241,6 +253,10 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("test_subset", lambda v: v is None or (_count(v) and v >= 1), "a sample count >= 1"),
     ("threads", lambda v: v is None or (_count(v) and v >= 1), "an integer >= 1"),
     ("checkpoint_minutes", lambda v: _finite(v) and v >= 0, "a number >= 0 (0: epoch ends)"),
+    ("compile", lambda v: v is None or (isinstance(v, str) and v != ""), "a torch.compile backend"),
+    ("backend", lambda v: v in (None, "gloo", "nccl"), "gloo or nccl"),
+    ("dist_timeout", lambda v: _finite(v) and v > 0, "a number of seconds > 0"),
+    ("world_size", lambda v: _count(v) and v >= 1, "a process count >= 1"),
 ]
 """``(field, test, what it must be)`` for every setting :meth:`TrainConfig.validate` checks."""
 

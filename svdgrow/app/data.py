@@ -32,6 +32,7 @@ __all__ = [
     "NUM_CLASSES",
     "DeviceDataset",
     "candidate_roots",
+    "draw_offsets",
     "find_root",
     "load_dataset",
     "random_shift",
@@ -193,8 +194,9 @@ class DeviceDataset:
         augment: bool = False,
         shift: int = 2,
         generator: torch.Generator | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather, (optionally) shift and normalise the samples at ``index``.
+        """Gather, (optionally) shift and normalise the samples at ``index``, or one part of them.
 
         Args:
             index: ``Tensor[B]`` of sample indices on the dataset's device.
@@ -202,14 +204,31 @@ class DeviceDataset:
                 (zero padding, so a shifted digit loses nothing but background).
             shift: the largest shift in pixels.
             generator: the random generator for the offsets (on the dataset's device).
+            part: ``(k, n)``: return only the k-th of ``n`` equal contiguous parts of ``index``
+                (one process's share of a global batch). The offsets are drawn for the whole of
+                ``index``, so every process's generator stays in step with the others', and
+                ``(0, 1)`` draws exactly what a one-process batch draws.
 
         Returns:
-            ``(x (Tensor[B, 1, H, W] float32), y (Tensor[B] int64))``.
+            ``(x (Tensor[B/n, 1, H, W] float32), y (Tensor[B/n] int64))``.
         """
-        imgs = self.images.index_select(0, index)
+        k, n = part
+        size = index.shape[0] // n
+        offsets = None
         if augment and shift > 0:
-            imgs = random_shift(imgs, shift, generator)
+            offsets = draw_offsets(index.shape[0], shift, index.device, generator)
+            offsets = offsets[:, k * size : (k + 1) * size]
+        index = index[k * size : (k + 1) * size] if n > 1 else index
+        imgs = self.images.index_select(0, index)
+        if offsets is not None:
+            imgs = random_shift(imgs, shift, offsets=offsets)
         return self.normalise(imgs), self.labels.index_select(0, index)
+
+    def shard(self, k: int, n: int) -> DeviceDataset:
+        """The k-th of ``n`` contiguous parts of this split (one process's share of an
+        evaluation); ``(0, 1)`` is the whole split."""
+        lo, hi = len(self) * k // n, len(self) * (k + 1) // n
+        return DeviceDataset(self.images[lo:hi], self.labels[lo:hi], self.mean, self.std, self.name)
 
     def batches(
         self,
@@ -237,8 +256,18 @@ class DeviceDataset:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
 
+def draw_offsets(
+    count: int, shift: int, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``Tensor[2, count]``: a random (row, column) offset in ``[0, 2 * shift]`` per image."""
+    return torch.randint(0, 2 * shift + 1, (2, count), device=device, generator=generator)
+
+
 def random_shift(
-    images: torch.Tensor, shift: int, generator: torch.Generator | None = None
+    images: torch.Tensor,
+    shift: int,
+    generator: torch.Generator | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shift every image by its own random offset of up to ``shift`` pixels, vectorised.
 
@@ -246,6 +275,7 @@ def random_shift(
         images: ``Tensor[B, C, H, W]`` (any dtype).
         shift: largest shift in pixels, per axis.
         generator: random generator on ``images.device``.
+        offsets: the offsets to use instead of drawing them (:func:`draw_offsets`).
 
     Returns:
         ``Tensor[B, C, H, W]``: each image zero-padded by ``shift`` and cropped back to H x W at
@@ -254,7 +284,8 @@ def random_shift(
     b, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (shift, shift, shift, shift))
     dev = images.device
-    offsets = torch.randint(0, 2 * shift + 1, (2, b), device=dev, generator=generator)
+    if offsets is None:
+        offsets = draw_offsets(b, shift, dev, generator)
     rows = offsets[0][:, None] + torch.arange(h, device=dev)[None, :]  # [B, H]
     cols = offsets[1][:, None] + torch.arange(w, device=dev)[None, :]  # [B, W]
     bidx = torch.arange(b, device=dev)[:, None, None]

@@ -30,6 +30,7 @@ __all__ = [
     "FINAL_SPEC_NAME",
     "LOG_NAME",
     "JsonlLog",
+    "NullLog",
     "RunDirError",
     "baseline_config",
     "check_new_run_dir",
@@ -73,6 +74,16 @@ class JsonlLog:
     def close(self) -> None:
         """Close the file."""
         self.fh.close()
+
+
+class NullLog:
+    """A log that writes nothing (the processes other than rank 0 of a run)."""
+
+    def write(self, event: str, **fields: Any) -> None:
+        """Drop the event."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def _json_default(obj: Any) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from svdgrow import Resizer
@@ -38,15 +39,16 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import DeviceDataset, load_dataset
 from .models import build_model, count_flops, count_params, layer_widths, spec_of
-from .rundir import CKPT_NAME, CONFIG_NAME, LOG_NAME, JsonlLog, write_json
+from .parallel import Ranks, pick_device
+from .rundir import CKPT_NAME, CONFIG_NAME, LOG_NAME, JsonlLog, NullLog, write_json
 
 __all__ = [
     "EpochStats",
     "RunState",
     "TrainingDiverged",
     "open_run_folder",
-    "pick_device",
     "setup_run",
+    "wrap_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,10 @@ class RunState:
     elapsed_before: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)  # this session's start
     last_save: float = field(default_factory=time.perf_counter)
+    ranks: Ranks = field(default_factory=Ranks)  # the processes of the run (one by default)
+    ddp: DDP | None = None  # the DDP wrapper of model (several processes)
+    net: nn.Module | None = None  # what a training step calls: model, ddp, or their compiled form
+    seconds: dict[str, float] = field(default_factory=dict)  # this epoch's time by phase
 
     @property
     def total_steps(self) -> int:
@@ -106,19 +112,54 @@ class RunState:
             out["groups"] = {str(k): int(v) for k, v in self.resizer.widths().items()}
         return out
 
-    def save(self, final: bool = False) -> None:
+    def epoch_stats(self) -> dict[str, Any]:
+        """The epoch's training loss sum, correct count and samples seen, over every rank."""
+        mine = self.stats.as_dict()
+        if not self.ranks.distributed:
+            return mine
+        loss, correct, seen = self.ranks.sum(
+            [mine["loss"], mine["correct"], mine["seen"]], "the epoch statistics"
+        )
+        return {"loss": loss, "correct": int(correct), "seen": int(seen)}
+
+    def save(self, final: bool = False, local: bool = False) -> None:
         """Checkpoint the run at the current step boundary (atomically, over the last one).
 
+        With several processes every rank calls it: they check their weights together, rank 0
+        writes (with the epoch statistics of all ranks) and every rank hears whether it could.
+
+        Args:
+            final: the run's last checkpoint.
+            local: write from this process alone, without the collectives (rank 0's start).
+
         Raises:
-            TrainingDiverged: when a weight or buffer is NaN/inf (the last checkpoint stays).
+            TrainingDiverged: when a weight or buffer is NaN/inf on any rank (the last
+                checkpoint stays).
+            RunFailed: rank 0 could not write it (several processes).
         """
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        if not bool(all_finite(tensors)):
+        finite = bool(all_finite(tensors))
+        if not (finite if local else self.ranks.all_true(finite, "the finite-weights check")):
             raise TrainingDiverged(
                 f"training diverged by step {self.step}: the weights hold NaN/inf"
             )
+        stats = self.stats.as_dict() if local else self.epoch_stats()
+        if local or not self.ranks.distributed:
+            self._write(final, stats)
+            return
+        error = None
+        if self.ranks.main:
+            try:
+                self._write(final, stats)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it
+                error = exc
+        self.ranks.agree(error, f"the checkpoint of step {self.step}")
+        self.saved_step = self.step
+        self.last_save = time.perf_counter()
+
+    def _write(self, final: bool, stats: dict[str, Any]) -> None:
         extra = {"elapsed": self.elapsed(), "batch_in_epoch": self.batch_in_epoch,
-                 "epoch_stats": self.stats.as_dict(), "resize_checks": self.resize_checks,
+                 "epoch_stats": stats, "resize_checks": self.resize_checks,
                  "final": final}  # fmt: skip
         rng = rng_state(self.generators)
         if self.order is not None and self.batch_in_epoch > 0:
@@ -137,7 +178,7 @@ class RunState:
         self.elapsed_before = float(extra.get("elapsed", 0.0))
         self.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
         self.resize_checks = int(extra.get("resize_checks", 0))
-        if "epoch_stats" in extra:
+        if "epoch_stats" in extra and self.ranks.main:  # the sums of every rank: on one
             self.stats.load(extra["epoch_stats"])
         if self.batch_in_epoch > 0 and "order" in ckpt["rng"]:
             self.order = ckpt["rng"]["order"].to(self.device)
@@ -169,7 +210,10 @@ class EpochStats:
 
 
 def setup_run(
-    cfg: TrainConfig, start_spec: dict[str, Any], ckpt: dict[str, Any] | None
+    cfg: TrainConfig,
+    start_spec: dict[str, Any],
+    ckpt: dict[str, Any] | None,
+    ranks: Ranks | None = None,
 ) -> RunState:
     """Data, model, optimizer, AMP and resizer, and a resumed run's saved position.
 
@@ -179,9 +223,12 @@ def setup_run(
         cfg: the run's settings (``run_dir`` set).
         start_spec: the architecture the run started from.
         ckpt: the checkpoint to resume from (None: a new run).
+        ranks: the run's processes and this one's device (default: one process, on
+            ``cfg.device``).
     """
     t_start = time.perf_counter()
-    device = pick_device(cfg.device)
+    ranks = ranks if ranks is not None else Ranks(device=pick_device(cfg.device))
+    device = ranks.device
     train_ds, test_ds = _load_data(cfg, device)
     data_gen = torch.Generator(device=device)
     data_gen.manual_seed(cfg.seed)
@@ -201,18 +248,33 @@ def setup_run(
     generators = {"data": data_gen}
     if resizer is not None:
         generators["resizer"] = resizer._gen
+    global_batch = cfg.batch_size * ranks.size  # each process reads batch_size of it
     r = RunState(
         cfg=cfg, dir=Path(cfg.run_dir), device=device, train_ds=train_ds, test_ds=test_ds,
         model=model, optimizer=optimizer, resizer=resizer, autocast=autocast, scaler=scaler,
         generators=generators, start_spec=start_spec, start_params=count_params(start_spec),
-        steps_per_epoch=train_ds.num_batches(cfg.batch_size, drop_last=len(train_ds) >= cfg.batch_size),
-        stats=EpochStats(device), t_start=t_start,
+        steps_per_epoch=train_ds.num_batches(global_batch, drop_last=len(train_ds) >= global_batch),
+        stats=EpochStats(device), t_start=t_start, ranks=ranks,
     )  # fmt: skip
     if resizer is not None:
         r.eps_after = resizer.policy.energy_eps
     if ckpt is not None:
         r.restore(ckpt)
+    wrap_model(r)
     return r
+
+
+def wrap_model(r: RunState, ddp: DDP | None = None) -> None:
+    """Set what a training step calls: the model, its DDP wrapper (``ddp``, or a new one with
+    several processes) and, with ``--compile``, that compiled (afresh: compiled graphs of other
+    widths are dropped first)."""
+    if r.ranks.distributed:
+        ids = [r.device.index] if r.device.type == "cuda" else None
+        r.ddp = ddp if ddp is not None else DDP(r.model, device_ids=ids)
+    r.net = r.ddp if r.ddp is not None else r.model
+    if r.cfg.compile:
+        torch.compiler.reset()
+        r.net = torch.compile(r.net, backend=r.cfg.compile)
 
 
 def open_run_folder(r: RunState, resumed: bool) -> None:
@@ -220,41 +282,58 @@ def open_run_folder(r: RunState, resumed: bool) -> None:
     write the first checkpoint, the ``start`` event and, last, config.json.
 
     A new run's folder is removed again (or, when it existed before, emptied of what was
-    written) if this fails part way.
+    written) if this fails part way. With several processes rank 0 alone writes, and every
+    rank hears whether it could.
     """
+    error = None
+    if r.ranks.main:
+        try:
+            _open_folder(r, resumed)
+        except Exception as exc:  # noqa: BLE001 - raised again by agree, on every rank
+            error = exc
+    else:
+        r.log = NullLog()
+    r.ranks.agree(error, "the start of the run folder")
+    if r.cfg.progress and r.ranks.main:
+        r.bar = tqdm(total=r.total_steps, initial=r.step, dynamic_ncols=True, unit="step",
+                     desc=r.cfg.dataset)  # fmt: skip
+    logger.info("run folder %s: %s on %s, %d params, %d steps, %d process(es) x batch %d",
+                r.dir, r.cfg.dataset, r.device, count_params(r.model), r.total_steps,
+                r.ranks.size, r.cfg.batch_size)  # fmt: skip
+
+
+def _open_folder(r: RunState, resumed: bool) -> None:
     for folder in (r.dir, (r.dir / CKPT_NAME).parent):
         remove_stale_temps(folder)
     if resumed:
         r.log = JsonlLog(r.dir / LOG_NAME)
         r.log.write("resume", step=r.step, epoch=r.epoch, params=count_params(r.model),
-                    elapsed=r.elapsed(), batch_in_epoch=r.batch_in_epoch)  # fmt: skip
-    else:
-        created = not r.dir.exists()
-        try:
-            _start_folder(r)
-        except BaseException:
-            if r.log is not None:
-                r.log.close()
-            _remove_start(r.dir, created)
-            raise
-    if r.cfg.progress:
-        r.bar = tqdm(total=r.total_steps, initial=r.step, dynamic_ncols=True, unit="step",
-                     desc=r.cfg.dataset)  # fmt: skip
-    logger.info("run folder %s: %s on %s, %d params, %d steps", r.dir, r.cfg.dataset, r.device,
-                count_params(r.model), r.total_steps)  # fmt: skip
+                    elapsed=r.elapsed(), batch_in_epoch=r.batch_in_epoch,
+                    world_size=r.ranks.size, restart=r.ranks.launch.restart)  # fmt: skip
+        return
+    created = not r.dir.exists()
+    try:
+        _start_folder(r)
+    except BaseException:
+        if r.log is not None:
+            r.log.close()
+        _remove_start(r.dir, created)
+        raise
 
 
 def _start_folder(r: RunState) -> None:
     r.dir.mkdir(parents=True, exist_ok=True)
-    r.save()
+    r.save(local=True)
     r.log = JsonlLog(r.dir / LOG_NAME, fresh=True)
+    global_batch = r.cfg.batch_size * r.ranks.size
     r.log.write("start", step=0, epoch=0, params=count_params(r.model),
                 flops=count_flops(r.model), widths=r.widths(), spec=spec_of(r.model),
                 elapsed=r.elapsed(), steps_per_epoch=r.steps_per_epoch,
-                total_steps=r.total_steps, device=str(r.device))  # fmt: skip
+                total_steps=r.total_steps, device=str(r.device), world_size=r.ranks.size,
+                global_batch_size=global_batch, backend=r.ranks.backend)  # fmt: skip
     record = {"config": r.cfg.to_json(), "start_spec": r.start_spec,
               "start_params": r.start_params, "device": str(r.device),
-              "torch": torch.__version__}  # fmt: skip
+              "torch": torch.__version__, "global_batch_size": global_batch}  # fmt: skip
     write_json(r.dir / CONFIG_NAME, record)
 
 
@@ -266,34 +345,6 @@ def _remove_start(run_dir: Path, created: bool) -> None:
         (run_dir / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # only when empty
         (run_dir / CKPT_NAME).parent.rmdir()
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present, else the CPU), or a named CPU or CUDA device.
-
-    Raises:
-        ValueError: for a name torch does not know, a device type other than cpu/cuda, or a
-            CUDA device this machine does not have.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto"
-        ) from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: training runs on cpu or cuda (or auto)")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(
-                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
-            )
-    return dev
 
 
 def _load_data(cfg: TrainConfig, device: torch.device) -> tuple[DeviceDataset, DeviceDataset]:

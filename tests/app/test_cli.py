@@ -35,7 +35,7 @@ def test_help_defaults_come_from_train_config():
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             assert action.help.endswith(f"(default {value})"), action.dest
             checked += 1
-    assert checked == 16
+    assert checked == 17
     lr = next(a for a in _train_parser()._actions if a.dest == "lr")
     assert lr.help.endswith("(default 0.05 sgd, 0.002 adam, 0.002 adamw)")
 
@@ -43,8 +43,9 @@ def test_help_defaults_come_from_train_config():
 def test_train_config_fields_without_a_flag():
     dests = {a.dest for a in _train_parser()._actions}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    # set by --baseline-from RUN, or only from Python (TrainConfig(momentum=...))
-    assert fields - dests == {"baseline_of", "momentum", "eval_batch_size"}
+    # set by --baseline-from RUN, or only from Python (TrainConfig(momentum=...)); world_size
+    # comes from the launch (torchrun)
+    assert fields - dests == {"baseline_of", "momentum", "eval_batch_size", "world_size"}
 
 
 @pytest.mark.parametrize(

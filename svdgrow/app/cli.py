@@ -293,8 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[ns.command](args)
     except TrainingInterrupted as exc:
-        print(f"svdgrow: stopped by {signal.Signals(exc.signum).name} after a checkpoint; "
-              f"continue with: svdgrow train --resume {exc.run_dir}", file=sys.stderr)  # fmt: skip
+        launch = Launch.from_env()
+        how = (
+            f"torchrun --nproc_per_node {launch.world_size} -m svdgrow"
+            if launch.distributed
+            else "svdgrow"
+        )
+        if launch.rank == 0:
+            print(f"svdgrow: stopped by {signal.Signals(exc.signum).name} after a checkpoint; "
+                  f"continue with: {how} train --resume {exc.run_dir}", file=sys.stderr)  # fmt: skip
         return 128 + exc.signum
     except KeyboardInterrupt:
         print("svdgrow: aborted without a new checkpoint (a run folder resumes from its last "

@@ -173,6 +173,8 @@ def _train_step(r: RunState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r.step += 1
     r.batch_in_epoch += 1
     _time(r, "train", t0)
+    r.step_clock[0] += time.perf_counter() - t0
+    r.step_clock[1] += 1
     return x, y, loss
 
 
@@ -201,6 +203,8 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
         report = _resize_here(r, x, y, budget, probe)
     _time(r, "resize", t0)
     r.resize_checks += 1
+    probe["step_seconds"] = r.step_clock[0] / max(1, r.step_clock[1])  # a step's time, lately
+    r.step_clock = [0.0, 0]
     if report.changed and r.ranks.main:
         _log_resize(r, report, budget, params_before, probe)
 
@@ -259,7 +263,8 @@ def _log_resize(
     r: RunState, report: StepReport, budget: float | None, params_before: int, probe: dict
 ) -> None:
     rep = report.as_dict()
-    dist = {k: probe[k] for k in ("sync_seconds", "check_seconds", "checksums") if k in probe}
+    keys = ("step_seconds", "sync_seconds", "check_seconds", "checksums")
+    dist = {k: probe[k] for k in keys if k in probe}
     r.log.write(
         "resize", step=r.step, epoch=r.epoch + r.batch_in_epoch / r.steps_per_epoch,
         budget=budget, params_before=params_before, params=count_params(r.model),

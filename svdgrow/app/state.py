@@ -96,6 +96,7 @@ class RunState:
     ddp: DDP | None = None  # the DDP wrapper of model (several processes)
     net: nn.Module | None = None  # what a training step calls: model, ddp, or their compiled form
     seconds: dict[str, float] = field(default_factory=dict)  # this epoch's time by phase
+    step_clock: list[float] = field(default_factory=lambda: [0.0, 0])  # since the last resize
 
     @property
     def total_steps(self) -> int:

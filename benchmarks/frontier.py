@@ -1,0 +1,270 @@
+"""The accuracy/size frontier: svdgrow against uniform narrowing (and others) at fixed budgets.
+
+One command, resumable: every cell (dataset, budget, method, seed) is one ``svdgrow train`` run
+in its own folder under ``--out``/runs; a finished cell is skipped, an interrupted one is
+resumed (``--resume``), so the table can be filled over several sittings. After every cell the
+results JSON, the markdown table and the plot are rewritten.
+
+Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
+- ``shrink``: svdgrow shrinking the large preset to the budget (over ``--shrink-flags``).
+- ``mid``: svdgrow shrinking the preset narrowed to ``--mid-factor`` x the budget, over
+  ``--mid-shrink-steps`` steps.
+- ``grow``: svdgrow growing the preset narrowed to ``--grow-factor`` x the budget, the budget
+  as the cap.
+- ``uniform``: the preset with every width scaled by one factor, chosen so the parameter count
+  is as close as possible to the mean final size of the ``--match`` method's runs of that cell
+  (or to the budget when there are none yet), trained from scratch. Run it after them.
+- ``found``: the widths the ``shrink`` run of seed 0 found, trained from scratch.
+
+Usage::
+
+    python benchmarks/frontier.py --dataset mnist --budgets 3000 6000 12000 --seeds 0 1 2 \\
+        --methods shrink uniform found --epochs 15 --threads 2
+
+Side by side with ``--threads 1`` is fine for accuracy; the times are only comparable between
+runs made the same way (the table records threads and the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from svdgrow.app.models import count_params, preset_spec
+
+PRESET = {"mnist": "mnist-2m", "fashion-mnist": "fashion-500k"}
+DEFAULT_OUT = Path(__file__).parent / "results" / "frontier_cpu"
+
+
+def uniform_spec(preset: str, target: int) -> tuple[dict[str, Any], float]:
+    """The preset with every width times one factor, the parameter count nearest ``target``."""
+    base = preset_spec(preset)
+
+    def scaled(f: float) -> dict[str, Any]:
+        s = json.loads(json.dumps(base))
+        s["stem"] = max(1, round(base["stem"] * f))
+        for blk, b0 in zip(s["blocks"], base["blocks"], strict=True):
+            blk["mid"] = max(1, round(b0["mid"] * f))
+            blk["out"] = max(1, round(b0["out"] * f))
+        # identity shortcuts need equal widths: tie a block's out to its input width
+        width = s["stem"]
+        for blk in s["blocks"]:
+            if not blk.get("projection", blk.get("stride", 1) != 1):
+                blk["out"] = width
+            width = blk["out"]
+        return s
+
+    lo, hi = 1e-3, 1.0
+    for _ in range(60):  # params grow monotonically with the factor: bisect
+        mid = math.sqrt(lo * hi)
+        if count_params(scaled(mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    cands = [scaled(lo), scaled(hi)]
+    best = min(cands, key=lambda s: abs(count_params(s) - target))
+    return best, (lo if best is cands[0] else hi)
+
+
+def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None:
+    """Run (or resume) one ``svdgrow train``; the run's summary, or None when it failed."""
+    summary = _summary(run_dir)
+    if summary and summary.get("finished"):
+        return summary
+    if (run_dir / "config.json").is_file():
+        cmd = [sys.executable, "-m", "svdgrow", "train", "--resume", str(run_dir), "--no-progress"]
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    summary = _summary(run_dir)
+    if rc != 0 or not summary or not summary.get("finished"):
+        print(f"  cell failed (exit {rc}); see {log}", file=sys.stderr)
+        return None
+    return summary
+
+
+def _summary(run_dir: Path) -> dict[str, Any] | None:
+    if not (run_dir / "log.jsonl").is_file():
+        return None
+    out = subprocess.run(
+        [sys.executable, "-m", "svdgrow", "summary", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def train_cmd(args, dataset: str, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "svdgrow", "train", "--dataset", dataset, "--epochs", str(args.epochs),
+        "--seed", str(seed), "--threads", str(args.threads), "--data-dir", args.data_dir,
+        "--run-dir", str(run_dir), "--no-progress", *args.train_flags.split(), *extra,
+    ]  # fmt: skip
+
+
+def _spec_file(args, dataset: str, name: str, target: int) -> str:
+    spec, _ = uniform_spec(PRESET[dataset], target)
+    path = Path(args.out) / "specs" / f"{dataset}-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=1))
+    return str(path)
+
+
+def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> list[str] | None:
+    """The method-specific flags of one cell (None: cannot run yet)."""
+    budget_flags = ["--target-params", str(budget), *args.shrink_flags.split()]
+    if method == "shrink":  # the large preset down to the budget
+        return ["--preset", PRESET[dataset], *budget_flags]
+    if method == "mid":  # the preset narrowed to mid_factor x budget, down to the budget
+        start = _spec_file(args, dataset, f"{budget}-mid", round(args.mid_factor * budget))
+        return ["--spec", start, *budget_flags, "--shrink-steps", str(args.mid_shrink_steps)]
+    if method == "grow":  # the preset narrowed to grow_factor x budget, grown to the budget
+        start = _spec_file(args, dataset, f"{budget}-grow", round(args.grow_factor * budget))
+        return ["--spec", start, *budget_flags]
+    if method == "uniform":  # matched to the mean size the --match runs ended at
+        shrunk = [r["params"] for k, r in results.items() if k[:3] == (dataset, budget, args.match)]
+        target = round(statistics.mean(shrunk)) if shrunk else budget
+        return ["--spec", _spec_file(args, dataset, f"{budget}-uniform", target)]
+    if method == "found":
+        if (dataset, budget, "shrink", 0) not in results:
+            return None
+        return ["--baseline-from", str(Path(args.out) / "runs" / f"{dataset}-{budget}-shrink-s0")]
+    raise ValueError(f"unknown method {method!r}")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": None}
+
+
+def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
+    rows = [
+        dict(zip(("dataset", "budget", "method", "seed"), k, strict=True), **v)
+        for k, v in results.items()
+    ]
+    (out / "frontier.json").write_text(json.dumps({"machine": meta, "cells": rows}, indent=1))
+    lines = [
+        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch "
+        f"{meta['machine']['torch']}; {meta['epochs']} epochs, {meta['threads']} thread(s) per run.",
+        "",
+        "| dataset | budget | method | seeds | params | test acc (mean ± sd) | time (s) |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["budget"], r["method"]), []).append(r)
+    for (ds, budget, method), rs in sorted(groups.items()):
+        accs = [100 * r["test_acc"] for r in rs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        lines.append(
+            f"| {ds} | {budget:,} | {method} | {len(rs)} | "
+            f"{round(statistics.mean(r['params'] for r in rs)):,} | "
+            f"{statistics.mean(accs):.2f} ± {sd:.2f} | {statistics.mean(r['elapsed'] for r in rs):.0f} |"
+        )
+    (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    plot(out, groups)
+
+
+def plot(out: Path, groups: dict[tuple, list[dict]]) -> None:
+    import matplotlib  # noqa: PLC0415 - optional: the table is written without it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    datasets = sorted({k[0] for k in groups})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets, strict=True):
+        for method in sorted({k[2] for k in groups if k[0] == ds}):
+            pts = sorted((k[1], rs) for k, rs in groups.items() if k[0] == ds and k[2] == method)
+            xs = [statistics.mean(r["params"] for r in rs) for _, rs in pts]
+            ys = [statistics.mean(100 * r["test_acc"] for r in rs) for _, rs in pts]
+            es = [
+                statistics.stdev([100 * r["test_acc"] for r in rs]) if len(rs) > 1 else 0
+                for _, rs in pts
+            ]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(ds)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--dataset", choices=sorted(PRESET), default="mnist")
+    p.add_argument("--budgets", type=int, nargs="+", default=[3000, 6000, 12000])
+    p.add_argument("--methods", nargs="+", default=["shrink", "uniform", "found"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    )
+    p.add_argument("--shrink-flags", default="--shrink-steps 300 --resize-every 10 --energy-eps 1e-4",
+                   help="flags of the shrink method besides preset and budget")  # fmt: skip
+    p.add_argument("--mid-factor", type=float, default=4.0, help="mid: start size / budget")
+    p.add_argument("--mid-shrink-steps", type=int, default=600, help="mid: steps to the budget")
+    p.add_argument("--grow-factor", type=float, default=0.25, help="grow: start size / budget")
+    p.add_argument(
+        "--train-flags", default="", help="flags for every run (e.g. a --subset smoke test)"
+    )
+    p.add_argument("--match", default="shrink", help="uniform: match this method's mean size")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args()
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    results_path = out / "frontier.json"
+    results: dict[tuple, dict] = {}
+    if results_path.is_file():
+        for r in json.loads(results_path.read_text())["cells"]:
+            results[(r["dataset"], r["budget"], r["method"], r["seed"])] = r
+    meta = {"machine": machine(), "epochs": args.epochs, "threads": args.threads}
+    for budget in args.budgets:
+        for method in args.methods:  # shrink first: uniform matches its size, found reuses it
+            for seed in args.seeds if method != "found" else [0]:
+                key = (args.dataset, budget, method, seed)
+                if key in results:
+                    continue
+                extra = cell_extra(args, method, args.dataset, budget, results)
+                if extra is None:
+                    print(f"skip {key}: needs the shrink run of seed 0 first")
+                    continue
+                run_dir = out / "runs" / f"{args.dataset}-{budget}-{method}-s{seed}"
+                print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
+                s = run_cell(
+                    train_cmd(args, args.dataset, seed, run_dir, extra), run_dir, out / "runs.log"
+                )
+                if s is None:
+                    continue
+                results[key] = {k: s[k] for k in ("params", "test_acc", "elapsed", "start_params")}
+                print(f"  {s['params']:,} params, {100 * s['test_acc']:.2f}%, {s['elapsed']:.0f} s")
+                write_tables(out, results, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,6 +67,11 @@ def row_norm_snapshot(model: nn.Module, graph: CouplingGraph) -> RowNorms:
     return out
 
 
+def _only_grew(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether a weight kept or enlarged every dimension (unchanged counts as grown)."""
+    return all(a >= b for a, b in zip(after, before, strict=True))
+
+
 @torch.no_grad()
 def renormalize_rows_(
     model: nn.Module,
@@ -74,8 +79,12 @@ def renormalize_rows_(
     optimizer: torch.optim.Optimizer | None,
     before: RowNorms,
 ) -> dict[str, float]:
-    """Scale the rows of every BatchNorm-followed layer whose shape changed since ``before``
-    back to that layer's RMS row norm from ``before``.
+    """Scale the rows of every BatchNorm-followed layer that lost rows or columns since
+    ``before`` back to that layer's RMS row norm from ``before``.
+
+    A layer that only grew (rows or input columns added, none removed) is left alone: growth
+    does not inflate rows, and rescaling would move the function through the norm's ``eps``
+    (in training mode the norm divides by ``sqrt(c**2 var + eps)``, not ``c sqrt(var + eps)``).
 
     Each row ``i`` gets a factor ``c_i``; its bias is scaled by ``c_i``, the norm's running
     mean by ``c_i`` and running var by ``c_i**2`` (the function is unchanged), and the
@@ -97,7 +106,7 @@ def renormalize_rows_(
     for name, layer, norm in normed_producers(model, graph):
         shape, target = before.get(name, (None, 0.0))
         w = layer.weight
-        if shape is None or tuple(w.shape) == shape or not target > 0:
+        if shape is None or not target > 0 or _only_grew(shape, tuple(w.shape)):
             continue
         rows = w.reshape(w.shape[0], -1).norm(dim=1)
         c = torch.where(rows > 0, target / rows.clamp_min(1e-30), torch.ones_like(rows))

@@ -30,6 +30,8 @@ class LayerCost:
         rows0: its rows now.
         cols0: its input channels now (None when ``col_groups`` is None).
         bias: the bias's cost now (0 for FLOPs).
+        row_groups: the groups its rows follow when it is a per-channel layer of them (a
+            depthwise convolution, a gate: ``CouplingGraph.channelwise``); None otherwise.
     """
 
     row_group: str | None
@@ -38,13 +40,15 @@ class LayerCost:
     rows0: int
     cols0: int | None
     bias: float
+    row_groups: list[str] | None = None
 
 
 class CostModel:
     """Cost of the network (parameters or forward FLOPs) as a function of group widths.
 
-    Every Conv2d/Linear weight scales as ``rows * channels`` (its FLOPs too), a bias with its
-    rows, a BatchNorm's affine parameters with its width; everything else is constant. Exact
+    Every Conv/Linear weight scales as ``rows * channels`` (its FLOPs too), a bias with its
+    rows, a norm's affine parameters and a per-channel parameter with its width; everything
+    else is constant. Exact
     for parameters; for FLOPs exact for the convolutions and linears
     (``torch.utils.flop_counter.FlopCounterMode`` on the example input, per module).
 
@@ -72,15 +76,9 @@ class CostModel:
         variable = sum(t.weight + t.bias for t in self._layers)
         self._norms: list[tuple[str, int]] = []  # (group name, affine parameters per channel)
         if kind == "params":
-            mods = dict(model.named_modules())
-            for g in graph.groups:
-                if g.name not in widths:
-                    continue
-                for nm in g.norms:
-                    k = sum(getattr(mods[nm], a, None) is not None for a in ("weight", "bias"))
-                    if k:
-                        self._norms.append((g.name, k))
-                        variable += k * widths[g.name]
+            for name, k in _per_channel_params(model, graph, widths):
+                self._norms.append((name, k))
+                variable += k * widths[name]
         self.const = total - variable
 
     def __call__(self, widths: dict[str, int] | None) -> float:
@@ -90,6 +88,8 @@ class CostModel:
         total = self.const
         for t in self._layers:
             row_f = w[t.row_group] / t.rows0 if t.row_group is not None else 1.0
+            if t.row_groups:
+                row_f = sum(w[s] for s in t.row_groups) / t.rows0
             col_f = sum(w[s] for s in t.col_groups) / t.cols0 if t.col_groups else 1.0
             total += t.weight * row_f * col_f + t.bias * row_f
         for g, k in self._norms:
@@ -115,13 +115,39 @@ def _module_flops(model: nn.Module, example_input) -> dict[str, float]:
     return out
 
 
+def _per_channel_params(model, graph: CouplingGraph, widths) -> list[tuple[str, float]]:
+    """``(group name, parameters per channel)`` of every norm and per-channel parameter: a
+    group's BatchNorms, and each segment of a ``CouplingGraph.channelwise`` norm or param."""
+    mods = dict(model.named_modules())
+    names = {g.id: g.name for g in graph.groups}
+
+    def affine(m):
+        return sum(getattr(m, a, None) is not None for a in ("weight", "bias"))
+
+    out = [(g.name, affine(mods[nm])) for g in graph.groups if g.name in widths for nm in g.norms]
+    for c in graph.channelwise.values():
+        segs = [names[s] for s in c.segments]
+        if c.kind == "norm":
+            k = affine(mods[c.name])
+        elif c.kind == "param" and c.name in dict(model.named_parameters()):
+            k = model.get_parameter(c.name).numel() / sum(widths[s] for s in segs)
+        else:
+            continue
+        out += [(s, k) for s in segs]
+    return [(n, k) for n, k in out if k]
+
+
 def _layer_costs(model, graph: CouplingGraph, widths, flops) -> list[LayerCost]:
-    """One :class:`LayerCost` per producer or consumer of the graph, in name order."""
+    """One :class:`LayerCost` per producer, consumer or per-channel layer of the graph, in
+    name order."""
     mods = dict(model.named_modules())
     producer_group = {p: g.name for g in graph.groups for p in g.producers}
     names = {g.id: g.name for g in graph.groups}
+    row_segments = {
+        n: [names[s] for s in c.segments] for n, c in graph.channelwise.items() if c.kind == "layer"
+    }
     out = []
-    for name in sorted(set(producer_group) | set(graph.consumers)):
+    for name in sorted(set(producer_group) | set(graph.consumers) | set(row_segments)):
         m = mods[name]
         layout = graph.consumers.get(name)
         cols = [names[s] for s in layout.segments] if layout is not None else None
@@ -134,5 +160,9 @@ def _layer_costs(model, graph: CouplingGraph, widths, flops) -> list[LayerCost]:
             weight = float(m.weight.numel())
             bias = float(m.bias.numel()) if getattr(m, "bias", None) is not None else 0.0
         rows0 = m.weight.shape[0]
-        out.append(LayerCost(producer_group.get(name), cols, weight, rows0, cols0, bias))
+        out.append(
+            LayerCost(
+                producer_group.get(name), cols, weight, rows0, cols0, bias, row_segments.get(name)
+            )
+        )
     return out

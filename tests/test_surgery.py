@@ -537,9 +537,9 @@ def test_check_resizable_names_what_cannot_be_resized():
     m.conv2 = nn.Conv2d(8, 12, 3, padding=1, groups=2)
     mods = dict(m.named_modules())
     assert "grouped convolution" in surgery.check_resizable(mods, graph, graph.groups[1])
-    m.conv2 = nn.Conv1d(8, 12, 3)
+    m.conv2 = nn.Conv3d(8, 12, 3)  # Conv1d is resizable since issue 11
     mods = dict(m.named_modules())
-    assert "Conv1d" in surgery.check_resizable(mods, graph, graph.groups[2])
+    assert "Conv3d" in surgery.check_resizable(mods, graph, graph.groups[2])
     m = ConvNet()
     m.bn1 = nn.LayerNorm(4)
     mods = dict(m.named_modules())

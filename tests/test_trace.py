@@ -346,28 +346,45 @@ def test_unknown_module_names_the_module():
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(1, 4, 3)
-            self.norm = nn.GroupNorm(2, 4)
+            self.norm = nn.LocalResponseNorm(2)
             self.out = nn.Conv2d(4, 2, 1)
 
         def forward(self, x):
             return self.out(self.norm(self.conv(x)))
 
-    g, _ = _trace_warns(Net(), X8, r"unsupported module: module 'norm' \(GroupNorm\)")
+    g, _ = _trace_warns(Net(), X8, r"unsupported module: module 'norm' \(LocalResponseNorm\)")
     assert g.group_of("conv").frozen is not None
-    with pytest.raises(ValueError, match="GroupNorm"):
+    with pytest.raises(ValueError, match="LocalResponseNorm"):
         trace(Net(), X8, strict=True)
 
 
-def test_depthwise_conv_is_frozen():
+def test_depthwise_conv_follows_its_input_group():
+    """A depthwise convolution (multiplier 1) reads channel i into row i: its rows follow its
+    input's group like a per-channel op, and it is neither a producer nor a consumer."""
     m = Depthwise()
-    g, _ = _trace_warns(m, X8, r"'dw' \(groups=8\)")
-    c1, dw, pw = g.group_of("conv1"), g.group_of("dw"), g.group_of("pw")
-    assert "grouped convolution 'dw'" in c1.frozen and "grouped convolution 'dw'" in dw.frozen
-    assert dw.producers == ["dw"] and "dw" not in g.consumers
-    assert pw.frozen is None and g.consumers["pw"].segments == [dw.id]
+    g = _trace_quiet(m, X8, strict=True)
+    c1 = g.group_of("conv1")
+    assert c1.producers == ["conv1"] and c1.channelwise == ["dw"] and c1.consumers == ["pw"]
+    assert g.channelwise["dw"].kind == "layer" and g.channelwise["dw"].segments == [c1.id]
+    assert "dw" not in g.consumers and g.consumers["pw"].segments == [c1.id]
+    assert [x.name for x in g.resizable()] == ["conv1", "pw"]
+    _check_invariants(g, m)
+
+
+@pytest.mark.parametrize(
+    "out, groups, match",
+    [(16, 8, "depthwise convolution 'dw' with channel multiplier 2"), (8, 2, "grouped conv")],
+)
+def test_grouped_and_multiplier_depthwise_convs_are_frozen(out, groups, match):
+    m = Depthwise()
+    m.dw = nn.Conv2d(8, out, 3, padding=1, groups=groups)
+    m.pw = nn.Conv2d(out, 16, 1)
+    g, _ = _trace_warns(m, X8, match)
+    assert match in g.group_of("conv1").frozen and match in g.group_of("dw").frozen
+    assert g.group_of("dw").producers == ["dw"] and "dw" not in g.consumers
     assert [x.name for x in g.resizable()] == ["pw"]
     _check_invariants(g, m)
-    with pytest.raises(ValueError, match="grouped convolution"):
+    with pytest.raises(ValueError, match=match):
         trace(m, X8, strict=True)
 
 
@@ -409,7 +426,7 @@ def test_widths_detect_inconsistent_surgery():
         g.widths(m)
 
 
-def test_linear_on_4d_and_bn_after_cat_are_frozen():
+def test_linear_on_4d_is_frozen_and_bn_after_cat_follows_its_segments():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -425,9 +442,11 @@ def test_linear_on_4d_and_bn_after_cat_are_frozen():
             z = self.lin(self.c(x))
             return self.out(z), y
 
-    g, msgs = _trace_warns(Net(), X8, "BatchNorm 'bn'")
-    assert "Linear 'lin'" in msgs
-    assert "BatchNorm 'bn'" in g.group_of("a").frozen
+    g, msgs = _trace_warns(Net(), X8, "Linear 'lin'")
+    assert "BatchNorm" not in msgs and g.group_of("a").frozen == "model output"
+    ga, gb = g.group_of("a").id, g.group_of("b").id
+    assert g.channelwise["bn"].kind == "norm" and g.channelwise["bn"].segments == [ga, gb]
+    assert g.group_of("a").channelwise == ["bn"] == g.group_of("b").channelwise
     assert "Linear 'lin'" in g.group_of("c").frozen
     assert "lin" not in g.consumers
     _check_invariants(g, Net())
@@ -551,7 +570,7 @@ def test_shared_module_called_twice():
     _check_invariants(g, m)
 
 
-def test_gating_product_and_per_channel_parameter_are_frozen():
+def test_gate_is_followed_and_a_sliced_per_channel_parameter_is_frozen():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -567,9 +586,12 @@ def test_gating_product_and_per_channel_parameter_are_frozen():
             s = torch.sigmoid(self.se(y.mean((2, 3)))).view(x.size(0), -1, 1, 1)
             return self.out(y * s), self.out2(self.k(x) * self.gamma[:3])
 
-    g, msgs = _trace_warns(Net(), X8, "product of two activations")
-    assert "per-channel constant" in msgs
-    assert g.group_of("c").frozen and g.group_of("se").frozen and g.group_of("k").frozen
+    g, msgs = _trace_warns(Net(), X8, "per-channel constant")
+    assert "product" not in msgs and g.group_of("k").frozen
+    c = g.group_of("c")  # the gate's rows follow the group; it is not a producer of it
+    assert c.frozen is None and c.producers == ["c"] and c.channelwise == ["se"]
+    assert c.consumers == ["se", "out"] and g.channelwise["se"].segments == [c.id]
+    _check_invariants(g, Net())
 
 
 def test_untraceable_model_errors_are_actionable():

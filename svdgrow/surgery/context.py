@@ -45,6 +45,7 @@ class LayerFacts:
 
 #: The layer types surgery can resize, and how each names its widths.
 LAYERS: dict[type[nn.Module], LayerFacts] = {
+    nn.Conv1d: LayerFacts("out_channels", "in_channels", in_counts_columns=False),
     nn.Conv2d: LayerFacts("out_channels", "in_channels", in_counts_columns=False),
     nn.Linear: LayerFacts("out_features", "in_features", in_counts_columns=True),
 }
@@ -124,8 +125,10 @@ def check_resizable(
     """Why ``group`` cannot be resized, or None when it can.
 
     A group is resizable when it has a producer, every producer and consumer is a layer of
-    :data:`LAYERS` (a Conv2d with ``groups == 1``), every consumer has a layout in the graph
-    and every norm is a BatchNorm. The graph's own ``frozen`` reasons are not looked at here.
+    :data:`LAYERS` (a convolution with ``groups == 1``), every consumer has a layout in the
+    graph, every norm is a BatchNorm, and every per-channel entry of the graph that holds it
+    (``Group.channelwise``) is what its kind says (see :func:`_channelwise_problem`). The
+    graph's own ``frozen`` reasons are not looked at here.
 
     Args:
         modules: ``dict(model.named_modules())``.
@@ -139,8 +142,11 @@ def check_resizable(
         if m is None:
             return f"module {name!r} is not in the model"
         if layer_facts(m) is None:
-            return f"module {name!r} is a {type(m).__name__} (only Conv2d and Linear are supported)"
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            return (
+                f"module {name!r} is a {type(m).__name__} (only Conv1d, Conv2d and Linear are "
+                "supported)"
+            )
+        if getattr(m, "groups", 1) != 1:
             return f"module {name!r} is a grouped convolution (groups={m.groups})"
     for name in group.consumers:
         if name not in graph.consumers:
@@ -148,7 +154,40 @@ def check_resizable(
     for name in group.norms:
         if not isinstance(modules.get(name), NORMS):
             return f"norm {name!r} is not a BatchNorm"
+    for name in group.channelwise:
+        why = _channelwise_problem(modules, graph, name)
+        if why is not None:
+            return why
     return None
+
+
+def _channelwise_problem(modules: dict[str, nn.Module], graph: CouplingGraph, name: str):
+    """Why the per-channel entry ``name`` of ``graph.channelwise`` cannot follow its groups (a
+    ``"layer"`` must be a Conv/Linear with groups 1 or depthwise with multiplier 1, a
+    ``"norm"`` a BatchNorm, InstanceNorm or GroupNorm with one channel per group, a
+    ``"param"`` a parameter or buffer of the model), or None."""
+    c = graph.channelwise.get(name)
+    if c is None:
+        return f"per-channel entry {name!r} is not in the coupling graph"
+    if c.kind == "param":
+        owner, _, key = name.rpartition(".")
+        m = modules.get(owner)
+        if m is None or (key not in m._parameters and key not in m._buffers):
+            return f"per-channel tensor {name!r} is not in the model"
+        return None
+    m = modules.get(name)
+    if m is None:
+        return f"module {name!r} is not in the model"
+    if c.kind == "layer":
+        groups = getattr(m, "groups", 1)
+        depthwise = groups == getattr(m, "in_channels", 0) == getattr(m, "out_channels", -1)
+        if layer_facts(m) is None or not (groups == 1 or depthwise):
+            return f"per-channel layer {name!r} is a {type(m).__name__} that cannot follow them"
+        return None
+    per_channel = isinstance(m, NORMS + (nn.InstanceNorm1d, nn.InstanceNorm2d)) or (
+        isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels
+    )
+    return None if per_channel else f"norm {name!r} ({type(m).__name__}) is not per channel"
 
 
 def check_targets(

@@ -260,8 +260,12 @@ def _capture_hook(ctx, name: str, wanted, feats: Moments, max_samples: int, gene
     def hook(mod, inputs):
         x = inputs[0].detach()
         C = sum(ctx.widths[s] for s in ctx.graph.consumers[name].segments)
-        # linear input [N, C*B]: one sample per channel block; conv [N, C, H, W]: per position
-        v = x.reshape(x.shape[0], C, -1) if x.dim() == 2 else x.flatten(2)
+        # linear input [N, C*B]: one sample per channel block; conv [N, C, H, W]: per position;
+        # a Linear on a channels-last value [N, ..., C]: per position
+        if isinstance(mod, nn.Linear) and x.dim() > 2:
+            v = x.reshape(-1, C, 1)
+        else:
+            v = x.reshape(x.shape[0], C, -1) if x.dim() == 2 else x.flatten(2)
         N, _, P = v.shape
         if N * P > max_samples:
             pick = torch.randperm(N * P, generator=generator)[:max_samples].to(x.device)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._utils import all_finite
+
 __all__ = ["complement", "grow_rows", "pivoted_cholesky", "pivoted_cholesky_batched"]
 
 
@@ -55,6 +57,11 @@ def pivoted_cholesky_batched(grams: list[Tensor], rs: list[int]) -> list[Tensor]
     """
     if not grams:
         return []
+    if not bool(all_finite(grams)):
+        raise FloatingPointError(
+            "the features a prune is fitted on hold NaN/inf (the model's activations overflow "
+            "on this batch); nothing was changed"
+        )
     if grams[0].device.type == "cpu":
         return [pivoted_cholesky(g, r) for g, r in zip(grams, rs, strict=True)]
     return _pivoted_cholesky_padded(grams, rs)

@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import ops
 from ..optim_state import state_to_slice
 from ..spectrum import norm_directly_after, producer_matrix
+from .channelwise import changed_channelwise, channelwise_rows, plan_channelwise, shifted
 from .context import ResizeContext, check_resizable, layer_facts
 from .pivots import grow_rows
 from .prune import GroupChange
@@ -43,6 +44,8 @@ class TensorMove:
         block: columns per channel (``C * block`` columns per row).
         state_rows (Tensor[R'] | None): for a parameter, the rows its optimizer state takes
             (grown rows are new there: ``-1``, while ``src`` already holds them).
+        state_cols (Tensor[C'] | None): the same for channels, when they differ from ``cols``
+            (a per-channel parameter in dim 1 whose ``src`` holds its new entries).
     """
 
     kind: str
@@ -53,6 +56,7 @@ class TensorMove:
     cols: Tensor | None
     block: int
     state_rows: Tensor | None = None
+    state_cols: Tensor | None = None
 
 
 @dataclass
@@ -103,16 +107,18 @@ def build_plan(
     plan = ResizePlan()
     _plan_grown_rows(ctx, changes, generator)
     row_change = {p: ch for ch in changes.values() for p in ch.group.producers}
-    touched = []  # producers (rows) and consumers (columns) of the changed groups
+    touched = []  # producers and per-channel layers (rows), consumers (columns)
     for ch in changes.values():
         touched += [n for n in ch.group.producers + ch.group.consumers if n not in touched]
+    touched += [n for n in changed_channelwise(ctx, changes, ("layer",)) if n not in touched]
     mean_shift: dict[str, list] = {}  # norm -> (offset, shift) of bias-free consumers it reads
     for name in touched:
-        _plan_layer(ctx, name, changes, row_change.get(name), plan, mean_shift)
+        _plan_layer(ctx, name, changes, row_change.get(name), plan, mean_shift, generator)
     _plan_norms(ctx, changes, plan, mean_shift)
+    plan_channelwise(ctx, changes, plan, mean_shift, TensorMove)
     for nm, shifts in mean_shift.items():  # norms whose own group does not change
         buf = ctx.modules[nm]._buffers["running_mean"]
-        src = _shifted(buf, shifts)
+        src = shifted(buf, shifts)
         plan.moves.append(
             TensorMove("buffer", ctx.modules[nm]._buffers, "running_mean", src, None, None, 1)
         )
@@ -134,9 +140,10 @@ def _plan_grown_rows(ctx: ResizeContext, changes: dict[int, GroupChange], genera
         ch.grown_rows[p] = grow_rows(producer_matrix(ctx.modules[p]), added, generator, sv)
 
 
-def _plan_layer(ctx, name: str, changes, row_change: GroupChange | None, plan, mean_shift) -> None:
-    """Plan a Conv2d/Linear's weight and bias: rows when it produces a changed group, columns
-    (with the fold) when it consumes one, the folded constant, and its width attributes."""
+def _plan_layer(ctx, name: str, changes, row_change, plan, mean_shift, generator) -> None:
+    """Plan a Conv/Linear's weight and bias: rows when it produces a changed group or is a
+    per-channel layer of one, columns (with the fold) when it consumes one, the folded
+    constant, and its width attributes."""
     m = ctx.modules[name]
     facts = layer_facts(m)
     W = m.weight.detach()
@@ -144,7 +151,14 @@ def _plan_layer(ctx, name: str, changes, row_change: GroupChange | None, plan, m
     layout = ctx.graph.consumers.get(name)
     cols_change = layout is not None and any(s in changes for s in layout.segments)
     block = ctx.weight_block(name) if cols_change else int(math.prod(W.shape[2:]))
-    work, bias_work, rows, state_rows = _plan_rows(name, W, bias, row_change)
+    cw = ctx.graph.channelwise.get(name)
+    if cw is not None and cw.kind == "layer" and any(s in changes for s in cw.segments):
+        work, bias_work, rows, state_rows, attrs = channelwise_rows(ctx, name, changes, generator)
+        plan.attrs += attrs
+    else:
+        work, bias_work, rows, state_rows = _plan_rows(name, W, bias, row_change)
+        if rows is not None and len(rows) != W.shape[0]:
+            plan.attrs.append((m, facts.out_attr, len(rows)))
     cols = delta = None
     if cols_change:
         work = W.clone() if work is None else work
@@ -160,8 +174,6 @@ def _plan_layer(ctx, name: str, changes, row_change: GroupChange | None, plan, m
         plan.moves.append(
             TensorMove("param", m.bias, f"{name}.bias", src, rows, None, 1, state_rows)
         )
-    if rows is not None and len(rows) != W.shape[0]:
-        plan.attrs.append((m, facts.out_attr, len(rows)))
     if cols is not None:
         plan.attrs.append((m, facts.in_attr, len(cols) * (block if facts.in_counts_columns else 1)))
 
@@ -267,14 +279,6 @@ def _norms_reading(ctx: ResizeContext, name: str) -> list[tuple[str, int]]:
     return out
 
 
-def _shifted(buf: Tensor, shifts: list[tuple[int, Tensor]]) -> Tensor:
-    """``buf`` (float64 sum, cast back) with each ``(offset, shift)`` added from ``offset``."""
-    out = buf.double()
-    for offset, shift in shifts:
-        out[offset : offset + len(shift)] += shift
-    return out.to(buf.dtype)
-
-
 def _plan_norms(ctx, changes: dict[int, GroupChange], plan: ResizePlan, mean_shift) -> None:
     """Plan the BatchNorms of every changed group: kept rows for a prune; for a grow new
     channels with weight 1, bias 0, running mean 0 and running var 1."""
@@ -304,7 +308,7 @@ def _plan_norms(ctx, changes: dict[int, GroupChange], plan: ResizePlan, mean_shi
                 if buf is not None:
                     src = extend(buf, value)
                     if bname == "running_mean" and nm in mean_shift:
-                        src = _shifted(src, mean_shift.pop(nm))
+                        src = shifted(src, mean_shift.pop(nm))
                     plan.moves.append(TensorMove("buffer", bn._buffers, bname, src, rows, None, 1))
             plan.attrs.append((bn, "num_features", ch.new_width))
 
@@ -318,6 +322,7 @@ def _plan_optimizer_state(plan: ResizePlan, optimizer) -> None:
     for mv in params:
         for k in to_slice.get(mv.owner, []):
             state = optimizer.state[mv.owner]
+            cols = mv.state_cols if mv.state_cols is not None else mv.cols
             plan.moves.append(
-                TensorMove("state", state, k, state[k], mv.state_rows, mv.cols, mv.block)
+                TensorMove("state", state, k, state[k], mv.state_rows, cols, mv.block)
             )

@@ -19,7 +19,14 @@ Example::
         ...  # group.producers, group.norms, graph.consumers_of(group.id)
 """
 
-from .graph import ConsumerLayout, CouplingGraph, CouplingWarning, Group
+from .graph import ChannelwiseLayout, ConsumerLayout, CouplingGraph, CouplingWarning, Group
 from .tracer import trace
 
-__all__ = ["ConsumerLayout", "CouplingGraph", "CouplingWarning", "Group", "trace"]
+__all__ = [
+    "ChannelwiseLayout",
+    "ConsumerLayout",
+    "CouplingGraph",
+    "CouplingWarning",
+    "Group",
+    "trace",
+]

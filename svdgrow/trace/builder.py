@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .graph import ConsumerLayout, CouplingGraph, Group
+from .graph import ChannelwiseLayout, ConsumerLayout, CouplingGraph, Group
 from .groups import GroupSet, Layout, Opaque
 from .optable import format_target
 
@@ -47,6 +47,10 @@ class GroupBuilder:
             segments.
         fresh_layouts: the frozen layouts given to tensors without one (see
             :meth:`layout_or_frozen`).
+        channelwise: each module or tensor whose per-channel entries follow groups (see
+            :class:`~svdgrow.trace.graph.ChannelwiseLayout`): its raw segments, kind, dim and
+            grow value.
+        param_uses: for each per-channel parameter, the get_attr nodes it was followed from.
     """
 
     def __init__(self, gm: torch.fx.GraphModule, strict: bool, failed: dict[str, str]) -> None:
@@ -62,6 +66,8 @@ class GroupBuilder:
         self.norm_group: dict[str, int] = {}
         self.concat_norms: dict[str, list[tuple[int, str | None]]] = {}
         self.fresh_layouts: dict[torch.fx.Node, Layout] = {}
+        self.channelwise: dict[str, ChannelwiseLayout] = {}
+        self.param_uses: dict[str, set[torch.fx.Node]] = {}
 
     # ---- naming ops in messages -------------------------------------------------------
 
@@ -167,6 +173,32 @@ class GroupBuilder:
                 f"({self.describe_op(node)}); such groups cannot be resized consistently",
             )
 
+    def register_channelwise(
+        self,
+        name: str,
+        node: torch.fx.Node,
+        lay: Layout,
+        kind: str,
+        dim: int = 0,
+        grow_value: str = "mean",
+    ) -> None:
+        """Record that the per-channel entries of ``name`` follow the segments of ``lay``.
+
+        A second registration (a module called twice, a parameter used twice) must see the
+        same layout: the groups are unioned segment by segment, or all are frozen.
+        """
+        old = self.channelwise.get(name)
+        if old is not None:
+            if not self.union_layouts([Layout(tuple(old.segments)), Layout(lay.segs)]):
+                self.groups.freeze(
+                    list(old.segments) + list(lay.segs),
+                    f"{name!r} is applied to values with different channel layouts",
+                )
+            return
+        self.channelwise[name] = ChannelwiseLayout(name, list(lay.segs), kind, dim, grow_value)
+        for s in lay.segs:
+            self.groups.record(s).channelwise.append((self.node_index[node], name))
+
     def opaque(self, node: torch.fx.Node, reason: str | None = None) -> Any:
         """Freeze every channel group reaching ``node``; give its output a frozen group."""
         lays = [x for x in (self.layout(a) for a in self.inputs(node)) if x is not None]
@@ -195,6 +227,7 @@ class GroupBuilder:
     def finish(self) -> CouplingGraph:
         """Apply the end-of-walk freezes and number the groups that carry weights."""
         self._freeze_tiled_consumer_inputs()
+        self._freeze_params_used_elsewhere()
         self.groups.apply_deferred_freezes()
         # groups nothing produces, normalises or reads (an opaque op's output that only goes
         # to the model output, say) carry no weights: leave them out, except model inputs
@@ -204,6 +237,7 @@ class GroupBuilder:
             if self.groups.raw[r].producers
             or self.groups.raw[r].norms
             or self.groups.raw[r].consumers
+            or self.groups.raw[r].channelwise
             or "model input" in self.groups.raw[r].frozen
         ]
         new_id = {r: i for i, r in enumerate(roots)}
@@ -221,11 +255,18 @@ class GroupBuilder:
             for name, segs in self.concat_norms.items()
             if all(self.groups.find(s) in new_id for s, _ in segs)
         }
+        channelwise = {
+            name: ChannelwiseLayout(
+                name, [new_id[self.groups.find(s)] for s in c.segments], c.kind, c.dim, c.grow_value
+            )
+            for name, c in self.channelwise.items()
+        }
         return CouplingGraph(
             groups=groups,
             consumers=consumers,
             warnings=list(self.groups.messages),
             concat_norms=concat_norms,
+            channelwise=channelwise,
         )
 
     def _freeze_tiled_consumer_inputs(self) -> None:
@@ -238,6 +279,20 @@ class GroupBuilder:
                     dups,
                     f"channel tiling: the same group appears more than once in the input of "
                     f"consumer {name!r}",
+                )
+
+    def _freeze_params_used_elsewhere(self) -> None:
+        """Freeze the groups of a per-channel parameter that is also read by an op that was
+        not followed as a per-channel scale or shift (resizing it would break that op)."""
+        for node in self.gm.graph.nodes:
+            target = str(node.target)
+            if node.op != "get_attr" or target not in self.param_uses:
+                continue
+            if node not in self.param_uses[target]:
+                self.groups.freeze(
+                    self.channelwise[target].segments,
+                    f"per-channel parameter {target!r} is also used by an op that is not a "
+                    "per-channel scale or shift",
                 )
 
     def _group(self, root: int, gid: int) -> Group:
@@ -254,6 +309,7 @@ class GroupBuilder:
             consumers=_names_in_graph_order(raw.consumers),
             frozen="; ".join(dict.fromkeys(raw.frozen)) or None,
             width=raw.width,
+            channelwise=_names_in_graph_order(raw.channelwise),
         )
 
 

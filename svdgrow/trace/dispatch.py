@@ -15,11 +15,11 @@ from typing import Any
 import torch.fx
 import torch.nn as nn
 
-from . import layers, optable, rules
+from . import arith, layers, norms, optable, rules
 from .builder import GroupBuilder
 from .graph import CouplingGraph
 from .groups import Layout, Opaque
-from .optable import call_arg, input_arg
+from .optable import call_arg, input_arg, qualified_name
 
 __all__ = [
     "FUNCTION_RULES",
@@ -36,9 +36,13 @@ OpRule = Callable[[GroupBuilder, torch.fx.Node], Any]
 
 # (module types, rule(builder, node, module, x)): the first row whose types match wins
 MODULE_RULES: tuple[tuple[type | tuple[type, ...], ModuleRule], ...] = (
-    (nn.Conv2d, layers.conv),
+    (optable.CONV_MODULES, layers.conv),
     (nn.Linear, layers.linear),
     (optable.NORM_MODULES, layers.batch_norm),
+    (nn.GroupNorm, norms.group_norm),
+    (optable.INSTANCE_NORM_MODULES, norms.instance_norm),
+    (nn.LayerNorm, norms.layer_norm),
+    (tuple(t for t, _ in optable.UNSUPPORTED_LAYERS), layers.unsupported),
     (optable.PASS_MODULES, rules.pass_module),
     (optable.PAD_MODULES, lambda b, node, m, x: rules.pad(b, node, x, len(m.padding))),
     (nn.PReLU, rules.prelu),
@@ -54,8 +58,9 @@ def _on_input(rule: Callable[..., Any]) -> OpRule:
 
 # (functions, Tensor method names, rule(builder, node)) for calls that carry channels
 OP_RULES: tuple[tuple[Iterable[Any], Iterable[str], OpRule], ...] = (
-    (optable.ADD_FUNCS, optable.ADD_METHODS, partial(rules.binary, kind="add")),
-    (optable.MUL_FUNCS, optable.MUL_METHODS, partial(rules.binary, kind="mul")),
+    (optable.ADD_FUNCS, optable.ADD_METHODS, partial(arith.binary, kind="add")),
+    (optable.MUL_FUNCS, optable.MUL_METHODS, partial(arith.binary, kind="mul")),
+    (optable.LAYER_NORM_FUNCS, (), norms.layer_norm_function),
     (optable.CAT_FUNCS, (), rules.cat),
     (optable.PASS_FUNCS, optable.PASS_METHODS, _on_input(rules.passthrough)),
     (optable.RESHAPE_FUNCS, optable.RESHAPE_METHODS, _on_input(rules.reshape)),
@@ -87,16 +92,50 @@ FUNCTION_RULES = _index(0)
 METHOD_RULES = _index(1)
 
 
+# what is followed on a channels-last value (channels in the last dim, after a permute)
+_CHANNELS_LAST_MODULES = (nn.Linear, nn.LayerNorm, *optable.ELEMENTWISE_MODULES)
+_CHANNELS_LAST_FUNCS = (
+    optable.ADD_FUNCS
+    | optable.MUL_FUNCS
+    | optable.PERMUTE_FUNCS
+    | optable.ELEMENTWISE_FUNCS
+    | optable.LAYER_NORM_FUNCS
+)
+_CHANNELS_LAST_METHODS = (
+    optable.ADD_METHODS
+    | optable.MUL_METHODS
+    | optable.PERMUTE_METHODS
+    | optable.PASS_METHODS
+    | {"type_as"}
+)
+
+
+def _channels_last_refused(b: GroupBuilder, node: torch.fx.Node, followed: bool) -> Any:
+    """When ``node`` reads a channels-last value and is not ``followed`` there, its opaque
+    value (freezing those groups, saying why); else None."""
+    dims = {lay.dim for lay in (b.layout(a) for a in b.inputs(node)) if lay is not None}
+    if followed or dims <= {1}:
+        return None
+    return b.opaque(
+        node,
+        f"{b.describe_op(node)} reads a channels-last value (channels in dim {max(dims)}): only "
+        "elementwise ops, Linear, LayerNorm, adds, products and permutes are followed there",
+    )
+
+
 def call_module(b: GroupBuilder, node: torch.fx.Node) -> Any:
     """The value of a submodule call with one tensor argument."""
     m = b.modules[str(node.target)]
     x = node.args[0] if node.args else None
     if not isinstance(x, torch.fx.Node) or len(node.args) != 1 or node.kwargs:
         return b.opaque(node)
-    if b.value_of(x) is None and not isinstance(m, (nn.Conv2d, nn.Linear)):
+    if b.value_of(x) is None and not isinstance(m, (*optable.CONV_MODULES, nn.Linear)):
         return None  # a module applied to constants: no channels of ours flow in
     if b.shape(x) is None or b.shape(node) is None:
         return b.opaque(node)
+    refused = _channels_last_refused(b, node, isinstance(m, _CHANNELS_LAST_MODULES))
+    if refused is not None:
+        return refused
     for types, rule in MODULE_RULES:
         if isinstance(m, types):
             return rule(b, node, m, x)
@@ -113,6 +152,13 @@ def call_op(b: GroupBuilder, node: torch.fx.Node) -> Any:
         return rules.getitem(b, node)  # before the guard: only the indexed value matters
     if not any(b.carries_channels(a) for a in b.inputs(node)):
         return None  # constants and shapes only
+    by_name = is_function and qualified_name(t) in optable.PASS_BY_NAME
+    allowed = _CHANNELS_LAST_FUNCS if is_function else _CHANNELS_LAST_METHODS
+    refused = _channels_last_refused(b, node, by_name or t in allowed)
+    if refused is not None:
+        return refused
+    if by_name:
+        return rules.passthrough(b, node, input_arg(node), check_others=False)
     rule = (FUNCTION_RULES if is_function else METHOD_RULES).get(t)
     return b.opaque(node) if rule is None else rule(b, node)
 

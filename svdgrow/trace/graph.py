@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-__all__ = ["ConsumerLayout", "CouplingGraph", "CouplingWarning", "Group"]
+__all__ = ["ChannelwiseLayout", "ConsumerLayout", "CouplingGraph", "CouplingWarning", "Group"]
 
 
 class CouplingWarning(UserWarning):
@@ -30,6 +30,9 @@ class Group:
         norm_after: for each norm, the producer it directly follows (its input is that
             producer's output), or None when it sits after an add / elsewhere.
         consumers: names of Conv2d/Linear modules that read this group in their input.
+        channelwise: names of the entries of ``CouplingGraph.channelwise`` that hold this
+            group's channels (depthwise convolutions, squeeze-and-excitation gates, norms over
+            concatenations, per-channel parameters).
         frozen: None when the group may be resized, else the reason it may not (model input,
             model output, an op the tracer cannot follow, ...).
         width: the group's width (channels) when the model was traced.
@@ -43,6 +46,7 @@ class Group:
     consumers: list[str] = field(default_factory=list)
     frozen: str | None = None
     width: int | None = None
+    channelwise: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +69,38 @@ class ConsumerLayout:
 
 
 @dataclass
+class ChannelwiseLayout:
+    """A module or tensor whose per-channel entries follow groups without mixing channels.
+
+    Its entries along one dim are the channels of ``segments`` concatenated (one entry per
+    channel), so surgery keeps, drops and adds them with the groups, and folds nothing into
+    them (what a dropped channel carried is folded into the consumers further on).
+
+    Attributes:
+        name: a module name (kinds ``"layer"`` and ``"norm"``) or the qualified name of a
+            parameter or buffer (kind ``"param"``).
+        segments: group ids, in order.
+        kind: ``"layer"``: a Conv/Linear whose output rows (weight dim 0, bias) follow the
+            groups while its input is something else: a depthwise convolution (groups ==
+            in_channels == out_channels, which reads row ``i`` from channel ``i``), or the
+            last layer of a squeeze-and-excitation gate (its output multiplies the groups
+            channel for channel). ``"norm"``: a per-channel norm that is not a single group's
+            BatchNorm (``Group.norms``): a BatchNorm over a concatenation, a GroupNorm with one
+            channel per group, an InstanceNorm with parameters. ``"param"``: a tensor used
+            directly as a per-channel scale or shift (``x * self.gamma``).
+        dim: for a ``"param"``, the tensor dim that holds the channels (0 or 1).
+        grow_value: for a ``"param"``, what a new channel's entry is: ``"mean"`` (the mean
+            of the others: a scale) or ``"zero"`` (a shift).
+    """
+
+    name: str
+    segments: list[int]
+    kind: str
+    dim: int = 0
+    grow_value: str = "mean"
+
+
+@dataclass
 class CouplingGraph:
     """The coupling groups of a model, as found by :func:`trace`.
 
@@ -79,12 +115,17 @@ class CouplingGraph:
             are frozen), with its segments in order: (group id, the producer whose output
             that segment is directly, or None). Surgery puts a constant folded into such a
             producer into the norm's running mean.
+        channelwise: every module or tensor whose per-channel entries follow groups without
+            being a producer, consumer or single-group BatchNorm, by name (see
+            :class:`ChannelwiseLayout`); a BatchNorm over a concatenation is here and in
+            ``concat_norms``.
     """
 
     groups: list[Group]
     consumers: dict[str, ConsumerLayout]
     warnings: list[str] = field(default_factory=list)
     concat_norms: dict[str, list[tuple[int, str | None]]] = field(default_factory=dict)
+    channelwise: dict[str, ChannelwiseLayout] = field(default_factory=dict)
 
     def resizable(self) -> list[Group]:
         """Groups that may be resized (``frozen is None``)."""
@@ -164,6 +205,14 @@ class CouplingGraph:
                     f"layout (segments {c.segments}, widths "
                     f"{[out[s] for s in c.segments]}, block {c.block}) says {want}"
                 )
+        for c in self.channelwise.values():
+            have = _channelwise_width(model, mods, c)
+            want = sum(out[s] for s in c.segments)
+            if have != want:
+                raise ValueError(
+                    f"{c.kind} {c.name!r} has {have} per-channel entries but its groups "
+                    f"{c.segments} are {[out[s] for s in c.segments]} wide"
+                )
         return out
 
     def describe(self, model: nn.Module | None = None) -> str:
@@ -205,6 +254,11 @@ class CouplingGraph:
             lines.append("consumer layouts (module: segments x block)")
             for c in self.consumers.values():
                 lines.append(f"  {c.module}: {c.segments} x {c.block}")
+        if self.channelwise:
+            lines.append("")
+            lines.append("per-channel modules and tensors (name: kind over segments)")
+            for c in self.channelwise.values():
+                lines.append(f"  {c.name}: {c.kind} over {c.segments}")
         return "\n".join(lines)
 
 
@@ -218,16 +272,33 @@ def _lookup(mods: dict[str, nn.Module], name: str) -> nn.Module:
 
 
 def _out_width(m: nn.Module) -> int:
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         return int(m.out_channels)
     if isinstance(m, nn.Linear):
         return int(m.out_features)
-    raise TypeError(f"expected a Conv2d or Linear producer, got {type(m).__name__}")
+    raise TypeError(f"expected a Conv1d, Conv2d or Linear producer, got {type(m).__name__}")
 
 
 def _in_width(m: nn.Module) -> int:
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         return int(m.in_channels)
     if isinstance(m, nn.Linear):
         return int(m.in_features)
-    raise TypeError(f"expected a Conv2d or Linear consumer, got {type(m).__name__}")
+    raise TypeError(f"expected a Conv1d, Conv2d or Linear consumer, got {type(m).__name__}")
+
+
+def _channelwise_width(model: nn.Module, mods: dict[str, nn.Module], c: ChannelwiseLayout) -> int:
+    """How many per-channel entries a :class:`ChannelwiseLayout` entry has now."""
+    if c.kind == "param":
+        try:
+            t = model.get_parameter(c.name)
+        except AttributeError:
+            t = model.get_buffer(c.name)
+        return int(t.shape[c.dim])
+    m = _lookup(mods, c.name)
+    if c.kind == "layer":
+        return _out_width(m)
+    for attr in ("num_features", "num_channels"):
+        if hasattr(m, attr):
+            return int(getattr(m, attr))
+    raise TypeError(f"norm {c.name!r} is a {type(m).__name__}, which has no channel count")

@@ -15,12 +15,14 @@ __all__ = ["GroupSet", "Layout", "Opaque", "RawGroup"]
 
 @dataclass(frozen=True)
 class Layout:
-    """Channel layout of one value: segments (raw group ids) of ``block`` entries each."""
+    """Channel layout of one value: segments (raw group ids) of ``block`` entries each, along
+    dim ``dim`` (1, or the last dim of a channels-last value after a permute)."""
 
     segs: tuple[int, ...]
     block: int = 1
     producer: str | None = None  # the producer whose output this value is, directly
     sources: tuple[str | None, ...] = ()  # after a cat: per segment, what ``producer`` says
+    dim: int = 1
 
     def direct_sources(self) -> tuple[str | None, ...]:
         """Per segment, the producer whose output it is directly (None where none is)."""
@@ -51,6 +53,9 @@ class RawGroup:
         norms: BatchNorm modules applied to this group.
         norm_after: for each norm, the producer it reads directly, or None.
         consumers: Conv2d/Linear modules that read this group.
+        channelwise: modules and tensors whose per-channel entries follow this group without
+            mixing channels (depthwise convolutions, gate producers, norms over
+            concatenations, per-channel parameters).
         frozen: the reasons the group may not be resized (empty when it may).
         deferred_freezes: reasons to freeze it only if nothing else has by the end of the walk
             (softmax over channels: it matters only when the group is not frozen anyway).
@@ -62,6 +67,7 @@ class RawGroup:
     norms: list[tuple[int, str]] = field(default_factory=list)
     norm_after: dict[str, str | None] = field(default_factory=dict)
     consumers: list[tuple[int, str]] = field(default_factory=list)
+    channelwise: list[tuple[int, str]] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     deferred_freezes: list[str] = field(default_factory=list)
 
@@ -117,6 +123,7 @@ class GroupSet:
         for k, v in gb.norm_after.items():
             ga.norm_after.setdefault(k, v)
         ga.consumers += gb.consumers
+        ga.channelwise += gb.channelwise
         ga.frozen += gb.frozen
         ga.deferred_freezes += gb.deferred_freezes
         self.parent[rb] = ra

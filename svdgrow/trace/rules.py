@@ -18,10 +18,16 @@ import torch.nn as nn
 
 from .builder import GroupBuilder
 from .groups import Layout, Opaque
-from .optable import IDENTITY_FUNCS, IDENTITY_METHODS, call_arg, input_arg
+from .optable import (
+    IDENTITY_FUNCS,
+    IDENTITY_METHODS,
+    SHIFT_FUNCS,
+    SHIFT_MODULES,
+    call_arg,
+    input_arg,
+)
 
 __all__ = [
-    "binary",
     "cat",
     "expand",
     "getitem",
@@ -73,6 +79,8 @@ def passthrough(b: GroupBuilder, node: torch.fx.Node, x: Any, check_others: bool
     xs, ys = b.shape(x), b.shape(node)
     if xs is None or ys is None or len(ys) < 2 or ys[:2] != xs[:2]:
         return b.opaque(node)
+    if lay.dim != 1 and ys != xs:  # channels-last values: elementwise ops only
+        return b.opaque(node)
     t = node.target
     identity_like = (
         (node.op == "call_module" and isinstance(b.modules.get(str(t)), nn.Identity))
@@ -80,9 +88,23 @@ def passthrough(b: GroupBuilder, node: torch.fx.Node, x: Any, check_others: bool
         or (node.op == "call_function" and t in IDENTITY_FUNCS)
     )
     # a norm after an identity-like op still follows the producer directly
-    if not identity_like:
-        return Layout(lay.segs, lay.block)
-    return Layout(lay.segs, lay.block, lay.producer, lay.sources)
+    if identity_like:
+        return Layout(lay.segs, lay.block, lay.producer, lay.sources, lay.dim)
+    if _keeps_shifts(b, node):  # a constant may still be folded across it
+        return Layout(lay.segs, lay.block, sources=lay.direct_sources(), dim=lay.dim)
+    return Layout(lay.segs, lay.block, dim=lay.dim)
+
+
+def _keeps_shifts(b: GroupBuilder, node: torch.fx.Node) -> bool:
+    """``node`` commutes with adding a per-channel constant (pooling, dropout)."""
+    if node.op == "call_function":
+        return node.target in SHIFT_FUNCS
+    m = b.modules.get(str(node.target)) if node.op == "call_module" else None
+    if not isinstance(m, SHIFT_MODULES):
+        return False
+    pads = getattr(m, "padding", 0)
+    padded = any(pads) if isinstance(pads, (tuple, list)) else bool(pads)
+    return not (padded and getattr(m, "count_include_pad", False))
 
 
 def pad(b: GroupBuilder, node: torch.fx.Node, x: Any, n_pad: int) -> Any:
@@ -156,26 +178,38 @@ def reduce(b: GroupBuilder, node: torch.fx.Node, x: Any) -> Any:
     return passthrough(b, node, x)
 
 
-def permute(b: GroupBuilder, node: torch.fx.Node, x: Any) -> Any:
-    """permute/transpose that leaves the batch and channel dims in place."""
-    xs = b.shape(x)
-    if xs is None:
-        return b.opaque(node)
-    args = list(node.args[1:])
+def _permutation(node: torch.fx.Node, n: int) -> list[int] | None:
+    """For a permute/transpose of an ``n``-D tensor, the input dim of every output dim (None
+    when the dims are not literal ints)."""
     t = node.target
     name = t if isinstance(t, str) else getattr(t, "__name__", "")
     if name == "permute":
+        args = list(node.args[1:])
         dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
         dims = list(dims or node.kwargs.get("dims", []))
-        if len(dims) == len(xs) and all(isinstance(d, int) for d in dims):
-            if [d % len(xs) for d in dims[:2]] == [0, 1]:
-                return passthrough(b, node, x)
-    else:
-        dims = [call_arg(node, 1, "dim0", "axis0"), call_arg(node, 2, "dim1", "axis1")]
-        if len(dims) == 2 and all(isinstance(d, int) for d in dims):
-            spatial = not {d % len(xs) for d in dims} & {0, 1}
-            if spatial or dims[0] % len(xs) == dims[1] % len(xs):
-                return passthrough(b, node, x)
+        if len(dims) != n or not all(isinstance(d, int) for d in dims):
+            return None
+        return [d % n for d in dims]
+    dims = [call_arg(node, 1, "dim0", "axis0"), call_arg(node, 2, "dim1", "axis1")]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    order = list(range(n))
+    i, j = dims[0] % n, dims[1] % n
+    order[i], order[j] = order[j], order[i]
+    return order
+
+
+def permute(b: GroupBuilder, node: torch.fx.Node, x: Any) -> Any:
+    """permute/transpose that keeps the batch dim first and puts the channels in dim 1 or, for
+    a channels-last value (ConvNeXt's blocks), in the last dim."""
+    xs, lay = b.shape(x), b.layout(x)
+    if xs is None or lay is None:
+        return b.opaque(node)
+    order = _permutation(node, len(xs))
+    if order is not None and order[0] == 0:
+        new = order.index(lay.dim)
+        if new == 1 or (lay.block == 1 and new == len(xs) - 1):
+            return Layout(lay.segs, lay.block, dim=new)
     return b.opaque(node, f"permute/transpose that moves channels: {b.describe_op(node)}")
 
 
@@ -268,73 +302,7 @@ def join_layouts(
     g = b.groups.new_group(
         f"opaque:{node.name}", width, frozen=f"output of {node.name!r} mixes layouts"
     )
-    return Layout((g,), block)
-
-
-def _sort_operands(
-    b: GroupBuilder, node: torch.fx.Node, ndim: int, channels: int
-) -> tuple[list[Layout], list[int], list[str]]:
-    """Split the operands of a broadcasting op with output ``[N, channels, ...]`` into layouts
-    coupled channel for channel, groups broadcast across channels, and names of per-channel
-    constants or untracked tensors."""
-    coupled: list[Layout] = []
-    broadcast: list[int] = []
-    per_channel_const: list[str] = []
-    for a in (input_arg(node), call_arg(node, 1, "other")):
-        if not isinstance(a, torch.fx.Node):
-            continue
-        s, lay = b.shape(a), b.layout(a)
-        if s is None:
-            if isinstance(b.value_of(a), Opaque) and channels > 1:
-                per_channel_const.append(a.name)
-            continue
-        if lay is not None and len(s) == ndim and s[1] == channels:
-            coupled.append(lay)
-            continue
-        if lay is not None:
-            broadcast += list(lay.segs)
-        j = 1 - ndim + len(s)  # the operand's dim that broadcasts onto the channel dim
-        if j >= 0 and s[j] == channels and channels > 1:
-            per_channel_const.append(a.name)
-    return coupled, broadcast, per_channel_const
-
-
-def binary(b: GroupBuilder, node: torch.fx.Node, kind: str) -> Any:
-    """Broadcasting add/sub (``kind="add"``: unions groups) or mul/div (``"mul"``: scaling
-    only)."""
-    ys = b.shape(node)
-    if ys is None or len(ys) < 2:
-        return b.opaque(node)
-    coupled, broadcast, per_channel_const = _sort_operands(b, node, len(ys), ys[1])
-    if broadcast:
-        b.groups.freeze(broadcast, f"operand broadcast across channels in {b.describe_op(node)}")
-    if not coupled:
-        return b.opaque(node)
-    same = all(b.layout_roots(x) == b.layout_roots(coupled[0]) for x in coupled)
-    if kind == "mul" and len(coupled) > 1 and not same:
-        return b.opaque(
-            node,
-            f"channel-wise product of two activations in {b.describe_op(node)} "
-            "(gating is not followed)",
-        )
-    out = coupled[0]
-    if len(coupled) > 1:
-        widths = [b.layout_signature(x)[1] for x in coupled]
-        out = join_layouts(
-            b,
-            node,
-            coupled,
-            "one residual sum",
-            f"residual add {b.describe_op(node)} sums values with different channel layouts "
-            f"{widths}",
-        )
-    if per_channel_const:
-        b.groups.freeze(
-            out.segs,
-            f"per-channel constant or untracked tensor {per_channel_const} in "
-            f"{b.describe_op(node)}",
-        )
-    return Layout(out.segs, out.block)
+    return Layout((g,), block, dim=layouts[0].dim)
 
 
 def cat(b: GroupBuilder, node: torch.fx.Node) -> Any:
@@ -350,13 +318,16 @@ def cat(b: GroupBuilder, node: torch.fx.Node) -> Any:
     if any(b.shape(t) is None or len(b.shape(t)) != len(ys) for t in tensors):
         return b.opaque(node)
     lays = [b.layout_or_frozen(t, f"operand of {node.name!r}") for t in tensors]
-    if dim % len(ys) == 1:
+    if len({x.dim for x in lays}) != 1:
+        return b.opaque(node)
+    if dim % len(ys) == lays[0].dim:
         if len({x.block for x in lays}) != 1:
             return b.opaque(
                 node, f"concatenation of differently flattened values: {b.describe_op(node)}"
             )
         sources = tuple(p for x in lays for p in x.direct_sources())
-        out = Layout(tuple(s for x in lays for s in x.segs), lays[0].block, sources=sources)
+        segs = tuple(s for x in lays for s in x.segs)
+        out = Layout(segs, lays[0].block, sources=sources, dim=lays[0].dim)
         b.freeze_repeated_groups(out, node, "one concatenation")
         return out
     out = join_layouts(
@@ -366,4 +337,4 @@ def cat(b: GroupBuilder, node: torch.fx.Node) -> Any:
         "one concatenation",
         f"{b.describe_op(node)} joins values with different channel layouts along dim {dim}",
     )
-    return Layout(out.segs, out.block)
+    return Layout(out.segs, out.block, dim=out.dim)

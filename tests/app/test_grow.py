@@ -1,0 +1,58 @@
+"""Growth inside `svdgrow train`: a run that starts below its budget grows, every grow resize
+keeps the batch loss (function-preserving), the log gives each grow its reason, and the grown
+directions then train (the optimizer steps them away from their initial zero columns)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from svdgrow.app.checkpoint import load_model
+from svdgrow.app.cli import main
+from svdgrow.app.rundir import last_checkpoint, read_log
+
+SMALL = {
+    "arch": "resnet", "in_channels": 1, "num_classes": 10, "input_size": 28, "bn": True,
+    "stem": 2,
+    "blocks": [
+        {"mid": 3, "out": 3, "stride": 2, "projection": True},
+        {"mid": 2, "out": 3, "stride": 1, "projection": False},
+        {"mid": 3, "out": 3, "stride": 2, "projection": True},
+    ],
+}  # fmt: skip
+
+
+def test_grow_inside_train_keeps_the_loss_and_trains_the_new_directions(tmp_path, data_dir):
+    spec = tmp_path / "small.json"
+    spec.write_text(json.dumps(SMALL))
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--spec", str(spec), "--target-params", "4000",
+            "--resize-every", "4", "--resize-until", "0.8", "--energy-eps", "1e-4",
+            "--subset", "800", "--test-subset", "200", "--batch-size", "50", "--epochs", "2",
+            "--threads", "1", "--seed", "0", "--no-progress", "--checkpoint-minutes", "0",
+            "--no-download", "--data-dir", str(data_dir), "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    events = read_log(run)
+    resizes = [e for e in events if e["event"] == "resize"]
+    grows = [
+        e for e in resizes if e["decisions"] and all(d["action"] == "grow" for d in e["decisions"])
+    ]
+    assert grows, f"no grow-only resize in {len(resizes)} resizes"
+    for e in grows:
+        before, after = e["batch_loss_before"], e["batch_loss_after"]
+        assert abs(after - before) <= 1e-5 * abs(before), (e["step"], before, after)
+        assert e["params"] > e["params_before"]
+        for d in e["decisions"]:
+            assert d["new_width"] > d["old_width"] and "directions needed" in d["reason"]
+    start = next(e for e in events if e["event"] == "start")
+    end = next(e for e in events if e["event"] == "end")
+    assert end["params"] > start["params"]
+    # the grown stem channels left their zero outgoing columns: the optimizer stepped them
+    model, _ = load_model(last_checkpoint(run))
+    grown = [e for e in grows if any(d["group"] == "stem" for d in e["decisions"])]
+    if grown:
+        w = model.blocks[0].conv1.weight  # reads the stem's channels
+        new_cols = w[:, SMALL["stem"] :]
+        assert new_cols.numel() and bool(new_cols.abs().sum() > 0)
+    assert torch.isfinite(torch.tensor(end["test_acc"]))

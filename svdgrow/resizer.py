@@ -209,11 +209,13 @@ class Resizer:
         return CostModel(self.model, self.graph, self.widths(), kind, self.example_input)
 
     # ------------------------------------------------------------------------------------------
-    def analyse(self, groups: list[Group] | None = None) -> list[GroupSpectrum]:
-        """Stage 2: the spectrum of every resizable group (one batched SVD for all).
+    def analyse(self, groups: list[Group] | None = None, grams=None) -> list[GroupSpectrum]:
+        """Stage 2: the spectrum of every resizable group.
 
         Args:
             groups: the groups to analyse (default: every resizable group).
+            grams: a dict to fill with the producers' Gram matrices formed on the way (see
+                :func:`svdgrow.spectrum.analyse_groups`), for the same step's weights mode.
 
         Returns:
             one :class:`GroupSpectrum` per group: name, width, singular values, cumulative
@@ -221,7 +223,7 @@ class Resizer:
         """
         groups = self.resizable() if groups is None else groups
         ctx = self.context()
-        return analyse_groups(ctx.modules, groups, ctx.widths)
+        return analyse_groups(ctx.modules, groups, ctx.widths, grams)
 
     def step(self, data=None, budget: float | None = None) -> StepReport:
         """Analyse, decide and apply one resize (stages 2-5).
@@ -238,7 +240,8 @@ class Resizer:
         """
         t0 = time.perf_counter()
         check_finite(self.model)
-        spectra = self.analyse()
+        grams: dict = {}  # the producers' Gram matrices, valid until the weights change
+        spectra = self.analyse(grams=grams)
         t1 = time.perf_counter()
         budget = self.policy.budget if budget is None else budget
         widths = self.widths()
@@ -246,7 +249,7 @@ class Resizer:
         decisions = self.policy.decide(spectra, cost, widths, budget)
         t2 = time.perf_counter()
         new = {d.group: d.new_width for d in decisions if d.action != "keep"}
-        report = self._resize(new, data, decisions)
+        report = self._resize(new, data, decisions, grams)
         t3 = time.perf_counter()
         if cost is not None:
             report.cost_kind = self.policy.budget_kind
@@ -280,7 +283,7 @@ class Resizer:
         return report
 
     # ------------------------------------------------------------------------------------------
-    def _resize(self, new_widths: dict[str, int], data, decisions) -> StepReport:
+    def _resize(self, new_widths: dict[str, int], data, decisions, grams=None) -> StepReport:
         """Stages 4-5 for ``new_widths``: plan the prunes and grows, build and commit."""
         ctx = self.context()
         widths_before, params_before = self.widths(), self.param_count()
@@ -300,6 +303,7 @@ class Resizer:
             max_samples=self.max_samples,
             generator=self._gen,
             input_sizes=self._input_sizes,
+            grams=grams,
         )
         for gid, w in targets.items():
             if w > ctx.widths[gid]:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from nets import ConvNet, ResLinear, convnet_graph, randomise_bn, reslinear_graph
 from torch import nn
 
+from nets import ConvNet, ResLinear, convnet_graph, randomise_bn, reslinear_graph
 from svdgrow.spectrum import (
     GroupSpectrum,
     analyse_groups,
@@ -106,10 +106,11 @@ def test_analyse_groups_matches_float64_svd():
     for s, group in zip(spectra, groups, strict=True):
         G = group_matrix(mods, group)[0]
         want = torch.linalg.svdvals(G)
-        torch.testing.assert_close(s.singular_values, want, rtol=1e-6, atol=1e-9)
+        # energies from float32 products of the float32 weights: exact to ~1e-6 of the largest
+        torch.testing.assert_close(s.energy, want**2, rtol=1e-5, atol=1e-6 * float(want[0]) ** 2)
         assert s.width == widths[group.id] and s.group_id == group.id
         assert s.cap == input_dim(mods[group.producers[0]])
-        assert s.total_energy == pytest.approx(float((G * G).sum()), rel=1e-12)
+        assert s.total_energy == pytest.approx(float((G * G).sum()), rel=1e-6)
         torch.testing.assert_close(s.energy, s.singular_values**2)
         torch.testing.assert_close(s.energy_kept, torch.cumsum(s.energy, 0) / s.total_energy)
         assert float(s.energy_kept[-1]) == pytest.approx(1.0, abs=1e-9)

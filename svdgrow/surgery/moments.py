@@ -14,10 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import as_args, eval_mode
-from ..spectrum import bn_affine, bn_output_stats, group_matrix, norm_directly_after
+from ..spectrum import (
+    bn_affine,
+    bn_output_stats,
+    effective_bias,
+    group_matrix,
+    norm_directly_after,
+)
 from ..trace import Group
 from .context import ResizeContext
-from .patches import fits_on_patches, patch_moments, tap_fractions
+from .patches import fits_on_patches, live_taps, tap_fractions
 
 __all__ = [
     "ACTIVATIONS",
@@ -57,21 +63,20 @@ class ConsumerMoments:
         mean (Tensor[n]): the mean per channel.
         cov (Tensor[n, n]): the covariance.
         count: the samples they were taken on.
-        taps (Tensor[B] | None): for a zero-padded Conv2d, the fraction of its output
-            positions at which each of its ``B = kh*kw`` taps reads data; None when every tap
-            always does.
-        patch_mean (Tensor[n*B] | None): data mode on a Conv2d that
-            :func:`~svdgrow.surgery.patches.fits_on_patches`: the mean of its im2col patches on
-            the group's channels (channel-major, padding included).
-        patch_cov (Tensor[n*B, n*B] | None): their covariance.
+        taps (Tensor[B] | None): for a Conv2d with ``B = kh*kw`` taps, the fraction of its
+            output positions at which each tap reads data rather than zero padding; None when
+            not known (then every tap is taken to read data).
+        patch_input (Tensor[N, n, H, W] | None): data mode, on a Conv2d that
+            :func:`~svdgrow.surgery.patches.fits_on_patches` with more than one tap reading
+            data: its input on the group's channels (a view of the batch's activation), for
+            the fold on its im2col patches (:func:`~svdgrow.surgery.patches.patch_fold`).
     """
 
     mean: Tensor
     cov: Tensor
     count: int
     taps: Tensor | None = None
-    patch_mean: Tensor | None = None
-    patch_cov: Tensor | None = None
+    patch_input: Tensor | None = None
 
 
 #: (group id, consumer) -> what that consumer reads on that group's channels.
@@ -121,16 +126,23 @@ def consumer_offsets(ctx: ResizeContext, groups: list[Group]) -> dict[tuple[int,
     return offsets
 
 
-def _predicted_preactivation(ctx: ResizeContext, g: Group) -> tuple[Tensor, Tensor]:
+def _predicted_preactivation(
+    ctx: ResizeContext, g: Group, grams: dict[str, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Mean and covariance of group ``g``'s pre-activation as weights mode models it (see
-    :func:`predict_features`), after any BatchNorm that follows the add."""
+    :func:`predict_features`), after any BatchNorm that follows the add. ``grams``: the
+    producers' ``G_p G_p^T`` when already formed (by stage 2)."""
     after = norm_directly_after(g)
-    G, blocks, _, b_eff = group_matrix(ctx.modules, g)
+    if grams is None:
+        G, blocks, _, b_eff = group_matrix(ctx.modules, g)
+        grams = {p: G[:, start:end] @ G[:, start:end].T for p, start, end in blocks}
+    else:
+        b_eff = effective_bias(ctx.modules, g)
     target = torch.zeros_like(b_eff)
-    gram = torch.zeros(G.shape[0], G.shape[0], dtype=G.dtype, device=G.device)  # G G^T
+    gram = torch.zeros(len(b_eff), len(b_eff), dtype=b_eff.dtype, device=b_eff.device)  # G G^T
     cov = torch.zeros_like(gram)
-    for p, start, end in blocks:
-        GGp = G[:, start:end] @ G[:, start:end].T
+    for p in g.producers:
+        GGp = grams[p]
         if p in after:
             mean_p, std_p = bn_output_stats(ctx.modules[after[p]])
             alpha = float((std_p * std_p).sum()) / max(float(GGp.diagonal().sum()), 1e-30)
@@ -142,7 +154,7 @@ def _predicted_preactivation(ctx: ResizeContext, g: Group) -> tuple[Tensor, Tens
         gram += GGp
         cov += alpha * GGp
     lam = 1e-10 * float(gram.diagonal().sum()) + 1e-30
-    eye = torch.eye(gram.shape[0], dtype=G.dtype, device=G.device)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     mean = b_eff + gram @ torch.linalg.solve(gram + lam * eye, target - b_eff)  # b + G mu
     for nm, prod in g.norm_after.items():
         if prod is None:  # a BatchNorm after the add: its eval-mode affine map
@@ -151,14 +163,28 @@ def _predicted_preactivation(ctx: ResizeContext, g: Group) -> tuple[Tensor, Tens
     return mean, cov
 
 
+def _gaussian_factor(cov: Tensor) -> Tensor:
+    """``L`` with ``L L^T = cov`` up to a jitter of ``1e-12`` of the mean variance (so an
+    exact linear relation between channels holds in the samples to about ``1e-6``): a Cholesky
+    factor, or the eigendecomposition's where Cholesky fails."""
+    jitter = 1e-12 * max(float(cov.diagonal().mean()), 0.0) + 1e-300
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    L, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+    if int(info) == 0:
+        return L
+    ev, Q = torch.linalg.eigh(cov)
+    return Q * ev.clamp_min(0).sqrt()[None, :]
+
+
 @torch.no_grad()
 def predict_features(
     ctx: ResizeContext,
     groups: list[Group],
     activation=None,
-    samples: int = 8192,
+    samples: int = 2048,
     generator: torch.Generator | None = None,
     input_sizes: dict[str, tuple[int, int]] | None = None,
+    grams: dict[int, dict[str, Tensor]] | None = None,
 ) -> tuple[Moments, dict[tuple[int, str], int]]:
     """Data-free stand-in for :func:`capture_features`: the moments every consumer reads on a
     group's channels, predicted from the weights.
@@ -167,7 +193,8 @@ def predict_features(
     :func:`svdgrow.spectrum.group_matrix`) is modelled as Gaussian: covariance
     ``sum_p alpha_p G_p G_p^T`` with each producer's input isotropic and scaled to the variance
     its direct BatchNorm recorded, mean ``b + G mu`` with ``mu`` fitted to the recorded means.
-    Samples go through ``activation``. See docs/design.md, "Stage 4: surgery".
+    Samples (float32, from a Cholesky factor of the covariance) go through ``activation``.
+    See docs/design.md, "Stage 4: surgery".
 
     Args:
         ctx: the model now.
@@ -180,6 +207,8 @@ def predict_features(
             :func:`~svdgrow.surgery.patches.tap_fractions` (see
             :func:`~svdgrow.surgery.patches.consumer_input_sizes`); one left out is folded as
             if every tap read data.
+        grams: group id -> producer -> ``G_p G_p^T`` already formed (see
+            :func:`svdgrow.spectrum.analyse_groups`); the others are formed here.
 
     Returns:
         the same ``(moments, offsets)`` as :func:`capture_features`.
@@ -187,17 +216,16 @@ def predict_features(
     offsets = consumer_offsets(ctx, groups)
     feats: Moments = {}
     for g in groups:
-        mean, cov = _predicted_preactivation(ctx, g)
+        mean, cov = _predicted_preactivation(ctx, g, (grams or {}).get(g.id))
         if activation is None:
             mu, fcov = mean, cov
         else:
-            ev, Q = torch.linalg.eigh(cov)
-            L = Q * ev.clamp_min(0).sqrt()[None, :]
-            z = torch.randn(samples, cov.shape[0], dtype=torch.float64, generator=generator)
-            f = activation(mean[None, :] + z.to(cov.device) @ L.T)
-            mu = f.mean(0)
-            fc = f - mu
-            fcov = fc.T @ fc / max(samples - 1, 1)
+            L = _gaussian_factor(cov).float()
+            z = torch.randn(samples, cov.shape[0], generator=generator).to(cov.device)
+            f = activation(torch.addmm(mean.float()[None, :], z, L.T))
+            mu = f.double().mean(0)
+            fc = f - mu.float()
+            fcov = (fc.T @ fc).double() / max(samples - 1, 1)
         for cons in g.consumers:
             size = (input_sizes or {}).get(cons)
             taps = tap_fractions(ctx.modules[cons], size) if size is not None else None
@@ -217,9 +245,10 @@ def capture_features(
     consumer of every group, the mean and covariance of its INPUT on the group's channels.
 
     A Conv2d input gives one sample per position, a Linear after Flatten one per channel block.
-    For a Conv2d with a kernel wider than 1x1 or zero padding the moments of its im2col patches
-    (padding included) are taken too, on at most ``max_samples`` output positions: the fold is
-    then fitted per column (see :func:`~svdgrow.surgery.patches.fits_on_patches`).
+    For a Conv2d with a kernel wider than 1x1 or zero padding, the fraction of positions each
+    tap reads data at is recorded, and its input on the group's channels is kept (a view) when
+    more than one tap reads data: the fold is then fitted per column on its im2col patches once
+    the kept channels are known (see :func:`~svdgrow.surgery.patches.patch_fold`).
 
     Args:
         ctx: the model now.
@@ -279,9 +308,9 @@ def _capture_hook(ctx, name: str, wanted, feats: Moments, max_samples: int, gene
             cov = (fc.T @ fc).double() / max(f.shape[0] - 1, 1)
             moments = ConsumerMoments(mu, cov, f.shape[0])
             if fits_on_patches(mod):
-                moments.patch_mean, moments.patch_cov = patch_moments(
-                    x, mod, slice(o, o + n), max_samples, generator
-                )
+                moments.taps = tap_fractions(mod, tuple(x.shape[2:]))
+                if len(live_taps(mod, tuple(x.shape[2:]))) > 1:
+                    moments.patch_input = x[:, o : o + n]
             feats[(gid, name)] = moments
 
     return hook

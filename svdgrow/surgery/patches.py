@@ -12,14 +12,29 @@ from torch import Tensor, nn
 from .._utils import as_args, eval_mode
 
 __all__ = [
+    "PATCH_COST",
+    "PATCH_DIM",
+    "PATCH_MIN_MACS",
+    "SAMPLES_PER_DIM",
     "consumer_input_sizes",
     "fits_on_patches",
-    "patch_moments",
+    "gather_patches",
+    "live_taps",
+    "patch_fold",
     "tap_fractions",
     "zero_padding",
 ]
 
-_CHUNK = 2048  # patches gathered at once (bounds the memory of a wide layer's moments)
+#: The most columns the least-squares system of :func:`patch_fold` has: kept channels'
+#: principal directions times live taps (all kept channels when they fit).
+PATCH_DIM = 512
+#: Positions per column of that system at the least (fewer directions when the batch is short).
+SAMPLES_PER_DIM = 4
+#: The system's Gram matrix (``positions * columns**2`` multiply-adds) costs at most this
+#: many times the consumer's own forward pass on the batch...
+PATCH_COST = 1.0
+#: ... or this many multiply-adds, when more (small layers keep every column and position).
+PATCH_MIN_MACS = 2**24
 
 
 def zero_padding(module: nn.Module) -> tuple[int, int, int, int] | None:
@@ -82,53 +97,138 @@ def tap_fractions(module: nn.Conv2d, in_size: tuple[int, int]) -> Tensor:
     return (axes[0][:, None] * axes[1][None, :]).flatten()
 
 
-def patch_moments(
-    x: Tensor,
-    module: nn.Conv2d,
-    channels: slice,
-    max_samples: int,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Mean and covariance of a Conv2d's im2col patches on some of its input channels, at
-    random output positions, zero padding included (border taps read 0).
+def live_taps(module: nn.Conv2d, in_size: tuple[int, int]) -> Tensor:
+    """The kernel taps of a Conv2d that read data at one output position at least (the others
+    read zero padding only, e.g. every tap but the centre one of a padded 3x3 on a 1x1 map).
 
     Args:
-        x (Tensor[N, C, H, W]): the convolution's input.
         module: the convolution.
-        channels: the input channels wanted (a group's ``n`` channels).
-        max_samples: at most this many (sample, output position) pairs.
-        generator: CPU random generator of the sub-sampling.
+        in_size: its input's spatial size ``(H, W)``.
 
     Returns:
-        mean (Tensor[n*B]) and covariance (Tensor[n*B, n*B]), float64, features
-        channel-major (``channel * B + tap``, ``B = kh*kw``) like the weight's columns.
+        Tensor[B_live] (int64), ascending, in the weight's row-major tap order.
     """
-    xp = F.pad(x[:, channels], zero_padding(module) or (0, 0, 0, 0))
+    return (tap_fractions(module, in_size) > 0).nonzero().flatten()
+
+
+def _output_size(hp: int, wp: int, module: nn.Conv2d) -> tuple[int, int]:
+    """Output size of a Conv2d on a padded input of size ``(hp, wp)``."""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    total = x.shape[0] * oh * ow
-    if total > max_samples:
-        pick = torch.randperm(total, generator=generator)[:max_samples].to(x.device)
+    return (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+
+
+def gather_patches(
+    x: Tensor, module: nn.Conv2d, pick: Tensor, channels: Tensor, taps: Tensor
+) -> Tensor:
+    """Im2col patches of a Conv2d at some output positions, zero padding included.
+
+    Args:
+        x (Tensor[N, C, H, W]): the convolution's input (or the part of its channels wanted).
+        module: the convolution.
+        pick (Tensor[S], int64): output positions, numbered ``sample * oh * ow + y * ow + x``.
+        channels (Tensor[c], int64): the input channels wanted (of ``x``).
+        taps (Tensor[b], int64): the taps wanted, in the weight's row-major tap order.
+
+    Returns:
+        Tensor[S, c, b], in ``x``'s dtype.
+    """
+    pads = zero_padding(module) or (0, 0, 0, 0)
+    # channels last: each gathered entry is one contiguous run of c values
+    xp = F.pad(x[:, channels], pads).permute(0, 2, 3, 1).contiguous()
+    oh, ow = _output_size(xp.shape[1], xp.shape[2], module)
+    (_, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    sample, pos = pick // (oh * ow), pick % (oh * ow)
+    iy = (pos // ow * sh)[:, None] + (taps // kw * dh)[None, :]  # [S, b]
+    ix = (pos % ow * sw)[:, None] + (taps % kw * dw)[None, :]
+    return xp[sample[:, None], iy, ix].transpose(1, 2)  # [S, b, c] -> [S, c, b]
+
+
+def patch_fold(
+    x: Tensor,
+    module: nn.Conv2d,
+    keep: Tensor,
+    drop: Tensor,
+    fold: tuple[Tensor, Tensor],
+    max_samples: int,
+    ridge: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor] | None:
+    """The fold of a Conv2d consumer fitted on its im2col patches, one column at a time.
+
+    The per-channel fold ``M0`` (``fold``: ``M0`` and the covariance ``S_KK`` of the kept
+    channels) is the first stage; its residual on the patches, ``e = f_D - (M0 x I) f_K``,
+    is then fitted by least squares on ``z = (U^T x I) f_K``, the kept channels' ``q``
+    leading principal directions ``U`` (eigenvectors of ``S_KK``) at every live tap, with
+    an intercept: ``e ~ C z + c``. So ``M = M0 x I + C (U^T x I)`` and ``c`` per column.
+    With every kept channel (``q = |K|``) this is the least-squares optimum on the patches
+    (docs/design.md, "Zero padding: the fold per column"). The cost is kept in proportion: at
+    most :data:`PATCH_DIM` columns, at least :data:`SAMPLES_PER_DIM` positions per column, and
+    a Gram matrix of at most :data:`PATCH_COST` times the consumer's forward multiply-adds on
+    the batch (or :data:`PATCH_MIN_MACS`); ``q`` and the positions shrink to fit.
+
+    Args:
+        x (Tensor[N, n, H, W]): the consumer's input on the group's ``n`` channels.
+        module: the consumer.
+        keep (Tensor[r], int64): the kept channels, ascending.
+        drop (Tensor[n - r], int64): the dropped channels, ascending.
+        fold: ``(M0 (Tensor[n-r, r]), S_KK (Tensor[r, r]))``, float64.
+        max_samples: at most this many output positions.
+        ridge: relative ridge, ``lambda = ridge * trace(S_zz) / dim(z)``.
+        generator: CPU random generator of the positions.
+
+    Returns:
+        ``(M (Tensor[(n-r)*B, r*B]), c (Tensor[(n-r)*B]))``, float64, columns channel-major
+        (``channel * B + tap``; zero at taps that only read padding), or None when the batch
+        has too few positions for even one direction per tap.
+    """
+    M0, S_KK = fold
+    B = module.kernel_size[0] * module.kernel_size[1]
+    taps = live_taps(module, tuple(x.shape[2:])).to(x.device)
+    left, right, top, bottom = zero_padding(module) or (0, 0, 0, 0)
+    oh, ow = _output_size(x.shape[2] + top + bottom, x.shape[3] + left + right, module)
+    total, b, nK = x.shape[0] * oh * ow, len(taps), len(keep)
+    forward = total * module.out_channels * module.in_channels // module.groups * B
+    budget = max(PATCH_COST * forward, PATCH_MIN_MACS)
+    q_max = min(PATCH_DIM, int((budget / SAMPLES_PER_DIM) ** (1 / 3)))
+    qc = min(nK, q_max // b, total // (SAMPLES_PER_DIM * b))
+    if qc < 1:
+        return None
+    q = qc * b
+    count = min(total, max_samples, max(SAMPLES_PER_DIM * q, int(budget) // q**2))
+    if total > count:
+        pick = torch.randperm(total, generator=generator)[:count].to(x.device)
     else:
         pick = torch.arange(total, device=x.device)
-    taps_y = (torch.arange(kh, device=x.device) * dh)[:, None].expand(kh, kw).flatten()
-    taps_x = (torch.arange(kw, device=x.device) * dw)[None, :].expand(kh, kw).flatten()
+    X = gather_patches(x, module, pick, torch.cat([keep, drop]).to(x.device), taps)
+    XK, E = X[:, :nK], X[:, nK:]  # [S, r, b], [S, n - r, b]
+    E = E - torch.einsum("skb,dk->sdb", XK, M0.to(x))
+    U = None
+    if qc < nK:  # the kept channels' leading principal directions
+        U = torch.linalg.eigh(S_KK)[1][:, -qc:].flip(1)
+        XK = torch.einsum("skb,kq->sqb", XK, U.to(x))
+    C, c = _least_squares(XK.reshape(count, q), E.reshape(count, -1), ridge)
+    C = C.reshape(len(drop), b, qc, b)
+    if U is not None:
+        C = torch.einsum("dtqu,kq->dtku", C, U)
+    C = C + torch.einsum("dk,tu->dtku", M0, torch.eye(b, dtype=C.dtype, device=C.device))
+    M = C.new_zeros(len(drop), B, nK, B)
+    M[:, taps[:, None], :, taps[None, :]] = C.permute(1, 3, 0, 2)
+    c_full = c.new_zeros(len(drop), B)
+    c_full[:, taps] = c.reshape(len(drop), b)
+    return M.reshape(len(drop) * B, nK * B), c_full.flatten()
 
-    def gather(part: Tensor) -> Tensor:  # Tensor[len(part), n * B]
-        sample, pos = part // (oh * ow), part % (oh * ow)
-        iy = (pos // ow * sh)[:, None] + taps_y[None, :]
-        ix = (pos % ow * sw)[:, None] + taps_x[None, :]
-        p = xp[sample[:, None], :, iy, ix]  # [S, B, n]
-        return p.transpose(1, 2).reshape(len(part), -1)
 
-    parts = pick.split(_CHUNK)
-    mean = sum(gather(part).double().sum(0) for part in parts) / len(pick)
-    cov = 0
-    for part in parts:
-        p = gather(part) - mean.to(x.dtype)
-        cov = cov + (p.T @ p).double()
-    return mean, cov / max(len(pick) - 1, 1)
+def _least_squares(Z: Tensor, E: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """Ridge least squares with an intercept on samples: ``E ~ Z C^T + c``; float32 products,
+    float64 solve. Returns ``C`` (Tensor[e, z]) and ``c`` (Tensor[e]), float64."""
+    zm, em = Z.double().mean(0), E.double().mean(0)
+    Zc, Ec = Z - zm.to(Z.dtype), E - em.to(E.dtype)
+    S_zz = (Zc.T @ Zc).double()
+    S_ze = (Zc.T @ Ec).double()
+    lam = ridge * float(torch.diagonal(S_zz).sum()) / max(S_zz.shape[0], 1) + 1e-12
+    S_zz.diagonal().add_(lam)
+    C = torch.linalg.solve(S_zz, S_ze).T
+    return C, em - C @ zm
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from ..spectrum import group_matrix
 from ..trace import Group
 from .context import ResizeContext
 from .moments import Moments, capture_features, predict_features
-from .pivots import complement, pivoted_cholesky, pivoted_cholesky_batched
+from .patches import patch_fold
+from .pivots import complement, pivoted_cholesky_batched
 
 __all__ = [
     "MODES",
@@ -110,12 +111,15 @@ def plan_prune_data(
     offsets: dict[tuple[int, str], int],
     ridge: float,
     pivots: Tensor | None = None,
+    max_samples: int = 16384,
+    generator: torch.Generator | None = None,
 ) -> GroupChange:
     """Prune ``group`` to ``r`` channels with the fold fitted on its consumers' input moments:
-    ``M = S_DK (S_KK + lambda I)^-1``, ``c = mu_D - M mu_K`` per consumer, on channels, or on
-    im2col patches for a zero-padded Conv2d measured on data (its border taps read zeros,
-    which no per-channel constant can follow). A per-channel constant is weighted by the
-    fraction of positions each tap reads data at, when that is known.
+    ``M = S_DK (S_KK + lambda I)^-1``, ``c = mu_D - M mu_K`` per consumer, on channels, then
+    refitted on the im2col patches of a Conv2d measured on data
+    (:func:`~svdgrow.surgery.patches.patch_fold`: each tap its own share, and the border taps
+    that read zeros, which no per-channel constant can follow). A per-channel constant is
+    weighted by the fraction of positions each tap reads data at, when that is known.
 
     Args:
         ctx: the model now.
@@ -126,10 +130,13 @@ def plan_prune_data(
         ridge: relative ridge, ``lambda = ridge * trace(S_KK) / r``.
         pivots: the kept channels when already chosen; else chosen here by pivoted Cholesky
             of :func:`data_pivot_gram`.
+        max_samples: the most output positions a patch fold is fitted on.
+        generator: CPU random generator of those positions.
     """
+    patch_args = {"max_samples": max_samples, "ridge": ridge, "generator": generator}
     n = ctx.widths[group.id]
     if pivots is None:
-        pivots = pivoted_cholesky(data_pivot_gram(ctx, group, feats, offsets), r)
+        pivots = pivoted_cholesky_batched([data_pivot_gram(ctx, group, feats, offsets)], [r])[0]
     keep = torch.sort(pivots).values
     drop = complement(keep, n)
     change = GroupChange(group, n, r, "prune", keep=keep, drop=drop)
@@ -137,15 +144,17 @@ def plan_prune_data(
         if (group.id, cons) not in feats:  # this consumer did not run: drop without a fold
             continue
         moments = feats[(group.id, cons)]
-        if moments.patch_cov is not None:
-            B = moments.patch_cov.shape[0] // n
-            taps = torch.arange(B, device=keep.device)
-            k_cols, d_cols = ((idx[:, None] * B + taps).flatten() for idx in (keep, drop))
-            M, c = _fit(moments.patch_mean, moments.patch_cov, k_cols, d_cols, ridge)
-        else:
-            M, c = _fit(moments.mean, moments.cov, keep, drop, ridge)
-            if moments.taps is not None:  # the constant reaches only the taps that read data
-                c = (c[:, None] * moments.taps.to(c)[None, :]).flatten()
+        M, c = _fit(moments.mean, moments.cov, keep, drop, ridge)
+        fold = None
+        if moments.patch_input is not None:
+            S_KK = moments.cov[keep][:, keep]
+            fold = patch_fold(
+                moments.patch_input, ctx.modules[cons], keep, drop, (M, S_KK), **patch_args
+            )
+        if fold is not None:
+            M, c = fold
+        elif moments.taps is not None:  # the constant reaches only the taps that read data
+            c = (c[:, None] * moments.taps.to(c)[None, :]).flatten()
         change.folds[cons] = (M, c)
     return change
 
@@ -187,6 +196,7 @@ def plan_prunes(
     max_samples: int = 16384,
     generator: torch.Generator | None = None,
     input_sizes: dict[str, tuple[int, int]] | None = None,
+    grams: dict[int, dict[str, Tensor]] | None = None,
 ) -> dict[int, GroupChange]:
     """Plan every prune of one resize.
 
@@ -205,6 +215,8 @@ def plan_prunes(
         generator: CPU random generator (data mode's sub-sampling, weights mode's samples).
         input_sizes: weights mode: the input's spatial size of each zero-padded Conv2d
             consumer (see :func:`~svdgrow.surgery.patches.consumer_input_sizes`).
+        grams: weights mode: the producers' ``G_p G_p^T`` stage 2 formed on the same weights
+            (see :func:`svdgrow.spectrum.analyse_groups`).
 
     Returns:
         group id -> its :class:`GroupChange`.
@@ -225,11 +237,13 @@ def plan_prunes(
         feats, offsets = capture_features(ctx, groups, data, max_samples, generator)
     else:
         feats, offsets = predict_features(
-            ctx, groups, activation, generator=generator, input_sizes=input_sizes
+            ctx, groups, activation, generator=generator, input_sizes=input_sizes, grams=grams
         )
     grams = [data_pivot_gram(ctx, g, feats, offsets) for g in groups]
     pivots = pivoted_cholesky_batched(grams, [targets[g.id] for g in groups])
     return {
-        g.id: plan_prune_data(ctx, g, targets[g.id], feats, offsets, ridge, piv)
+        g.id: plan_prune_data(
+            ctx, g, targets[g.id], feats, offsets, ridge, piv, max_samples, generator
+        )
         for g, piv in zip(groups, pivots, strict=True)
     }

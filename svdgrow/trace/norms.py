@@ -69,7 +69,7 @@ def _normalised_over_channels(b: GroupBuilder, node: torch.fx.Node, x: Any, n_di
         f"layer norm over the channel dim ({b.describe_op(node)}): adding or removing a "
         "channel changes every position's mean and variance, which neither a fold nor a grow "
         "can undo. The layers between such norms (the hidden width of a ConvNeXt or "
-        "transformer block) stay resizable; use BatchNorm, or GroupNorm with one channel per "
+        "transformer block) stay resizable. Use BatchNorm, or GroupNorm with one channel per "
         "group, to make these channels resizable too",
     )
     return Layout(lay.segs, lay.block, dim=lay.dim)

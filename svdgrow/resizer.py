@@ -41,6 +41,7 @@ from .surgery import (
     consumer_input_sizes,
     detect_activation,
     plan_prunes,
+    prefer_measured,
 )
 from .trace import CouplingGraph, Group, trace
 
@@ -70,6 +71,9 @@ class StepReport:
         seconds: time spent in 'analyse', 'decide', 'apply'.
         index: group name -> for every new channel, the old channel it came from (-1: grown),
             for the groups that changed (to remap anything else that follows the channels).
+        fallbacks: group name -> why it was pruned another way than ``mode`` says
+            (``mode="auto"`` without data: magnitude pruning where that was measured better on
+            the example input than the weights-mode fold).
     """
 
     decisions: list[Decision]
@@ -85,6 +89,7 @@ class StepReport:
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     index: dict[str, list[int]] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -106,6 +111,7 @@ class StepReport:
             lines.append(
                 f"  {d.group:<28} {d.action:<5} {d.old_width:>5} -> {d.new_width:<5} {d.reason}"
             )
+        lines.extend(f"  {g}: {why}" for g, why in self.fallbacks.items())
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -121,10 +127,13 @@ class Resizer:
         optimizer: its per-parameter state follows every resize (the same object keeps working).
         mode: how a prune compensates for the dropped channels: ``"data"`` (a fold fitted on
             the batch passed to :meth:`step` / :meth:`apply`, on a convolution's im2col
-            patches), ``"weights"`` (the same fold on
-            moments predicted from the weights; no data), ``"auto"`` (``"data"`` when a batch
-            is passed, else ``"weights"``) or ``"magnitude"`` (keep the largest rows, fold
-            nothing). See docs/design.md, "Stage 4: surgery".
+            patches), ``"weights"`` (the same fold on moments predicted from the weights; no
+            data), ``"auto"`` (``"data"`` when a batch is passed; else ``"weights"``, except
+            where keeping the largest rows and folding nothing is measured better on
+            ``example_input``: group by group on its consumers' outputs, then on the network's
+            output; such groups are pruned by magnitude and the report's ``fallbacks`` and the
+            log say why) or ``"magnitude"`` (keep the largest rows, fold nothing). See
+            docs/design.md, "Stage 4: surgery".
         strict: passed to the tracer (refuse untraceable ops instead of freezing their groups).
         graph: a ready :class:`CouplingGraph` (skips tracing).
         seed: for grown directions and feature sub-sampling.
@@ -290,21 +299,10 @@ class Resizer:
         targets = check_targets(ctx, new_widths, self._frozen)
         mode = self.mode if self.mode != "auto" else ("data" if data is not None else "weights")
         prunes = {gid: w for gid, w in targets.items() if w < ctx.widths[gid]}
-        if mode == "weights" and prunes and self._input_sizes is None:  # for padded convs
-            names = list(self.graph.consumers)
-            self._input_sizes = consumer_input_sizes(self.model, self.example_input, names)
-        changes: dict[int, GroupChange] = plan_prunes(
-            mode,
-            ctx,
-            prunes,
-            data=data,
-            activation=self.activation,
-            ridge=self.ridge,
-            max_samples=self.max_samples,
-            generator=self._gen,
-            input_sizes=self._input_sizes,
-            grams=grams,
-        )
+        changes = self._plan_prunes(ctx, mode, prunes, data, grams)
+        fallbacks = {ch.group.name: ch.note for ch in changes.values() if ch.note}
+        for name, why in fallbacks.items():
+            logger.info("group %r: %s", name, why)
         for gid, w in targets.items():
             if w > ctx.widths[gid]:
                 changes[gid] = GroupChange(self.graph.groups[gid], ctx.widths[gid], w, "grow")
@@ -333,7 +331,31 @@ class Resizer:
             mode=mode,
             warnings=warnings,
             index={ch.group.name: _channel_index(ch) for ch in changes.values()},
+            fallbacks=fallbacks,
         )
+
+    def _plan_prunes(self, ctx, mode: str, prunes: dict[int, int], data, grams):
+        """Plan the prunes in ``mode``; ``mode="auto"`` without data measures the weights fold
+        against magnitude pruning on the example input (:func:`svdgrow.surgery.prefer_measured`)."""
+        if mode == "weights" and prunes and self._input_sizes is None:  # for padded convs
+            names = list(self.graph.consumers)
+            self._input_sizes = consumer_input_sizes(self.model, self.example_input, names)
+        changes: dict[int, GroupChange] = plan_prunes(
+            mode,
+            ctx,
+            prunes,
+            data=data,
+            activation=self.activation,
+            ridge=self.ridge,
+            max_samples=self.max_samples,
+            generator=self._gen,
+            input_sizes=self._input_sizes,
+            grams=grams,
+        )
+        if self.mode == "auto" and mode == "weights" and changes:
+            magnitude = plan_prunes("magnitude", ctx, prunes)
+            changes = prefer_measured(ctx, changes, magnitude, self.example_input)
+        return changes
 
 
 def _channel_index(ch: GroupChange) -> list[int]:

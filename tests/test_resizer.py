@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from nets import CatNet, ConvNet, convnet_graph, quick, randomise_bn
 from torch import nn
 
+from nets import CatNet, ConvNet, convnet_graph, quick, randomise_bn
 from svdgrow.app import models
 from svdgrow.optim_state import check_state_shapes
 from svdgrow.policy import Policy
@@ -191,3 +191,50 @@ def test_widths_of_a_hand_built_graph_without_traced_widths():
     graph.consumers["conv1"].segments = [0, 0]  # no consumer reads the input alone
     with pytest.raises(ValueError, match="no known width"):
         rs.widths()
+
+
+def _cut_quarter(rs):
+    names = {g.name for g in rs.resizable()}
+    return {n: w - w // 4 for n, w in rs.widths().items() if n in names}
+
+
+def test_auto_without_data_keeps_the_weights_fold_where_it_is_better():
+    m = quick(0)
+    randomise_bn(m, 0, bias_std=0.2, mean_std=0.2)
+    m.eval()
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    auto, weights = copy.deepcopy(m), copy.deepcopy(m)
+    rep = Resizer(auto, x).apply(_cut_quarter(Resizer(m, x)))
+    Resizer(weights, x, mode="weights").apply(_cut_quarter(Resizer(m, x)))
+    assert rep.mode == "weights" and not rep.fallbacks
+    for a, b in zip(auto.parameters(), weights.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_auto_without_data_falls_back_to_magnitude_where_measured_better(caplog):
+    """A weights fold told that every feature is the constant 50 folds a large wrong constant
+    into every consumer: magnitude pruning is better there, auto measures it on the example
+    input, uses it, and says why (in the report and the log)."""
+    m = quick(0)
+    randomise_bn(m, 0, bias_std=0.2, mean_std=0.2)
+    m.eval()
+    g = torch.Generator().manual_seed(1)
+    x, held = torch.randn(8, 1, 28, 28, generator=g), torch.randn(32, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        y0 = m(held)
+    err = {}
+    for mode in ("auto", "weights", "magnitude"):
+        mm = copy.deepcopy(m)
+        rs = Resizer(mm, x, mode=mode, activation=lambda z: torch.full_like(z, 50.0))
+        with caplog.at_level("INFO", logger="svdgrow.resizer"):
+            rep = rs.apply(_cut_quarter(rs))
+        with torch.no_grad():
+            err[mode] = float((mm(held) - y0).norm() / y0.norm())
+        if mode == "auto":
+            assert rep.fallbacks and set(rep.fallbacks) <= set(_cut_quarter(rs))
+            why = next(iter(rep.fallbacks.values()))
+            assert "magnitude pruning used" in why and "example input" in why
+            assert any("magnitude pruning used" in r.getMessage() for r in caplog.records)
+            assert "magnitude pruning used" in str(rep)
+    assert err["weights"] > 2 * err["magnitude"], err
+    assert err["auto"] <= err["magnitude"] + 1e-6, err

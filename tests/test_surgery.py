@@ -843,3 +843,29 @@ def test_which_consumers_fit_on_patches():
     assert surgery.fits_on_patches(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
     assert not surgery.fits_on_patches(nn.Linear(2, 2))
     assert surgery.zero_padding(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")) is None
+
+
+@pytest.mark.parametrize("mode", ["weights", "data"])
+def test_network_change_simulates_the_resize(mode):
+    """check.network_change (consumers with zeroed, folded columns and their constants added)
+    gives the output change the committed resize gives, on a net with padded convs, a residual
+    group and a bias-free consumer read by a BatchNorm."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    m = TinyDense()
+    randomise_bn(m, g)
+    m.eval()
+    x = torch.randn(16, 3, 6, 6, generator=g)
+    rs = Resizer(m, x[:2], mode=mode)
+    ctx = rs.context()
+    names = {gr.name for gr in rs.resizable()}
+    targets = {gr.id: ctx.widths[gr.id] - 2 for gr in rs.graph.groups if gr.name in names}
+    changes = surgery.plan_prunes(mode, ctx, targets, data=x, activation=rs.activation)
+    predicted = surgery.network_change(ctx, changes, x)
+    with torch.no_grad():
+        y0 = m(x)
+    surgery.commit_plan(surgery.build_plan(ctx, changes))
+    with torch.no_grad():
+        actual = float((m(x) - y0).norm() / y0.norm())
+    assert actual > 1e-3
+    assert predicted == pytest.approx(actual, rel=1e-4, abs=1e-6)

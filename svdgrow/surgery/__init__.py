@@ -8,6 +8,7 @@ afterwards. The model as they read it, and what can be resized, is in ``context`
 docs/design.md, "Stage 4: surgery".
 """
 
+from .check import consumer_inputs, network_change, output_change, prefer_measured
 from .commit import Journal, check_finite, commit_plan
 from .context import (
     LAYERS,
@@ -70,6 +71,7 @@ __all__ = [
     "commit_plan",
     "complement",
     "consumer_input_sizes",
+    "consumer_inputs",
     "consumer_offsets",
     "data_pivot_gram",
     "detect_activation",
@@ -77,14 +79,17 @@ __all__ = [
     "gather_patches",
     "grow_rows",
     "layer_facts",
+    "network_change",
     "live_taps",
     "normed_producers",
+    "output_change",
     "patch_fold",
     "pivoted_cholesky",
     "pivoted_cholesky_batched",
     "plan_prune_data",
     "plan_prune_magnitude",
     "plan_prunes",
+    "prefer_measured",
     "predict_features",
     "renormalize_rows_",
     "row_norm_snapshot",

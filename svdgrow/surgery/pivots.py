@@ -11,13 +11,19 @@ from .._utils import all_finite
 __all__ = ["complement", "grow_rows", "pivoted_cholesky", "pivoted_cholesky_batched"]
 
 
-def pivoted_cholesky(G: Tensor, r: int) -> Tensor:
+def pivoted_cholesky(G: Tensor, r: int, block: int = 64) -> Tensor:
     """The ``r`` pivots of a greedy pivoted Cholesky of a PSD Gram matrix ``G = A^T A``: the
     columns that column-pivoted QR (Gram-Schmidt) of ``A`` would choose.
+
+    Blocked: ``block`` pivots at a time are chosen with the columns of that panel alone, then
+    the Schur complement of the rows not chosen yet is updated in one matrix product and the
+    chosen rows leave it; each step's column costs ``O(n * block)`` instead of ``O(n * t)``.
+    The pivots are those of the one-column-at-a-time algorithm (up to rounding in near ties).
 
     Args:
         G (Tensor[n, n]): symmetric positive semi-definite.
         r: how many pivots (``r <= n``).
+        block: pivots per panel.
 
     Returns:
         Tensor[r] (int64): the pivots in the order chosen.
@@ -25,20 +31,28 @@ def pivoted_cholesky(G: Tensor, r: int) -> Tensor:
     n = G.shape[0]
     if r > n:
         raise ValueError(f"pivoted selection: asked for {r} columns out of {n}")
-    G = G.double()
-    residual = G.diagonal().clone()
+    S = G.double()  # the Schur complement on the rows not chosen yet (``rows`` of G)
+    rows = torch.arange(n, device=G.device)
+    residual = S.diagonal().clone()
     tiny = 1e-14 * float(residual.abs().max()) if n else 0.0
-    L = G.new_zeros(r, n)  # row t: the t-th Cholesky column (contiguous rows)
-    order = torch.empty(r, dtype=torch.long, device=G.device)
-    for t in range(r):
-        j = torch.argmax(residual)
-        order[t] = j
-        dj = residual[j]
-        col = G[j] - L[:t, j] @ L[:t] if t else G[j].clone()
-        L[t] = col * torch.rsqrt(dj.clamp_min(tiny)) * (dj > tiny)
-        residual.sub_(L[t] * L[t])
-        residual[j] = float("-inf")
-    return order
+    order: list[int] = []
+    while len(order) < r:
+        panel = S.new_zeros(S.shape[0], min(block, r - len(order)))
+        for k in range(panel.shape[1]):
+            j = int(torch.argmax(residual))
+            order.append(int(rows[j]))
+            dj = residual[j]
+            if float(dj) > tiny:
+                col = S[j] - panel[:, :k] @ panel[j, :k] if k else S[j].clone()
+                panel[:, k] = col * torch.rsqrt(dj)
+                residual.sub_(panel[:, k] * panel[:, k])
+            residual[j] = float("-inf")
+        if len(order) < r:
+            left = torch.isfinite(residual).nonzero().flatten()
+            P = panel[left]
+            S = torch.addmm(S[left][:, left], P, P.T, alpha=-1)
+            residual, rows = residual[left], rows[left]
+    return torch.tensor(order, dtype=torch.long, device=G.device)
 
 
 def pivoted_cholesky_batched(grams: list[Tensor], rs: list[int]) -> list[Tensor]:

@@ -51,6 +51,9 @@ class GroupChange:
             or (Tensor[|D|*B, |K|*B], columns channel-major) each column on its own; ``c``
             (Tensor[|D|]) is the same at every column of a channel, or (Tensor[|D|*B]) given
             per column.
+        note: why this prune is not the one its mode asked for, when it is not (``mode="auto"``
+            without data falling back to magnitude pruning, see
+            :func:`svdgrow.surgery.check.prefer_measured`).
     """
 
     group: Group
@@ -61,6 +64,7 @@ class GroupChange:
     drop: Tensor | None = None
     grown_rows: dict[str, Tensor] = field(default_factory=dict)
     folds: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    note: str | None = None
 
 
 def data_pivot_gram(

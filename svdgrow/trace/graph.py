@@ -159,7 +159,8 @@ class CouplingGraph:
         The width comes from each producer (``out_channels``/``out_features``) and norm
         (``num_features``); groups with neither (model input, opaque values) keep their
         traced width, or in a hand-built graph without one, the input width of a consumer
-        that reads only that group. Every consumer's input size is checked against its layout.
+        that reads only that group. Every consumer's input size, and every per-channel entry's
+        size (``channelwise``), is checked against its layout.
 
         Args:
             model: the traced model, possibly after surgery.
@@ -168,8 +169,9 @@ class CouplingGraph:
             ``widths[i]`` is the width of ``groups[i]``.
 
         Raises:
-            ValueError: the modules of one group disagree, or a consumer's input size is
-                not ``block * sum(widths of its segments)``.
+            ValueError: the modules of one group disagree, a consumer's input size is not
+                ``block * sum(widths of its segments)``, or a per-channel entry's size is not
+                the sum of its segments' widths.
         """
         mods = dict(model.named_modules())
         out: list[int] = []
@@ -195,6 +197,12 @@ class CouplingGraph:
                 if not only:
                     raise ValueError(f"group {g.id} ({g.name!r}) has no known width")
                 out.append(_in_width(_lookup(mods, only[0].module)) // max(only[0].block, 1))
+        self._check_layouts(model, mods, out)
+        return out
+
+    def _check_layouts(self, model: nn.Module, mods: dict[str, nn.Module], out: list[int]):
+        """Raise a ValueError when a consumer's input or a per-channel entry's size is not
+        what its segments at widths ``out`` say."""
         for c in self.consumers.values():
             m = _lookup(mods, c.module)
             have = _in_width(m)
@@ -213,7 +221,6 @@ class CouplingGraph:
                     f"{c.kind} {c.name!r} has {have} per-channel entries but its groups "
                     f"{c.segments} are {[out[s] for s in c.segments]} wide"
                 )
-        return out
 
     def describe(self, model: nn.Module | None = None) -> str:
         """A text table of the groups (one line each), then the consumers' layouts.

@@ -16,6 +16,7 @@ from ._utils import all_finite
 from .trace import Group
 
 __all__ = [
+    "group_cap",
     "GroupSpectrum",
     "bn_affine",
     "bn_output_stats",
@@ -37,7 +38,7 @@ class GroupSpectrum:
         name: the group's name.
         group_id: its index in the coupling graph.
         width: its current number of channels ``n``.
-        cap: the most channels it may have: min over producers of ``in * kh * kw``.
+        cap: the most channels it may have (:func:`group_cap`).
         singular_values (Tensor[min(n, D)]): descending, float64, on the CPU.
         energy (Tensor[min(n, D)]): ``singular_values ** 2``.
         energy_kept (Tensor[min(n, D)]): ``energy_kept[r-1]`` is the fraction of the total
@@ -126,6 +127,23 @@ def input_dim(module: nn.Module) -> int:
     """``in * kh * kw`` of a Conv2d (``in_features`` of a Linear): the most rows it can span."""
     w = module.weight
     return int(w[0].numel())
+
+
+def group_cap(modules: dict[str, nn.Module], g: Group) -> int:
+    """The most channels group ``g`` can have with every grown direction new: the largest
+    input dimension ``in * kh * kw`` among its producers.
+
+    A grown channel's pre-activation is the sum of its producers' new rows applied to their
+    inputs; one producer with room for a row orthogonal to its own rows makes the channel's
+    row of the group matrix independent of the others (the producers without room add a zero
+    row). So a residual group fed by a 1x1 projection of a narrow stream is not capped by that
+    stream's width. See docs/design.md, "Growth".
+
+    Args:
+        modules: the model's modules by name.
+        g: the group.
+    """
+    return max(input_dim(modules[p]) for p in g.producers)
 
 
 def producer_matrix(module: nn.Module) -> Tensor:
@@ -298,7 +316,7 @@ def _spectrum(modules, g: Group, width: int, energy: Tensor, total: float) -> Gr
         name=g.name,
         group_id=g.id,
         width=width,
-        cap=min(input_dim(modules[p]) for p in g.producers),
+        cap=group_cap(modules, g),
         singular_values=energy.sqrt().cpu(),
         energy=energy.cpu(),
         energy_kept=cum.cpu(),

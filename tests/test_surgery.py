@@ -352,7 +352,8 @@ def test_grow_residual_group_keeps_function_and_gets_gradients():
     x = torch.randn(32, 10, generator=g)
     y0 = m(x).detach()
     rs = Resizer(m, x[:2], graph=reslinear_graph(m, True))
-    assert {s.name: s.cap for s in rs.analyse()} == {"s": 8, "a": 6}
+    # cap = the largest producer input dimension (s reads d=10, b reads mid=8): group_cap
+    assert {s.name: s.cap for s in rs.analyse()} == {"s": 10, "a": 6}
     rs.apply({"s": 8})
     assert m.s.out_features == m.b.out_features == m.bs.num_features == m.bb.num_features == 8
     assert m.a.in_features == m.o.in_features == 8
@@ -360,8 +361,8 @@ def test_grow_residual_group_keeps_function_and_gets_gradients():
     assert float((y1.detach() - y0).abs().max()) <= 1e-5 * float(y0.abs().max())
     y1.square().sum().backward()
     assert float(m.o.weight.grad[:, 6:].abs().max()) > 0  # new columns learn at once
-    with pytest.raises(ValueError, match="past its cap 8"):
-        rs.apply({"s": 9})
+    with pytest.raises(ValueError, match="past its cap 10"):
+        rs.apply({"s": 11})
 
 
 # ------------------------------------------------------------------------------------------------

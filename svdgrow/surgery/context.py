@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..spectrum import input_dim
+from ..spectrum import group_cap
 from ..trace import ConsumerLayout, CouplingGraph, Group
 
 __all__ = [
@@ -206,7 +206,7 @@ def check_targets(
     Raises:
         KeyError: an unknown group.
         ValueError: a width that is not an int, a frozen group, a width below 1, or a grow
-            past the group's cap (the input dimension ``in*kh*kw`` of its producers).
+            past the group's cap (:func:`svdgrow.spectrum.group_cap`).
     """
     by_name = {g.name: g for g in ctx.graph.groups}
     targets: dict[int, int] = {}
@@ -223,12 +223,12 @@ def check_targets(
             raise ValueError(f"group {name!r} is frozen and cannot be resized: {frozen[g.id]}")
         if w < 1:
             raise ValueError(f"group {name!r}: width {w} < 1; widths never reach 0")
-        cap = min(input_dim(ctx.modules[p]) for p in g.producers)
+        cap = group_cap(ctx.modules, g)
         if w > ctx.widths[g.id] and w > cap:
             raise ValueError(
-                f"group {name!r}: width {w} is past its cap {cap} (the input dimension "
-                f"in*kh*kw of its producers {g.producers}); new directions cannot be "
-                "orthogonal beyond it"
+                f"group {name!r}: width {w} is past its cap {cap} (the largest input "
+                f"dimension in*kh*kw among its producers {g.producers}); new directions "
+                "cannot be orthogonal beyond it"
             )
         targets[g.id] = w
     return targets

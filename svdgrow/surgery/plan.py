@@ -137,7 +137,11 @@ def _plan_grown_rows(ctx: ResizeContext, changes: dict[int, GroupChange], genera
     svs, _, _ = ops.batched_svd(mats)
     for (ch, p), sv in zip(growing, svs, strict=True):
         added = ch.new_width - ch.old_width
-        ch.grown_rows[p] = grow_rows(producer_matrix(ctx.modules[p]), added, generator, sv)
+        W = producer_matrix(ctx.modules[p])
+        room = max(0, min(added, W.shape[1] - W.shape[0]))  # a producer past its own input
+        zeros = W.new_zeros(added - room, W.shape[1], dtype=torch.float64)  # (group_cap)
+        rows = grow_rows(W, room, generator, sv) if room else zeros[:0]
+        ch.grown_rows[p] = torch.cat([rows, zeros])
 
 
 def _plan_layer(ctx, name: str, changes, row_change, plan, mean_shift, generator) -> None:

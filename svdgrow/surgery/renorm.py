@@ -69,7 +69,7 @@ def row_norm_snapshot(model: nn.Module, graph: CouplingGraph) -> RowNorms:
 
 def _only_grew(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
     """Whether a weight kept or enlarged every dimension (unchanged counts as grown)."""
-    return all(a >= b for a, b in zip(after, before, strict=True))
+    return len(after) == len(before) and all(a >= b for a, b in zip(after, before, strict=True))
 
 
 @torch.no_grad()

@@ -862,7 +862,14 @@ def test_network_change_simulates_the_resize(mode):
     names = {gr.name for gr in rs.resizable()}
     targets = {gr.id: ctx.widths[gr.id] - 2 for gr in rs.graph.groups if gr.name in names}
     changes = surgery.plan_prunes(mode, ctx, targets, data=x, activation=rs.activation)
-    predicted = surgery.network_change(ctx, changes, x)
+    pruned = {
+        (gid, cons): surgery.pruned_columns(
+            ctx, changes[gid], cons, o, changes[gid].folds.get(cons)
+        )
+        for (gid, cons), o in surgery.consumer_offsets(ctx, rs.resizable()).items()
+        if gid in changes
+    }
+    predicted = surgery.network_change(ctx, pruned, x)
     with torch.no_grad():
         y0 = m(x)
     surgery.commit_plan(surgery.build_plan(ctx, changes))

@@ -8,7 +8,13 @@ afterwards. The model as they read it, and what can be resized, is in ``context`
 docs/design.md, "Stage 4: surgery".
 """
 
-from .check import consumer_inputs, network_change, output_change, prefer_measured
+from .check import (
+    consumer_inputs,
+    network_change,
+    output_change,
+    prefer_measured,
+    pruned_columns,
+)
 from .commit import Journal, check_finite, commit_plan
 from .context import (
     LAYERS,
@@ -38,7 +44,13 @@ from .patches import (
     tap_fractions,
     zero_padding,
 )
-from .pivots import complement, grow_rows, pivoted_cholesky, pivoted_cholesky_batched
+from .pivots import (
+    complement,
+    grow_rows,
+    pivoted_cholesky,
+    pivoted_cholesky_batched,
+    solve_spd,
+)
 from .plan import ResizePlan, TensorMove, build_plan
 from .prune import (
     MODES,
@@ -90,9 +102,11 @@ __all__ = [
     "plan_prune_magnitude",
     "plan_prunes",
     "prefer_measured",
+    "pruned_columns",
     "predict_features",
     "renormalize_rows_",
     "row_norm_snapshot",
+    "solve_spd",
     "tap_fractions",
     "weight_block",
     "zero_padding",

@@ -20,7 +20,13 @@ from .moments import consumer_offsets
 from .plan import _fold_columns_
 from .prune import GroupChange
 
-__all__ = ["consumer_inputs", "network_change", "output_change", "prefer_measured"]
+__all__ = [
+    "consumer_inputs",
+    "network_change",
+    "output_change",
+    "prefer_measured",
+    "pruned_columns",
+]
 
 
 @torch.no_grad()
@@ -63,8 +69,36 @@ def _restricted(module: nn.Module, x: Tensor, W: Tensor, offset: int, n: int) ->
     return module._conv_forward(x[:, offset : offset + n], weight, None)
 
 
+def pruned_columns(
+    ctx: ResizeContext, change: GroupChange, consumer: str, offset: int, fold
+) -> tuple[Tensor, Tensor | None]:
+    """A consumer's weight on a group's channels as a prune leaves it, dropped channels zeroed
+    (their columns stay, so the shapes do not change), and the folded constant.
+
+    Args:
+        ctx: the model now.
+        change: the prune (its kept and dropped channels).
+        consumer: the consumer's name.
+        offset: the group's first channel in the consumer's input.
+        fold: the consumer's ``(M, c)`` (see :class:`~svdgrow.surgery.GroupChange`), or None
+            (the dropped columns just go).
+
+    Returns:
+        ``(Tensor[R, n, B], constant per output row (float64) or None)``.
+    """
+    A = ctx.modules[consumer].weight.detach()
+    A = A.reshape(A.shape[0], -1, ctx.weight_block(consumer))[:, offset : offset + change.old_width]
+    new = A.clone()
+    shift = None
+    if fold is not None:
+        M, c = (t.to(A.device) for t in fold)
+        shift = _fold_columns_(new, change.keep.to(A.device), change.drop.to(A.device), M, c)
+    new[:, change.drop.to(A.device)] = 0
+    return new, shift
+
+
 def output_change(
-    module: nn.Module, x: Tensor, offset: int, change: GroupChange, fold, block: int
+    module: nn.Module, x: Tensor, offset: int, pruned: tuple[Tensor, Tensor | None]
 ) -> tuple[float, float]:
     """How much a prune changes a consumer's output on ``x``.
 
@@ -72,31 +106,29 @@ def output_change(
         module: the consumer (Conv1d/Conv2d or Linear).
         x: its input.
         offset: the group's first channel in that input.
-        change: the prune (its kept and dropped channels).
-        fold: the consumer's ``(M, c)`` (see :class:`~svdgrow.surgery.GroupChange`), or None
-            (the dropped columns just go).
-        block: the consumer's columns per channel.
+        pruned: the consumer's columns on the group after the prune (see
+            :func:`pruned_columns`).
 
     Returns:
         ``(squared change, squared output)`` of the part of the output the group's channels
         make, summed over the batch (float).
     """
-    n = change.old_width
+    new, shift = pruned
+    n = new.shape[1]
     A = module.weight.detach()
-    A = A.reshape(A.shape[0], -1, block)[:, offset : offset + n]
-    new = A.clone()
-    shift = None
-    if fold is not None:
-        M, c = (t.to(A.device) for t in fold)
-        shift = _fold_columns_(new, change.keep.to(A.device), change.drop.to(A.device), M, c)
-    new[:, change.drop.to(A.device)] = 0
+    A = A.reshape(A.shape[0], -1, new.shape[2])[:, offset : offset + n]
     before = _restricted(module, x, A, offset, n).double()
     after = _restricted(module, x, new, offset, n).double()
     if shift is not None:  # the folded constant, per output channel
-        dims = [1] * after.dim()
-        dims[-1 if isinstance(module, nn.Linear) else 1] = -1
-        after = after + shift.view(dims)
+        after = after + shift.view(_channel_shape(module, after))
     return float((after - before).pow(2).sum()), float(before.pow(2).sum())
+
+
+def _channel_shape(module: nn.Module, out: Tensor) -> list[int]:
+    """The shape that broadcasts a per-output-channel vector over ``out``."""
+    dims = [1] * out.dim()
+    dims[-1 if isinstance(module, nn.Linear) else 1] = -1
+    return dims
 
 
 def prefer_measured(
@@ -111,9 +143,8 @@ def prefer_measured(
     First, per group, the one that changes the outputs of the group's consumers less there
     (relative squared change over its consumers; a group whose consumers read zeros keeps the
     weights fold). Then the whole network's output on ``example`` after that mix, after every
-    weights-mode prune and after every magnitude prune
-    (simulated, see :func:`network_change`) decides. A group pruned by magnitude gets a ``note``
-    with the numbers.
+    weights-mode prune and after every magnitude prune (simulated, see :func:`network_change`)
+    decides. A group pruned by magnitude gets a ``note`` with the numbers.
 
     Args:
         ctx: the model now.
@@ -124,70 +155,81 @@ def prefer_measured(
     Returns:
         group id -> the chosen :class:`GroupChange`.
     """
-    local = _local_errors(ctx, weights, magnitude, example)
-    mix = {gid: magnitude[gid] if e_m < e_w else weights[gid] for gid, (e_w, e_m) in local.items()}
-    candidates = {"weights": weights, "magnitude": magnitude, "per-group": mix}
-    if all(mix[g] is weights[g] for g in mix) or all(mix[g] is magnitude[g] for g in mix):
-        del candidates["per-group"]
-    change = {k: network_change(ctx, c, example) for k, c in candidates.items()}
+    offsets = consumer_offsets(ctx, [ch.group for ch in weights.values()])
+    pruned = {}  # (mode, group id, consumer) -> its columns after that prune
+    for (gid, cons), o in offsets.items():
+        w = weights[gid]
+        pruned["weights", gid, cons] = pruned_columns(ctx, w, cons, o, w.folds.get(cons))
+        pruned["magnitude", gid, cons] = pruned_columns(ctx, magnitude[gid], cons, o, None)
+    local = _local_errors(ctx, offsets, pruned, example)
+    pick = {gid: "magnitude" if e_m < e_w else "weights" for gid, (e_w, e_m) in local.items()}
+    candidates = {"weights": dict.fromkeys(weights, "weights")}
+    candidates["magnitude"] = dict.fromkeys(weights, "magnitude")
+    if len(set(pick.values())) > 1:
+        candidates["per-group"] = pick
+    change = {
+        k: network_change(ctx, {key: pruned[(c[key[0]], *key)] for key in offsets}, example)
+        for k, c in candidates.items()
+    }
     best = min(change, key=lambda k: (change[k], k != "weights"))  # ties: the fold
     summary = ", ".join(f"{k} {v:.3g}" for k, v in change.items())
-    for gid, ch in candidates[best].items():
-        if ch is magnitude[gid]:
+    chosen = {}
+    for gid, mode in candidates[best].items():
+        chosen[gid] = weights[gid] if mode == "weights" else magnitude[gid]
+        if mode == "magnitude":
             e_w, e_m = local[gid]
-            ch.note = (
+            chosen[gid].note = (
                 f"magnitude pruning used (mode='auto' without data): on the example input its "
                 f"consumers' outputs change by {e_m:.3g} against {e_w:.3g} with the weights "
                 f"fold (relative), the network's output by {summary}"
             )
-    return candidates[best]
+    return chosen
 
 
-def _local_errors(ctx, weights, magnitude, example) -> dict[int, tuple[float, float]]:
+def _local_errors(ctx, offsets, pruned, example) -> dict[int, tuple[float, float]]:
     """group id -> the relative change of its consumers' outputs on ``example`` with the
     weights-mode prune and with the magnitude one (0, 0 when they read zeros there)."""
-    offsets = consumer_offsets(ctx, [ch.group for ch in weights.values()])
     inputs = consumer_inputs(ctx, sorted({c for _, c in offsets}), example)
-    out = {}
-    for gid, w_change in weights.items():
-        e_w = e_m = ref = 0.0
-        for cons in w_change.group.consumers:
-            if (gid, cons) not in offsets or cons not in inputs:
-                continue
-            args = (ctx.modules[cons], inputs[cons], offsets[(gid, cons)])
-            block = ctx.weight_block(cons)
-            err, ref_c = output_change(*args, w_change, w_change.folds.get(cons), block)
-            e_w, ref = e_w + err, ref + ref_c
-            e_m += output_change(*args, magnitude[gid], None, block)[0]
-        out[gid] = ((e_w / ref) ** 0.5, (e_m / ref) ** 0.5) if ref > 0 else (0.0, 0.0)
-    return out
+    sums: dict[int, list[float]] = {}
+    for (gid, cons), o in offsets.items():
+        acc = sums.setdefault(gid, [0.0, 0.0, 0.0])
+        if cons not in inputs:
+            continue
+        args = (ctx.modules[cons], inputs[cons], o)
+        err, ref = output_change(*args, pruned["weights", gid, cons])
+        acc[0] += err
+        acc[1] += output_change(*args, pruned["magnitude", gid, cons])[0]
+        acc[2] += ref
+    return {
+        gid: ((e_w / ref) ** 0.5, (e_m / ref) ** 0.5) if ref > 0 else (0.0, 0.0)
+        for gid, (e_w, e_m, ref) in sums.items()
+    }
 
 
 @torch.no_grad()
-def network_change(ctx: ResizeContext, changes: dict[int, GroupChange], example) -> float:
-    """The relative change of the model's output on ``example`` after ``changes`` (prunes),
-    simulated without changing the model: every consumer runs with its dropped columns zeroed
-    and its fold applied (its folded constant added to its output), which is what the resize
-    computes; ``inf`` when the model's output is not one tensor.
+def network_change(ctx: ResizeContext, pruned: dict, example) -> float:
+    """The relative change of the model's output on ``example`` after some prunes, simulated
+    without changing the model: every consumer runs with its columns on each pruned group as
+    the prune leaves them (dropped ones zeroed, the fold applied) and its folded constants
+    added to its output, which is what the resize computes; ``inf`` when the model's output is
+    not one tensor.
 
     Args:
         ctx: the model now.
-        changes: group id -> a prune's :class:`GroupChange`.
+        pruned: (group id, consumer) -> that consumer's columns on that group after its prune
+            (:func:`pruned_columns`).
         example: an input (or a tuple of inputs) of the model.
     """
     weights: dict[str, Tensor] = {}
     shifts: dict[str, Tensor] = {}
-    offsets = consumer_offsets(ctx, [ch.group for ch in changes.values()])
-    for (gid, cons), offset in offsets.items():
-        ch, A = changes[gid], ctx.modules[cons].weight
+    offsets = consumer_offsets(ctx, [ctx.graph.groups[gid] for gid, _ in pruned])
+    for (gid, cons), (cols, shift) in pruned.items():
+        A = ctx.modules[cons].weight
         W = weights.setdefault(cons, A.detach().clone())
-        view = W.view(W.shape[0], -1, ctx.weight_block(cons))[:, offset : offset + ch.old_width]
-        keep, drop = ch.keep.to(W.device), ch.drop.to(W.device)
-        if cons in ch.folds:
-            M, c = (t.to(W.device) for t in ch.folds[cons])
-            shift = _fold_columns_(view, keep, drop, M, c)
+        o = offsets[(gid, cons)]
+        W.view(W.shape[0], -1, cols.shape[2])[:, o : o + cols.shape[1]] = cols
+        if shift is not None:
             shifts[cons] = shifts[cons] + shift if cons in shifts else shift
-        view[:, drop] = 0
     model = ctx.modules[""]
     with eval_mode(model):
         y0 = model(*as_args(example))
@@ -208,8 +250,6 @@ def _add_shift(shift: Tensor):
     """A forward hook adding ``shift`` per output channel (dim 1, or last for a Linear)."""
 
     def hook(mod, inputs, out):
-        dims = [1] * out.dim()
-        dims[-1 if isinstance(mod, nn.Linear) else 1] = -1
-        return out + shift.to(out.dtype).view(dims)
+        return out + shift.to(out.dtype).view(_channel_shape(mod, out))
 
     return hook

@@ -24,6 +24,7 @@ from ..spectrum import (
 from ..trace import Group
 from .context import ResizeContext
 from .patches import fits_on_patches, live_taps, tap_fractions
+from .pivots import solve_spd
 
 __all__ = [
     "ACTIVATIONS",
@@ -128,11 +129,13 @@ def consumer_offsets(ctx: ResizeContext, groups: list[Group]) -> dict[tuple[int,
 
 def _predicted_preactivation(
     ctx: ResizeContext, g: Group, grams: dict[str, Tensor] | None = None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Mean and covariance of group ``g``'s pre-activation as weights mode models it (see
-    :func:`predict_features`), after any BatchNorm that follows the add. ``grams``: the
-    producers' ``G_p G_p^T`` when already formed (by stage 2)."""
+    :func:`predict_features`), after any BatchNorm that follows the add, and a factor ``F``
+    with ``F F^T = cov`` when the group matrix has fewer columns than rows (None otherwise).
+    ``grams``: the producers' ``G_p G_p^T`` when already formed (by stage 2)."""
     after = norm_directly_after(g)
+    G = None
     if grams is None:
         G, blocks, _, b_eff = group_matrix(ctx.modules, g)
         grams = {p: G[:, start:end] @ G[:, start:end].T for p, start, end in blocks}
@@ -141,26 +144,34 @@ def _predicted_preactivation(
     target = torch.zeros_like(b_eff)
     gram = torch.zeros(len(b_eff), len(b_eff), dtype=b_eff.dtype, device=b_eff.device)  # G G^T
     cov = torch.zeros_like(gram)
+    alphas = {}
     for p in g.producers:
         GGp = grams[p]
         if p in after:
             mean_p, std_p = bn_output_stats(ctx.modules[after[p]])
-            alpha = float((std_p * std_p).sum()) / max(float(GGp.diagonal().sum()), 1e-30)
+            alphas[p] = float((std_p * std_p).sum()) / max(float(GGp.diagonal().sum()), 1e-30)
         else:
             bias = getattr(ctx.modules[p], "bias", None)
             mean_p = bias.detach().double() if bias is not None else torch.zeros_like(b_eff)
-            alpha = 1.0
+            alphas[p] = 1.0
         target += mean_p
         gram += GGp
-        cov += alpha * GGp
+        cov += alphas[p] * GGp
     lam = 1e-10 * float(gram.diagonal().sum()) + 1e-30
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    mean = b_eff + gram @ torch.linalg.solve(gram + lam * eye, target - b_eff)  # b + G mu
+    factor = None
+    if G is not None and G.shape[1] < G.shape[0]:  # mu in the D columns' space: D x D
+        eye = torch.eye(G.shape[1], dtype=G.dtype, device=G.device)
+        mean = b_eff + G @ solve_spd(G.T @ G + lam * eye, G.T @ (target - b_eff))
+        factor = torch.cat([G[:, a:b] * alphas[p] ** 0.5 for p, a, b in blocks], 1)
+    else:
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        mean = b_eff + gram @ solve_spd(gram + lam * eye, target - b_eff)  # b + G mu
     for nm, prod in g.norm_after.items():
         if prod is None:  # a BatchNorm after the add: its eval-mode affine map
             scale, shift = bn_affine(ctx.modules[nm])
             mean, cov = scale * mean + shift, scale[:, None] * cov * scale[None, :]
-    return mean, cov
+            factor = scale[:, None] * factor if factor is not None else None
+    return mean, cov, factor
 
 
 def _gaussian_factor(cov: Tensor) -> Tensor:
@@ -193,7 +204,9 @@ def predict_features(
     :func:`svdgrow.spectrum.group_matrix`) is modelled as Gaussian: covariance
     ``sum_p alpha_p G_p G_p^T`` with each producer's input isotropic and scaled to the variance
     its direct BatchNorm recorded, mean ``b + G mu`` with ``mu`` fitted to the recorded means.
-    Samples (float32, from a Cholesky factor of the covariance) go through ``activation``.
+    Samples (float32; ``z = mean + L e`` with ``L`` the scaled group matrix itself when it has
+    fewer columns than rows, else a Cholesky factor of the covariance) go through
+    ``activation``.
     See docs/design.md, "Stage 4: surgery".
 
     Args:
@@ -216,12 +229,12 @@ def predict_features(
     offsets = consumer_offsets(ctx, groups)
     feats: Moments = {}
     for g in groups:
-        mean, cov = _predicted_preactivation(ctx, g, (grams or {}).get(g.id))
+        mean, cov, factor = _predicted_preactivation(ctx, g, (grams or {}).get(g.id))
         if activation is None:
             mu, fcov = mean, cov
         else:
-            L = _gaussian_factor(cov).float()
-            z = torch.randn(samples, cov.shape[0], generator=generator).to(cov.device)
+            L = (factor if factor is not None else _gaussian_factor(cov)).float()
+            z = torch.randn(samples, L.shape[1], generator=generator).to(cov.device)
             f = activation(torch.addmm(mean.float()[None, :], z, L.T))
             mu = f.double().mean(0)
             fc = f - mu.float()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils import as_args, eval_mode
+from .pivots import solve_spd
 
 __all__ = [
     "PATCH_COST",
@@ -227,7 +228,7 @@ def _least_squares(Z: Tensor, E: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
     S_ze = (Zc.T @ Ec).double()
     lam = ridge * float(torch.diagonal(S_zz).sum()) / max(S_zz.shape[0], 1) + 1e-12
     S_zz.diagonal().add_(lam)
-    C = torch.linalg.solve(S_zz, S_ze).T
+    C = solve_spd(S_zz, S_ze).T
     return C, em - C @ zm
 
 

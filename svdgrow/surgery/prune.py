@@ -17,7 +17,7 @@ from ..trace import Group
 from .context import ResizeContext
 from .moments import Moments, capture_features, predict_features
 from .patches import patch_fold
-from .pivots import complement, pivoted_cholesky_batched
+from .pivots import complement, pivoted_cholesky_batched, solve_spd
 
 __all__ = [
     "MODES",
@@ -171,7 +171,7 @@ def _fit(mu: Tensor, cov: Tensor, keep: Tensor, drop: Tensor, ridge: float):
     S_KD = cov[keep][:, drop]
     lam = ridge * float(torch.diagonal(S_KK).sum()) / max(len(keep), 1) + 1e-12
     eye = torch.eye(len(keep), dtype=S_KK.dtype, device=S_KK.device)
-    M = torch.linalg.solve(S_KK + lam * eye, S_KD).T
+    M = solve_spd(S_KK + lam * eye, S_KD).T
     return M, mu[drop] - M @ mu[keep]
 
 

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -186,7 +187,8 @@ class Resizer:
                     raise TypeError(f"group {g.name!r} cannot be resized: {why}")
                 logger.warning("group %r frozen: %s", g.name, why)
                 self._frozen[g.id] = why
-        self._input_sizes: dict[str, tuple[int, int]] | None = None  # see _resize
+        self._input_sizes: dict[str, tuple[int, int]] | None = None  # see _plan_prunes
+        self._costs: dict[str, CostModel] = {}  # see cost()
         self.history: list[StepReport] = []
 
     # ------------------------------------------------------------------------------------------
@@ -211,11 +213,21 @@ class Resizer:
     def cost(self, kind: str | None = None) -> CostModel:
         """A :class:`CostModel` (``"params"`` or ``"flops"``) at the current widths.
 
+        Built once per kind (for FLOPs, one counted forward pass on the example input) and
+        evaluated at the current widths afterwards: every cost it counts scales linearly with
+        the widths of the groups a layer reads and writes, so that is exact.
+
         Args:
             kind: ``"params"`` or ``"flops"`` (default: the policy's ``budget_kind``).
         """
         kind = kind or self.policy.budget_kind
-        return CostModel(self.model, self.graph, self.widths(), kind, self.example_input)
+        if kind not in self._costs:
+            self._costs[kind] = CostModel(
+                self.model, self.graph, self.widths(), kind, self.example_input
+            )
+        model = copy.copy(self._costs[kind])
+        model.base = self.widths()
+        return model
 
     # ------------------------------------------------------------------------------------------
     def analyse(self, groups: list[Group] | None = None, grams=None) -> list[GroupSpectrum]:

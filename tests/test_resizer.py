@@ -9,6 +9,7 @@ from torch import nn
 
 from nets import CatNet, ConvNet, convnet_graph, quick, randomise_bn
 from svdgrow.app import models
+from svdgrow.cost import CostModel
 from svdgrow.optim_state import check_state_shapes
 from svdgrow.policy import Policy
 from svdgrow.resizer import Resizer
@@ -238,3 +239,19 @@ def test_auto_without_data_falls_back_to_magnitude_where_measured_better(caplog)
             assert "magnitude pruning used" in str(rep)
     assert err["weights"] > 2 * err["magnitude"], err
     assert err["auto"] <= err["magnitude"] + 1e-6, err
+
+
+@pytest.mark.parametrize("kind", ["params", "flops"])
+def test_cost_model_built_once_stays_exact_after_resizes(kind):
+    """Resizer.cost builds the cost model once per kind (FLOPs: one counted forward pass) and
+    evaluates it at the current widths: the same numbers as a model built afresh."""
+    m = quick(4)
+    x = torch.zeros(1, 1, 28, 28)
+    rs = Resizer(m, x, policy=Policy(budget_kind=kind, energy_eps=1e-9, max_prune_fraction=0.3))
+    first = rs.cost()
+    for budget in (0.8, 0.6):
+        rs.step(budget=budget * first(None))
+        fresh = CostModel(m, rs.graph, rs.widths(), kind, x)
+        assert rs.cost()(None) == pytest.approx(fresh(None), rel=1e-9)
+        assert kind != "params" or rs.cost()(None) == sum(p.numel() for p in m.parameters())
+    assert len(rs._costs) == 1 and first(None) > rs.cost()(None)

@@ -345,7 +345,8 @@ def resize_ddp(
         budget: the budget for this step (see ``Resizer.step``).
         step: what the source runs instead of ``resizer.step(data=data, budget=budget)`` (e.g.
             that plus a renormalisation); it must return the step's report.
-        src: the rank that decides and whose values every rank ends with.
+        src: the rank (in the wrapper's process group) that decides and whose values every
+            rank ends with.
         what: the step's name in error messages.
         ddp_kwargs: DDP arguments for the new wrapper (see :func:`rewrap`).
 
@@ -372,15 +373,7 @@ def resize_ddp(
         floating = {src} if payload["floating"] else set()
         raise DistributedResizeError({src: payload["error"]}, what, world, floating) from cause
     report: StepReport = payload["report"]
-    error = None
-    if rank != src:
-        try:
-            if report.changed:
-                _resize_structurally(resizer, payload["widths"])
-            resizer._gen.set_state(payload["generator"])  # every rank's resizer alike
-            resizer.history.append(report)
-        except Exception as exc:  # noqa: BLE001 - every rank must hear of it (check_all_ok)
-            error = exc
+    error = _follow_source(resizer, payload) if rank != src else None
     layout = _layout(state_tensors(resizer.model, resizer.optimizer)) if error is None else None
     layouts = check_all_ok(error, what, group, extra=layout)
     odd = {r: "its tensors differ in dtype or shape from the source's after the resize"
@@ -391,6 +384,19 @@ def resize_ddp(
         return ddp_model, report
     broadcast_state(resizer.model, resizer.optimizer, src, group, check=False)
     return rewrap(ddp_model, init_sync=False, **(ddp_kwargs or {})), report
+
+
+def _follow_source(resizer: Resizer, payload: dict) -> Exception | None:
+    """On the other ranks: the source's widths (structurally), generator state and report;
+    the exception, if any (every rank must hear of it: :func:`check_all_ok`)."""
+    try:
+        if payload["report"].changed:
+            _resize_structurally(resizer, payload["widths"])
+        resizer._gen.set_state(payload["generator"])  # every rank's resizer alike
+        resizer.history.append(payload["report"])
+    except Exception as exc:  # noqa: BLE001 - returned, reported to every rank
+        return exc
+    return None
 
 
 def _run_on_source(

@@ -198,7 +198,15 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
     probe: dict[str, Any] = {}
     t0 = time.perf_counter()
     if r.ranks.distributed:
-        report = _resize_everywhere(r, lambda: _resize_here(r, x, y, budget, probe), probe)
+
+        def on_rank0() -> StepReport:
+            t1 = time.perf_counter()
+            try:
+                return _resize_here(r, x, y, budget, probe)
+            finally:
+                probe["rank0_seconds"] = time.perf_counter() - t1  # probes included
+
+        report = _resize_everywhere(r, on_rank0, probe)
     else:
         report = _resize_here(r, x, y, budget, probe)
     _time(r, "resize", t0)
@@ -248,7 +256,8 @@ def _resize_everywhere(r: RunState, resize_here: Any, probe: dict[str, Any]) -> 
         raise RunFailed(str(exc)) from exc
     if report.changed:
         wrap_model(r, ddp)
-    probe["sync_seconds"] = time.perf_counter() - t0 - probe.get("seconds", 0.0)
+    # what DDP adds to the resize: everything but rank 0's own part (others: their wait)
+    probe["sync_seconds"] = time.perf_counter() - t0 - probe.get("rank0_seconds", 0.0)
     if report.changed:
         t1 = time.perf_counter()
         sums = r.ranks.gather(state_checksum(r.model, r.optimizer), "the checksum check")

@@ -253,7 +253,11 @@ def process_group(
         return
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, timeout=timeout, rank=launch.rank,
+    # torchrun keeps its store across restarts: keys of the failed attempt (a dead rank's
+    # address) would be read by the next one, so every attempt gets its own key prefix
+    store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=timeout))
+    store = dist.PrefixStore(f"svdgrow/attempt{launch.restart}", store)
+    dist.init_process_group(backend, store=store, timeout=timeout, rank=launch.rank,
                             world_size=launch.world_size)  # fmt: skip
     logger.info("rank %d of %d on %s (%s)", launch.rank, launch.world_size, device, backend)
     try:

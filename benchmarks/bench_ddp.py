@@ -124,7 +124,7 @@ def _markdown(res: dict) -> str:
     lines = [
         f"# MNIST main job, 1 process vs 2 processes (torchrun, gloo), {res['epochs']} epochs",
         "",
-        f"Machine: {res['machine']}. The 2 cores are shared with other engineers' work (load "
+        f"Machine: {res['machine']}. Code: {res.get('code', 'this checkout')}. The 2 cores are shared with other engineers' work (load "
         "average before and after each run below): times are upper bounds and vary with that "
         "load. `--threads 1` leaves one core idle in a one-process run, which two one-thread "
         "processes use; against a two-thread process, 2 processes on 2 cores are not expected to "
@@ -184,6 +184,8 @@ def main() -> None:
     res.setdefault("wall_s", {})
     res.setdefault("load", {})
     res.update(epochs=args.epochs, commands={k: " ".join(v) for k, v in commands.items()})
+    if args.code:
+        res["code"] = args.code
     res["machine"] = (f"{_cpu()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, "
                       f"Python {platform.python_version()}")  # fmt: skip
     for name in args.runs:  # one after the other: never two runs at once

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+
 from svd_checks import (
     MATRIX_KINDS,
     TOL,
@@ -27,7 +28,6 @@ from svd_checks import (
     ref_slice_copy,
     spectrum_matrix,
 )
-
 from svdgrow import ops
 
 DEVICES = [

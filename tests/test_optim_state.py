@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
-from nets import ConvNet, convnet_graph
 from torch import nn
 
+from nets import ConvNet, convnet_graph
 from svdgrow.optim_state import check_state_shapes
 from svdgrow.resizer import Resizer
 

@@ -4,10 +4,10 @@ import itertools
 
 import pytest
 import torch
-from nets import ConvNet, convnet_graph
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from nets import ConvNet, convnet_graph
 from svdgrow.policy import Policy, budget_at
 from svdgrow.resizer import Resizer
 from svdgrow.spectrum import GroupSpectrum

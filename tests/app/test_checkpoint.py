@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-from faults import flip_a_tensor_byte, write_unsafe_checkpoint
 
+from faults import flip_a_tensor_byte, write_unsafe_checkpoint
 from svdgrow.app import checkpoint as ck
 from svdgrow.app.models import build_model, preset_spec, spec_of
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import flip_a_tensor_byte, write_unsafe_checkpoint
 
+from faults import flip_a_tensor_byte, write_unsafe_checkpoint
 from svdgrow.app.checkpoint import load_checkpoint
 from svdgrow.app.cli import _count, build_parser, main
 from svdgrow.app.config import TrainConfig

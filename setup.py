@@ -76,7 +76,9 @@ def _extra_cuda_includes():
 def _extensions():
     with_cuda, why = _choose_cuda()
     print(f"svdgrow: building the {'CPU and CUDA' if with_cuda else 'CPU'} kernels ({why})")
-    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", "ops.cpp")] + sorted(
+        glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
     debug = os.environ.get("DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fopenmp"]
@@ -106,7 +108,9 @@ setup(
     name="svdgrow",
     version="0.1.0",
     description="Let a network find its own layer widths while it trains, from each layer's spectrum",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description=open(os.path.join(ROOT, "README.md")).read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["svdgrow", "svdgrow.*"]),
     python_requires=">=3.10",

@@ -37,7 +37,9 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     One float64 sum per tensor and one check for all (a sum is NaN/inf when any element is), so
     on a GPU the answer stays on the device until the caller reads it.
     """
-    sums = [t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point() and t.numel()]
+    sums = [
+        t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point() and t.numel()
+    ]
     if not sums:
         return torch.tensor(True)
     return torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all()

@@ -124,7 +124,8 @@ def _markdown(res: dict) -> str:
     lines = [
         f"# MNIST main job, 1 process vs 2 processes (torchrun, gloo), {res['epochs']} epochs",
         "",
-        f"Machine: {res['machine']}. Code: {res.get('code', 'this checkout')}. The 2 cores are shared with other engineers' work (load "
+        f"Machine: {res['machine']}. Code: {res.get('code', 'this checkout')}. "
+        "The 2 cores are shared with other engineers' work (load "
         "average before and after each run below): times are upper bounds and vary with that "
         "load. `--threads 1` leaves one core idle in a one-process run, which two one-thread "
         "processes use; against a two-thread process, 2 processes on 2 cores are not expected to "
@@ -169,6 +170,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ddp_cpu")
+    p.add_argument("--code", default="", help="what code ran (e.g. 'a clean checkout of X')")
     p.add_argument(
         "--runs",
         nargs="*",

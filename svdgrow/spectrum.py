@@ -183,7 +183,7 @@ def group_matrix(
         W = producer_matrix(modules[p]).detach()
         if p in after:
             s = bn_affine(modules[after[p]])[0]
-            W = (W.double() * s[:, None]).to(dtype) if dtype != torch.float64 else W * s[:, None]
+            W = W.to(dtype) * s.to(dtype)[:, None]
             scales[p] = s
         else:
             W = W.to(dtype)

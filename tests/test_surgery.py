@@ -511,12 +511,16 @@ def test_one_slice_copy_call_per_resize(monkeypatch):
 
 @pytest.mark.parametrize("batched", ["auto", "padded"])
 def test_batched_pivoting_matches_one_group_at_a_time(batched):
-    """pivoted_cholesky_batched (a loop on the CPU) and the padded batch it uses on GPUs (run
-    here on the CPU) give the per-group choices."""
+    """pivoted_cholesky_batched (on the CPU: one batch per size shared by several matrices, the
+    others one at a time) and the padded batch it uses on GPUs (run here on the CPU) give the
+    per-group choices."""
     fn = surgery.pivoted_cholesky_batched if batched == "auto" else _pivoted_cholesky_padded
     g = torch.Generator().manual_seed(9)
     grams, rs = [], []
-    for n, r, rank in ((12, 5, 12), (7, 7, 7), (20, 6, 6), (3, 1, 3)):
+    sizes = ((12, 5, 12), (7, 7, 7), (20, 6, 6), (3, 1, 3)) + tuple(
+        (10, r, 10) for r in range(3, 8)
+    )
+    for n, r, rank in sizes:
         A = torch.randn(rank, n, generator=g, dtype=torch.float64)
         grams.append(A.T @ A)
         rs.append(r)

@@ -1,7 +1,7 @@
 """Where the fold's moments come from: the mean and covariance of what each consumer reads on a
-group's channels, measured on a batch (:func:`capture_features`, data mode; for a zero-padded
-Conv2d, of its im2col patches) or predicted from the weights and BatchNorm statistics
-(:func:`predict_features`, weights mode).
+group's channels, measured on a batch (:func:`capture_features`, data mode; a Conv2d's input is
+kept for the fold on its im2col patches) or predicted from the weights and BatchNorm
+statistics (:func:`predict_features`, weights mode).
 
 See docs/design.md, "Stage 4: surgery" (the fold and weights mode's predicted moments).
 """

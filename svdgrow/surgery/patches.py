@@ -1,6 +1,7 @@
-"""Zero padding in the fold: which kernel taps of a padded Conv2d read data rather than padding
-(:func:`tap_fractions`), and the moments of its im2col patches, padding included
-(:func:`patch_moments`). See docs/design.md, "Stage 4: surgery" (zero padding).
+"""The fold per column of a Conv2d consumer: which kernel taps read data rather than zero
+padding (:func:`tap_fractions`, :func:`live_taps`), its im2col patches, padding included
+(:func:`gather_patches`), and the fold fitted on them (:func:`patch_fold`). See
+docs/design.md, "Stage 4: surgery" (zero padding: the fold per column).
 """
 
 from __future__ import annotations

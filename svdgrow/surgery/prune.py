@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..spectrum import group_matrix
+from ..spectrum import bn_affine, norm_directly_after, producer_matrix
 from ..trace import Group
 from .context import ResizeContext
 from .moments import Moments, capture_features, predict_features
@@ -23,6 +23,7 @@ __all__ = [
     "MODES",
     "GroupChange",
     "data_pivot_gram",
+    "group_row_norms",
     "plan_prune_data",
     "plan_prune_magnitude",
     "plan_prunes",
@@ -91,10 +92,10 @@ def data_pivot_gram(
         if key not in feats:
             continue
         cov = feats[key].cov
-        A = ctx.modules[cons].weight.detach().double()
+        A = ctx.modules[cons].weight.detach()
         A = A.reshape(A.shape[0], -1, ctx.weight_block(cons))
         o = offsets[key]
-        col_norm = A[:, o : o + n, :].pow(2).sum(dim=(0, 2)).sqrt()
+        col_norm = torch.linalg.vector_norm(A[:, o : o + n, :], dim=(0, 2), dtype=torch.float64)
         w = col_norm[:, None] * cov * col_norm[None, :]
         tr = float(torch.diagonal(w).sum())
         w = w / tr if tr > 0 else w
@@ -184,9 +185,28 @@ def plan_prune_magnitude(ctx: ResizeContext, group: Group, r: int) -> GroupChang
         r: its new width.
     """
     n = ctx.widths[group.id]
-    G, _, _, _ = group_matrix(ctx.modules, group)
-    keep = torch.sort(torch.topk(G.norm(dim=1), r).indices).values
+    keep = torch.sort(torch.topk(group_row_norms(ctx, group), r).indices).values
     return GroupChange(group, n, r, "prune", keep=keep, drop=complement(keep, n))
+
+
+def group_row_norms(ctx: ResizeContext, group: Group) -> Tensor:
+    """The norms of the group matrix's rows (float64), from its producers' rows and their
+    direct BatchNorms' scales, without forming the matrix (see
+    :func:`svdgrow.spectrum.group_matrix`).
+
+    Args:
+        ctx: the model now.
+        group: a group with producers.
+    """
+    after = norm_directly_after(group)
+    total = None
+    for p in group.producers:
+        W = producer_matrix(ctx.modules[p]).detach()
+        sq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float64) ** 2
+        if p in after:
+            sq = sq * bn_affine(ctx.modules[after[p]])[0] ** 2
+        total = sq if total is None else total + sq
+    return total.sqrt()
 
 
 def plan_prunes(

@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import svdgrow
 from faults import flip_a_tensor_byte, write_unsafe_checkpoint
 from svdgrow.app.checkpoint import load_checkpoint
 from svdgrow.app.cli import _count, build_parser, main
 from svdgrow.app.config import TrainConfig
 from svdgrow.app.rundir import read_log
 
-REPO = Path(__file__).resolve().parents[2]
+# Subprocesses import the svdgrow this test imported (the installed package in CI, the source
+# tree with an in-place build in development), never the source folder by accident.
+PKG_ROOT = Path(svdgrow.__file__).resolve().parents[1]
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -92,7 +95,7 @@ def test_argparse_errors_are_one_line(capsys):
 
 
 def test_python_m_svdgrow_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "svdgrow", "train", "--help"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "svdgrow", "train", "--help"], cwd=PKG_ROOT,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0 and "--target-params" in out.stdout
 
@@ -346,8 +349,8 @@ def test_bad_command_line(case, finished, data_dir, tmp_path, capsys):
 def test_bad_command_line_in_a_fresh_process(case, finished, data_dir, tmp_path):
     build, expected = CASES[case]
     argv = build(Ctx(tmp_path, data_dir, finished))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "svdgrow", *argv], cwd=REPO, env=env,
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "svdgrow", *argv], cwd=PKG_ROOT, env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and expected in out.stderr, out.stderr

@@ -23,11 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import svdgrow
 from svdgrow.app.checkpoint import load_checkpoint
 from svdgrow.app.cli import main
 from svdgrow.app.rundir import read_json, read_log
 
-REPO = Path(__file__).resolve().parents[2]
+# Subprocesses import the svdgrow this test imported (the installed package in CI, the source
+# tree with an in-place build in development), never the source folder by accident.
+PKG_ROOT = Path(svdgrow.__file__).resolve().parents[1]
 TIMEOUT = 120  # --dist-timeout: a rank that hung would keep the others this long
 # 1000 samples / (2 x 25) = 20 steps per epoch, 60 in all; resizes at 5, 10, ..., 40
 ARGS = [
@@ -55,10 +58,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _torchrun(*argv: str, restarts: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", "--max-restarts", str(restarts), *argv]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=PKG_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _events(run: Path, kind: str) -> list[dict]:

@@ -16,11 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import svdgrow
 from svdgrow.app.checkpoint import load_checkpoint
 from svdgrow.app.cli import main
 from svdgrow.app.rundir import read_log
 
-REPO = Path(__file__).resolve().parents[2]
+# Subprocesses import the svdgrow this test imported (the installed package in CI, the source
+# tree with an in-place build in development), never the source folder by accident.
+PKG_ROOT = Path(svdgrow.__file__).resolve().parents[1]
 # 400 samples / 50 = 8 steps per epoch, 24 in all; resizes at steps 3, 6, 9, 12, 15
 ARGS = [
     "train", "--preset", "quick", "--no-download", "--subset", "400", "--test-subset", "100",
@@ -59,10 +62,10 @@ sys.exit(main(sys.argv[5:]))
 
 def _interrupted(run: Path, data_dir: Path, hook: tuple[str, str, int], sig: int) -> int:
     module, attr, nth = hook
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT), "OMP_NUM_THREADS": "1"}
     argv = [*ARGS, "--data-dir", str(data_dir), "--run-dir", str(run)]
     cmd = [sys.executable, "-c", DRIVER, module, attr, str(nth), str(int(sig)), *argv]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=PKG_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert "Traceback" not in out.stderr, out.stderr
     return out.returncode
 

@@ -1,24 +1,29 @@
-"""Time a whole resize step against one training step of the same model.
+"""Time a resize step against a training step on small and large models, and compare the prune
+modes' output change after an equal cut.
 
-The model is the ~2.3M-parameter MNIST ResNet (``svdgrow.app.models`` preset ``mnist-2m``): stem
-conv 1->128, residual
-blocks of two 3x3 convs with LeakyReLU and BatchNorm at 256 channels, two stride-2
-downsamplings with 1x1 projection shortcuts, Flatten + Linear(256*7*7, 10).
+Models (``--models``): ``mnist-2m`` (the ~2.3M-parameter MNIST ResNet of ``svdgrow.app.models``),
+``mlp`` (784-512-256-10 with BatchNorm and ReLU), ``mobilenet_v2`` (torchvision, width 0.5, 10
+classes, 3x32x32), ``densenet`` (torchvision DenseNet, growth 12, blocks 6-12-24-16, 3x32x32),
+``resnet18`` (torchvision, 10 classes, 3x32x32).
 
-Timed (median of ``--repeats``):
+Timing, per model (median of ``--repeats``, each on a fresh copy with SGD momentum state):
 
-* ``train_step``: one SGD (momentum) step at batch ``--batch`` (forward, backward, step);
-* ``resize_step``: ``Resizer.step()`` = analyse (ONE batched SVD of every group matrix) +
-  decide + apply, with a policy that prunes every group by 10% (``max_prune_fraction=0.1``),
-  the SGD momentum following; each repeat on a fresh copy of the trained model;
-* its parts (analyse / decide / apply), the same step in ``mode="data"`` on one batch, a
-  growth step (every group below its input-dimension cap +10%), the one-time trace, and the spectrum's SVD through
-  ``svdgrow.ops.batched_svd`` vs a loop of ``torch.linalg.svd``.
+* ``train``: one SGD step at batch ``--batch`` (forward, backward, step);
+* ``Resizer.step()`` with a policy that prunes every resizable group by ``--fraction``, in each
+  mode: ``weights``, ``data`` (fold fitted on the training batch), ``magnitude`` and ``auto``
+  without data (the weights fold, or magnitude where that is measured better on the example
+  input), each split into analyse / decide / apply; the one-time trace.
 
-Writes ``benchmarks/results/bench_resize_<device>.json`` and ``.md`` naming the CPU (or GPU)
-and the torch version. Run it when the machine is quiet::
+Quality (``--quality-steps`` > 0, CPU only): each model trained briefly (MNIST for the ResNet,
+Fashion-MNIST otherwise, padded to 3x32x32 where the model wants it), then every resizable
+group cut by each of ``--cuts`` at once, no fine-tuning: relative change of the output and
+accuracy on held data, per mode (data mode fitted on 256 training samples; the example input
+is 8 training samples).
 
-    python benchmarks/bench_resize.py --threads 2
+Writes ``benchmarks/results/bench_resize_<device>[_<threads>thread].json`` and ``.md`` naming
+the CPU (or GPU), the threads, the load average and the torch version::
+
+    python benchmarks/bench_resize.py --threads 1
 """
 
 from __future__ import annotations
@@ -33,17 +38,50 @@ import sys
 import time
 
 import torch
+import torchvision
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from svdgrow import ops  # noqa: E402
 from svdgrow.app import models  # noqa: E402
 from svdgrow.app.data import load_dataset  # noqa: E402
 from svdgrow.policy import Policy  # noqa: E402
 from svdgrow.resizer import Resizer  # noqa: E402
-from svdgrow.spectrum import group_matrix  # noqa: E402
+
+MODES = ("weights", "data", "magnitude", "auto")
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512),
+        nn.BatchNorm1d(512),
+        nn.ReLU(),
+        nn.Linear(512, 256),
+        nn.BatchNorm1d(256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+
+
+def _densenet() -> nn.Module:
+    return torchvision.models.DenseNet(
+        growth_rate=12, block_config=(6, 12, 24, 16), num_init_features=24, num_classes=10
+    )
+
+
+#: name -> (builder, input shape, dataset of the quality section, its training steps)
+MODELS = {
+    "mnist-2m": (lambda: models.build_model(models.preset_spec("mnist-2m")), (1, 28, 28),
+                 "mnist", 60),
+    "mlp": (_mlp, (1, 28, 28), "fashion-mnist", 300),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5),
+                     (3, 32, 32), "fashion-mnist", 150),
+    "densenet": (_densenet, (3, 32, 32), "fashion-mnist", 100),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32),
+                 "fashion-mnist", 100),
+}  # fmt: skip
 
 
 def cpu_name() -> str:
@@ -66,76 +104,177 @@ def med(xs):
     return statistics.median(xs)
 
 
-QUALITY_SPEC = {
-    "arch": "resnet",
-    "in_channels": 1,
-    "num_classes": 10,
-    "input_size": 28,
-    "bn": True,
-    "stem": 32,
-    "blocks": [
-        {"mid": 64, "out": 64, "stride": 2, "projection": True},
-        {"mid": 32, "out": 64, "stride": 1, "projection": False},
-        {"mid": 32, "out": 64, "stride": 2, "projection": True},
-    ],
-}
+def _sgd(model, state=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    if state is not None:
+        opt.load_state_dict(state)
+    return opt
 
 
-def quality(steps: int = 300, fractions=(0.25, 0.5), seed: int = 0) -> dict:
-    """Prune a briefly trained MNIST ResNet by each mode; compare output change and accuracy.
+def time_model(name: str, args, device) -> dict:
+    """Training step and resize step (each mode, with its split) of one model."""
+    build, shape, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = build().to(device)
+    x = torch.randn(args.batch, *shape, device=device)
+    t = torch.randint(0, 10, (args.batch,), device=device)
+    opt = _sgd(model)
 
-    The weights-mode and data-mode folds against naive magnitude pruning (keep the largest
-    rows, fold nothing), by the change in network output on held data (docs/design.md,
-    "Stage 4: surgery"). Every resizable group is cut by ``fraction`` at once, no fine-tuning.
-    """
+    def train_step(m, o):
+        o.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(m(x), t).backward()
+        o.step()
+
+    def timed(fn):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        return time.perf_counter() - t0, out
+
+    for _ in range(2):  # warm-up; the momentum state exists
+        train_step(model, opt)
+    train = [timed(lambda: train_step(model, opt))[0] for _ in range(args.repeats)]
+    policy = Policy(
+        energy_eps=0.5, min_width=1, max_prune_fraction=args.fraction, grow_threshold=1e9
+    )
+    trace_s, rs = timed(lambda: Resizer(model, x[:8], policy=policy))
+    res = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "groups": f"{len(rs.resizable())}/{len(rs.graph.groups)}",
+        "trace_s": trace_s,
+        "train_step_s": med(train),
+        "train_all": train,
+        "modes": {},
+    }
+    for mode in MODES:
+        total, parts = [], []
+        for _ in range(args.repeats):
+            m = copy.deepcopy(model)
+            o = _sgd(m, opt.state_dict())
+            r = Resizer(m, x[:8], policy=policy, optimizer=o, graph=rs.graph, mode=mode)
+            data = x if mode == "data" else None
+            s, rep = timed(lambda r=r, data=data: r.step(data=data))
+            total.append(s)
+            parts.append(rep.seconds)
+            train_step(m, o)  # training goes on with the same objects
+        res["modes"][mode] = {
+            "median_s": med(total),
+            "all": total,
+            "parts_median": {k: med([p[k] for p in parts]) for k in parts[0]},
+            "ratio_to_train": med(total) / res["train_step_s"],
+            "params_after": rep.params_after,
+            "fallbacks": len(rep.fallbacks),
+        }
+    return res
+
+
+def _prepare(x, shape):
+    """Dataset images [N, 1, 28, 28] as the model wants them (zero-padded, 3 channels)."""
+    if shape[0] == 3:
+        x = nn.functional.pad(x, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
+    return x
+
+
+def quality_model(name: str, cuts, steps: int, seed: int = 0) -> dict:
+    """Train briefly, cut every resizable group by each fraction in each mode, compare."""
+    build, shape, dataset, _ = MODELS[name]
     torch.manual_seed(seed)
-    train = load_dataset("mnist", True, subset=20000, download=False)
-    test = load_dataset("mnist", False, subset=2000, download=False)
-    m = models.build_model(QUALITY_SPEC)
-    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    train = load_dataset(dataset, True, subset=20000, download=False)
+    test = load_dataset(dataset, False, subset=1000, download=False)
+    m = build()
+    opt = _sgd(m)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for _ in range(steps):
         xb, yb = train.batch(torch.randint(0, len(train), (128,), generator=g))
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(m(xb), yb).backward()
+        nn.functional.cross_entropy(m(_prepare(xb, shape)), yb).backward()
         opt.step()
     train_s = time.perf_counter() - t0
     m.eval()
     xt, yt = test.batch(torch.arange(len(test)))
-    xfit, _ = train.batch(torch.arange(256))
+    xt = _prepare(xt, shape)
+    xfit = _prepare(train.batch(torch.arange(256))[0], shape)
     with torch.no_grad():
         y0 = m(xt)
-    acc0 = float((y0.argmax(1) == yt).float().mean())
     rows = []
-    for frac in fractions:
-        for mode in ("weights", "data", "magnitude"):
+    for frac in cuts:
+        for mode in MODES:
             mm = copy.deepcopy(m)
-            rs = Resizer(mm, xt[:1], mode=mode)
+            rs = Resizer(mm, xfit[:8], mode=mode)
             names = {gr.name for gr in rs.resizable()}
             new = {n: max(1, w - int(w * frac)) for n, w in rs.widths().items() if n in names}
-            rep = rs.apply(new, data=xfit)
+            rep = rs.apply(new, data=xfit if mode == "data" else None)
             with torch.no_grad():
                 y1 = mm(xt)
             rows.append(
                 {
-                    "fraction": frac,
+                    "cut": frac,
                     "mode": mode,
                     "params": rep.params_after,
                     "rel_output_change": float((y1 - y0).norm() / y0.norm()),
                     "accuracy": float((y1.argmax(1) == yt).float().mean()),
-                    "agreement_with_unpruned": float((y1.argmax(1) == y0.argmax(1)).float().mean()),
+                    "fallbacks": len(rep.fallbacks),
                 }
             )
     return {
-        "spec": QUALITY_SPEC,
+        "dataset": dataset,
         "train_steps": steps,
         "train_seconds": train_s,
-        "params": sum(p.numel() for p in m.parameters()),
+        "accuracy_unpruned": float((y0.argmax(1) == yt).float().mean()),
         "test_samples": len(test),
-        "accuracy_unpruned": acc0,
         "rows": rows,
     }
+
+
+def timing_table(res: dict, fraction: float) -> list[str]:
+    lines = [
+        f"Resize step (prune every resizable group by {fraction:.0%}) against one training "
+        "step (SGD, batch 128); seconds, median; split analyse / decide / apply:",
+        "",
+        "| model | params | groups | train step | mode | resize | analyse | decide | apply "
+        "| resize / train |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in res.items():
+        for i, (mode, d) in enumerate(r["modes"].items()):
+            p = d["parts_median"]
+            head = f"| {name} | {r['params']:,} | {r['groups']} | {r['train_step_s']:.4f} |"
+            head = head if i == 0 else "| | | | |"
+            lines.append(
+                f"{head} {mode} | {d['median_s']:.4f} | {p['analyse']:.4f} | {p['decide']:.4f} "
+                f"| {p['apply']:.4f} | {d['ratio_to_train']:.2f} |"
+            )
+    lines += ["", "trace (once per Resizer): " + ", ".join(
+        f"{n} {r['trace_s']:.3f} s" for n, r in res.items())]  # fmt: skip
+    return lines
+
+
+def quality_table(q: dict) -> list[str]:
+    lines = [
+        "Relative output change (and accuracy) on held data after cutting every resizable "
+        "group at once, no fine-tuning:",
+        "",
+        "| model | trained | cut | magnitude | weights | auto (no data) | data |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in q.items():
+        if "rows" not in r:
+            lines.append(f"| {name} | skipped: {r.get('skipped')} | | | | | |")
+            continue
+        trained = f"{r['train_steps']} steps, acc {r['accuracy_unpruned']:.3f}"
+        for cut in sorted({row["cut"] for row in r["rows"]}):
+            cell = {
+                row["mode"]: f"{row['rel_output_change']:.3f} ({row['accuracy']:.3f})"
+                for row in r["rows"]
+                if row["cut"] == cut
+            }
+            lines.append(
+                f"| {name} | {trained} | {cut:.0%} | {cell['magnitude']} | {cell['weights']} "
+                f"| {cell['auto']} | {cell['data']} |"
+            )
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -145,211 +284,70 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     ap.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats; medians are reported")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
+    ap.add_argument("--fraction", type=float, default=0.1, help="prune per group (default 0.1)")
     ap.add_argument(
-        "--fraction", type=float, default=0.1, help="fraction of every group pruned (default 0.1)"
+        "--models", default=",".join(MODELS), help="comma-separated, of " + ", ".join(MODELS)
     )
-    ap.add_argument(
-        "--quality-steps",
-        type=int,
-        default=300,
-        help="training steps of the quality comparison (0: skip it)",
-    )
-    ap.add_argument(
-        "--out", default=None, help="output stem (default benchmarks/results/bench_resize_<device>)"
-    )
+    ap.add_argument("--quality-steps", type=float, default=1.0,
+                    help="multiplier of each model's quality training steps (0: skip)")  # fmt: skip
+    ap.add_argument("--cuts", default="0.1,0.25", help="quality: fractions cut (default 0.1,0.25)")
+    ap.add_argument("--note", default="", help="a line about the machine (shared, loaded...)")
+    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/...)")
     args = ap.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = models.build_model(models.preset_spec("mnist-2m")).to(device)
-    x = torch.randn(args.batch, 1, 28, 28, device=device)
-    t = torch.randint(0, 10, (args.batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def train_step(m, o):
-        o.zero_grad(set_to_none=True)
-        loss_fn(m(x), t).backward()
-        o.step()
-
-    for _ in range(2):  # warm-up, and momentum state exists
-        train_step(model, opt)
-    sync(device)
-    train_times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        train_step(model, opt)
-        sync(device)
-        train_times.append(time.perf_counter() - t0)
-    params = sum(p.numel() for p in model.parameters())
-
-    def fresh():
-        m = copy.deepcopy(model)
-        o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-        o.load_state_dict(opt.state_dict())
-        return m, o
-
-    prune_policy = Policy(
-        energy_eps=0.5, min_width=1, max_prune_fraction=args.fraction, grow_threshold=1e9
-    )
-    example = x[:1]
-    # one-time trace
-    m, o = fresh()
-    t0 = time.perf_counter()
-    rs = Resizer(m, example, policy=prune_policy, optimizer=o)
-    trace_s = time.perf_counter() - t0
-    graph = rs.graph
-    rep = rs.step()  # warm-up of the whole path
-    widths_before, widths_after = rep.widths_before, rep.widths_after
-
-    def timed_steps(mode, policy, data=None, explicit=None):
-        total, parts = [], []
-        for _ in range(args.repeats):
-            m, o = fresh()
-            rs = Resizer(m, example, policy=policy, optimizer=o, mode=mode, graph=graph)
-            sync(device)
-            t0 = time.perf_counter()
-            r = rs.apply(explicit, data=data) if explicit is not None else rs.step(data=data)
-            sync(device)
-            total.append(time.perf_counter() - t0)
-            parts.append(r.seconds)
-            # training still works on the same objects
-            train_step(m, o)
-        return total, parts, r
-
-    resize_t, resize_parts, rep_w = timed_steps("weights", prune_policy)
-    data_t, data_parts, rep_d = timed_steps("data", prune_policy, data=x)
-    m0, _ = fresh()
-    rs0 = Resizer(m0, example, graph=graph)
-    caps = {s.name: s.cap for s in rs0.analyse()}
-    w0 = rs0.widths()
-    # every group that is below its input-dimension cap grows by the fraction (capped)
-    grow_w = {
-        n: min(w0[n] + max(1, round(w0[n] * args.fraction)), caps[n])
-        for n in caps
-        if w0[n] < caps[n]
-    }
-    grow_t, grow_parts, rep_g = timed_steps("weights", prune_policy, explicit=grow_w)
-
-    # SVD of the group matrices: one batched op call vs a loop of torch.linalg.svd
-    mods = dict(model.named_modules())
-    mats = [group_matrix(mods, g)[0] for g in graph.groups if g.frozen is None and g.producers]
-    svd_op, svd_loop = [], []
-    for _ in range(args.repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        ops.batched_svd(mats)
-        sync(device)
-        svd_op.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for a in mats:
-            torch.linalg.svd(a, full_matrices=False)
-        sync(device)
-        svd_loop.append(time.perf_counter() - t0)
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    names = [n for n in args.models.split(",") if n]
+    timing = {}
+    for n in names:
+        timing[n] = time_model(n, args, device)
+        print(f"{n}: timed", flush=True)
+    quality = {}
+    if args.quality_steps and device.type == "cpu":
+        cuts = [float(c) for c in args.cuts.split(",")]
+        for n in names:
+            steps = max(1, round(MODELS[n][3] * args.quality_steps))
+            try:
+                quality[n] = quality_model(n, cuts, steps)
+            except Exception as e:  # data missing: the timing still stands
+                quality[n] = {"skipped": f"{type(e).__name__}: {e}"}
+            print(f"{n}: quality", flush=True)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     res = {
-        "device": name,
+        "device": dev_name,
         "device_type": device.type,
         "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "model": "mnist-2m ResNet",
-        "params": params,
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "note": args.note,
         "batch": args.batch,
         "repeats": args.repeats,
         "prune_fraction": args.fraction,
-        "groups": len(mats),
-        "group_matrix_shapes": [list(a.shape) for a in mats],
-        "trace_s": trace_s,
-        "train_step_s": {"median": med(train_times), "all": train_times},
-        "resize_step_s": {
-            "median": med(resize_t),
-            "all": resize_t,
-            "parts_median": {k: med([p[k] for p in resize_parts]) for k in resize_parts[0]},
-        },
-        "resize_step_data_mode_s": {
-            "median": med(data_t),
-            "all": data_t,
-            "parts_median": {k: med([p[k] for p in data_parts]) for k in data_parts[0]},
-        },
-        "grow_step_s": {"median": med(grow_t), "all": grow_t, "widths": grow_w},
-        "svd_batched_op_s": med(svd_op),
-        "svd_torch_loop_s": med(svd_loop),
-        "params_after_prune": rep_w.params_after,
-        "params_after_grow": rep_g.params_after,
-        "widths_before": widths_before,
-        "widths_after_prune": widths_after,
-        "ratio_resize_over_train": med(resize_t) / med(train_times),
+        "timing": timing,
+        "quality": quality,
     }
-    rows = [
-        (f"training step (SGD, batch {args.batch})", med(train_times)),
-        (
-            f"resize step, weights mode (prune every group {round(100 * args.fraction)}%)",
-            med(resize_t),
-        ),
-        ("  analyse (one batched SVD)", res["resize_step_s"]["parts_median"]["analyse"]),
-        ("  decide", res["resize_step_s"]["parts_median"]["decide"]),
-        ("  apply (fold + one slice_copy + commit)", res["resize_step_s"]["parts_median"]["apply"]),
-        (f"resize step, data mode (features of batch {args.batch})", med(data_t)),
-        (
-            f"grow step ({len(grow_w)} groups below their cap +{round(100 * args.fraction)}%, apply)",
-            med(grow_t),
-        ),
-        ("trace (once per Resizer)", trace_s),
-        (f"SVD of {len(mats)} group matrices: svdgrow.ops.batched_svd", med(svd_op)),
-        (f"SVD of {len(mats)} group matrices: loop of torch.linalg.svd", med(svd_loop)),
-    ]
     head = (
-        f"bench_resize on {name} ({device.type}, {res['threads']} threads), torch {torch.__version__}, "
-        f"model {params:,} params, median of {args.repeats}"
+        f"bench_resize on {dev_name} ({device.type}, {res['threads']} threads, {os.cpu_count()} "
+        f"cores), torch {torch.__version__}, median of {args.repeats}"
     )
-    table = [head, "", "| what | seconds |", "|---|---:|"] + [f"| {a} | {b:.4f} |" for a, b in rows]
-    table.append("")
-    table.append(
-        f"resize step / training step = {res['ratio_resize_over_train']:.3f} (target <= 1)"
+    text = [head] + ([args.note] if args.note else []) + [""] + timing_table(timing, args.fraction)
+    if quality:
+        text += [""] + quality_table(quality)
+    print("\n".join(text))
+    suffix = f"_{res['threads']}thread" if args.threads == 1 else ""
+    stem = args.out or os.path.join(
+        ROOT, "benchmarks", "results", f"bench_resize_{device.type}{suffix}"
     )
-    if args.quality_steps and device.type == "cpu":
-        try:
-            q = quality(args.quality_steps)
-        except Exception as e:  # data missing: the timing still stands
-            q = {"skipped": f"{type(e).__name__}: {e}"}
-        res["quality"] = q
-        table += [
-            "",
-            "Output change on held data after cutting every group at once (no fine-tuning):",
-            "",
-        ]
-        if "rows" in q:
-            table.append(
-                f"MNIST ResNet {q['params']:,} params, {q['train_steps']} SGD steps, test accuracy "
-                f"{q['accuracy_unpruned']:.4f} on {q['test_samples']} held samples"
-            )
-            table += [
-                "",
-                "| cut | mode | params | rel. output change | accuracy | agrees with unpruned |",
-                "|---:|---|---:|---:|---:|---:|",
-            ]
-            for r in q["rows"]:
-                table.append(
-                    f"| {r['fraction']:.0%} | {r['mode']} | {r['params']:,} | {r['rel_output_change']:.4f} | "
-                    f"{r['accuracy']:.4f} | {r['agreement_with_unpruned']:.4f} |"
-                )
-        else:
-            table.append(f"skipped: {q['skipped']}")
-    text = "\n".join(table)
-    print(text)
-    stem = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_resize_{device.type}")
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(text + "\n")
+        f.write("\n".join(text) + "\n")
     return res
 
 

@@ -733,6 +733,56 @@ def test_zero_padded_fold_near_the_optimum_when_it_is_not_exact(side):
     assert _output_change(m, x, y0) <= 1.02 * best, (_output_change(m, x, y0), best)
 
 
+def test_patch_fold_on_fewer_directions_lies_between_the_channel_fold_and_the_optimum(
+    monkeypatch,
+):
+    """Where the patch fold's system would be too large, it is fitted on the kept channels'
+    leading directions at every tap: never worse than the per-channel fold with per-tap
+    constants (no directions), the optimum with all of them, and in between with a few."""
+    m0, x = _padded_pair(8, cin=3, act=nn.LeakyReLU(0.1))
+    with torch.no_grad():
+        y0 = m0(x)
+    change = {}
+    for dim in (0, 18, 45, 512):  # columns of the system: 0, 2, 5 or all 9 kept channels x 9
+        monkeypatch.setattr(surgery.patches, "PATCH_DIM", dim)
+        m = copy.deepcopy(m0)
+        rep = Resizer(m, x[:2], mode="data", ridge=1e-10).apply({"0": 9}, data=x)
+        change[dim] = _output_change(m, x, y0)
+    best = _least_squares_optimum(m0, torch.tensor(rep.index["0"]), x)
+    assert change[512] <= 1.02 * best
+    assert best <= change[45] <= change[18] <= change[0], (best, change)
+    assert change[18] < 0.95 * change[0], change  # two directions already help
+
+
+def test_patch_fold_positions_and_directions_follow_the_batch_and_the_cost_cap(monkeypatch):
+    """At least SAMPLES_PER_DIM positions per column (a short batch gets fewer directions, or
+    none: the per-channel fold then), and a Gram matrix of at most PATCH_COST times the
+    consumer's forward multiply-adds (or PATCH_MIN_MACS): the system (positions, columns)."""
+    conv = nn.Conv2d(16, 4, 3, padding=1)
+    keep, drop = torch.arange(9), torch.arange(9, 16)
+    fold = (torch.zeros(7, 9, dtype=torch.float64), torch.eye(9, dtype=torch.float64))
+    shapes = []
+    real = surgery.patches._least_squares
+
+    def spy(Z, E, ridge):
+        shapes.append(tuple(Z.shape))
+        return real(Z, E, ridge)
+
+    monkeypatch.setattr(surgery.patches, "_least_squares", spy)
+
+    def system(n_images):
+        x = torch.randn(n_images, 16, 3, 3, generator=torch.Generator().manual_seed(0))
+        out = surgery.patch_fold(x, conv, keep, drop, fold, max_samples=10**6, ridge=1e-3)
+        return shapes.pop() if out is not None else None
+
+    assert system(2) is None  # 18 positions < 4 per column of even one direction x 9 taps
+    assert system(8) == (72, 18)  # 72 positions: 2 directions x 9 taps
+    assert system(64) == (576, 81)  # every kept channel, every position (small layer)
+    monkeypatch.setattr(surgery.patches, "PATCH_MIN_MACS", 0)
+    # forward: 576 positions x 4 x 16 x 9 = 331,776 multiply-adds: q <= (331,776 / 4)^(1/3) = 43
+    assert system(64) == (256, 36)  # 4 directions x 9 taps, 331,776 // 36**2 positions
+
+
 def test_weights_mode_folds_the_constant_only_into_taps_that_read_data():
     """On a 1x1 map only the centre tap of a padded 3x3 consumer reads data: weights mode
     puts the folded constant there alone, which is exact here (it was 2.0 before)."""

@@ -73,6 +73,16 @@ def measure(preset: str, backend: str, batch: int, repeats: int) -> dict:
     return out
 
 
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _markdown(rows: list[dict], machine: str) -> str:
     lines = [
         "# What a resize costs a torch.compile'd model (CPU, 1 thread, cold inductor cache)",
@@ -88,7 +98,7 @@ def _markdown(rows: list[dict], machine: str) -> str:
             f"| {r['preset']} ({r['params']:,} -> {r['params_after']:,}) | {r['backend']} | "
             f"{r['batch']} | {r['eager_step_s']:.4f} | {r['first_compiled_step_s']:.2f} | "
             f"{r['compiled_step_s']:.4f} | {r['first_step_after_resize_s']:.2f} | "
-            f"{r['recompile_s']:.2f} | {r['recompile_in_steps']:.0f} |"
+            f"{r['recompile_s']:.2f} | {r['recompile_in_steps']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -104,8 +114,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = [measure(preset, backend, args.batch, args.repeats)
             for preset in args.presets for backend in args.backends]  # fmt: skip
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch "
-               f"{torch.__version__}")  # fmt: skip
+    machine = f"{_cpu()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, indent=2)

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from .checkpoint import CheckpointError
 from .config import DEFAULT_LR, DEFAULT_WD, TrainConfig
 from .loop import RunFailed, TrainingInterrupted, train
 from .models import PRESETS
-from .parallel import Launch
+from .parallel import Launch, error_line
 from .plot import format_summary, plot_run, summarize_run
 from .rundir import baseline_config, read_json
 from .start import restart_resumes
@@ -262,12 +261,6 @@ def _summary(args: dict[str, Any]) -> int:
 _COMMANDS = {"train": _train, "plot": _plot, "summary": _summary}
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line, without control characters (terminal escapes)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", text)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``svdgrow`` command.
 
@@ -308,16 +301,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               "one)", file=sys.stderr)  # fmt: skip
         return 130
     except RunFailed as exc:  # before the user errors: it is a RuntimeError, not one of them
-        logger.debug("error details", exc_info=True)
-        print(f"svdgrow: error: {_rank_prefix()}{_one_line(exc)}", file=sys.stderr)
+        _print_error(exc)
         return 1
     except _USER_ERRORS as exc:
-        logger.debug("error details", exc_info=True)
-        print(f"svdgrow: error: {_rank_prefix()}{_one_line(exc)}", file=sys.stderr)
+        _print_error(exc)
         return 2
 
 
-def _rank_prefix() -> str:
-    """``"rank R: "`` under torchrun with several processes (each prints its own line)."""
-    launch = Launch.from_env()
-    return f"rank {launch.rank}: " if launch.distributed else ""
+def _print_error(exc: BaseException) -> None:
+    """``svdgrow: error: ...`` in one line (``rank R: `` first under torchrun), unless the
+    loop printed it already (:func:`svdgrow.app.parallel.report_error`)."""
+    logger.debug("error details", exc_info=True)
+    if not getattr(exc, "svdgrow_reported", False):
+        print(error_line(exc, Launch.from_env()), file=sys.stderr)

@@ -29,7 +29,7 @@ from svdgrow.surgery import renormalize_rows_, row_norm_snapshot
 from .config import TrainConfig, lr_at
 from .measure import evaluate, probe_loss
 from .models import count_flops, count_params, spec_of
-from .parallel import Launch, Ranks, RunFailed, process_group
+from .parallel import Launch, Ranks, RunFailed, process_group, report_error
 from .plot import plot_run
 from .rundir import CKPT_NAME, FINAL_SPEC_NAME, write_json
 from .start import (
@@ -81,10 +81,15 @@ def train(
             num_threads(cfg.threads),
             process_group(cfg.device, cfg.backend, cfg.dist_timeout, launch) as ranks,
         ):
-            cfg.run_dir = ranks.share(cfg.run_dir, "the run folder's name")
-            r = _setup(cfg, start_spec, ckpt, ranks)
-            open_run_folder(r, resumed=ckpt is not None)
-            return _run_loop(r, stop)
+            try:
+                cfg.run_dir = ranks.share(cfg.run_dir, "the run folder's name")
+                r = _setup(cfg, start_spec, ckpt, ranks)
+                open_run_folder(r, resumed=ckpt is not None)
+                return _run_loop(r, stop)
+            except Exception as exc:
+                if ranks.distributed:  # say it while this process still may (torchrun)
+                    report_error(exc, launch)
+                raise
 
 
 def _setup(cfg: TrainConfig, start_spec: dict[str, Any], ckpt: Any, ranks: Ranks) -> RunState:

@@ -15,6 +15,8 @@ import contextlib
 import datetime
 import logging
 import os
+import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,15 @@ from svdgrow.distributed import (
     collective_errors,
 )
 
-__all__ = ["Launch", "Ranks", "RunFailed", "pick_device", "process_group"]
+__all__ = [
+    "Launch",
+    "Ranks",
+    "RunFailed",
+    "error_line",
+    "pick_device",
+    "process_group",
+    "report_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +211,28 @@ def pick_device(name: str) -> torch.device:
                 f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
             )
     return dev
+
+
+def error_line(exc: BaseException, launch: Launch) -> str:
+    """``svdgrow: error: <message on one line>``, without control characters (terminal
+    escapes); ``rank R: `` before the message under torchrun with several processes."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", " ".join(str(exc).split()) or type(exc).__name__)
+    rank = f"rank {launch.rank}: " if launch.distributed else ""
+    return f"svdgrow: error: {rank}{text}"
+
+
+def report_error(exc: BaseException, launch: Launch) -> None:
+    """Print ``exc``'s error line now and mark it printed: under torchrun, once one process
+    has exited the agent stops the others, which would die before the command line prints."""
+    line = error_line(exc, launch)
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (captured)
+        print(line, file=sys.stderr, flush=True)
+    else:  # one write: the processes share the terminal, lines must not interleave
+        sys.stderr.flush()
+        os.write(fd, (line + "\n").encode(errors="replace"))
+    exc.svdgrow_reported = True
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .compiled import after_resize
 from .resizer import Resizer, StepReport
 
 __all__ = [
@@ -281,9 +282,11 @@ def rewrap(ddp_model: DDP, init_sync: bool = True, **ddp_kwargs) -> DDP:
     """A new DDP wrapper around ``ddp_model.module``, with the old one's settings.
 
     The old wrapper is dismantled (do not call it again), every gradient is dropped (a resize
-    comes between an optimizer step and the next backward), and the new wrapper builds its
-    buckets for the current shapes. Communication hooks registered on the old wrapper are not
-    carried over: register them again on the new one.
+    comes between an optimizer step and the next backward), every graph ``torch.compile``
+    cached is dropped (``torch.compiler.reset()``: a compiled old wrapper holds its reducer;
+    compile the new wrapper again), and the new wrapper builds its buckets for the current
+    shapes. Communication hooks registered on the old wrapper are not carried over: register
+    them again on the new one.
 
     Args:
         ddp_model: the wrapper to replace.
@@ -297,6 +300,7 @@ def rewrap(ddp_model: DDP, init_sync: bool = True, **ddp_kwargs) -> DDP:
     module = ddp_model.module
     settings = {**_ddp_settings(ddp_model), **ddp_kwargs}
     _dismantle(ddp_model)
+    after_resize()  # graphs torch.compile made of the old wrapper hold its reducer
     for p in module.parameters():
         p.grad = None
     return DDP(module, init_sync=init_sync, **settings)
@@ -332,6 +336,7 @@ def resize_ddp(
     src: int = 0,
     what: str = "the resize",
     ddp_kwargs: dict | None = None,
+    before_rewrap: Callable[[], None] | None = None,
 ) -> tuple[DDP, StepReport]:
     """One resize of a DDP-trained model, identical on every rank; call it on every rank.
 
@@ -349,6 +354,11 @@ def resize_ddp(
             rank ends with.
         what: the step's name in error messages.
         ddp_kwargs: DDP arguments for the new wrapper (see :func:`rewrap`).
+        before_rewrap: called on every rank when a width changed, before the new wrapper is
+            built: drop every reference to what was built on the old wrapper there. A
+            ``torch.compile`` of the old wrapper holds its gradient accumulators, whose shapes
+            are stale: built while it lives, the new wrapper fails in backward ("invalid
+            gradient"). Compile the returned wrapper again.
 
     Returns:
         ``(wrapper, report)``: a new DDP wrapper when a width changed (the old one is
@@ -383,6 +393,8 @@ def resize_ddp(
     if not report.changed:
         return ddp_model, report
     broadcast_state(resizer.model, resizer.optimizer, src, group, check=False)
+    if before_rewrap is not None:
+        before_rewrap()
     return rewrap(ddp_model, init_sync=False, **(ddp_kwargs or {})), report
 
 

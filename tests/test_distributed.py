@@ -1,6 +1,6 @@
 """svdgrow.distributed on 2 CPU processes (gloo): resize_ddp keeps every rank bit-identical,
-rewraps, keeps the optimizer, and turns a failure on one rank (or a silent peer) into an error
-on every rank.
+rewraps, keeps the optimizer, works with a torch.compile'd wrapper, and turns a failure on one
+rank (or a silent peer) into an error on every rank.
 
 One spawn of 2 processes runs every scenario in order (starting processes costs more than the
 scenarios); each rank writes what it saw to a JSON file that the tests read.
@@ -130,6 +130,36 @@ def _layout_mismatch(rank: int) -> str | None:
     return None
 
 
+def _compiled_ddp(rank: int) -> dict:
+    """torch.compile of the DDP wrapper across two resizes: the compiled old wrapper is dropped
+    before the new one is built (before_rewrap), then the new one is compiled."""
+    torch.compiler.reset()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = _batch(0, rank)
+    rs = Resizer(model, x[:2], optimizer=opt, mode="weights")
+    ddp = DDP(model)
+    box = {"net": torch.compile(ddp, backend="aot_eager")}
+    out: dict = {"diffs": [], "checksums": []}
+    for width in (9, 6):
+        for _ in range(2):
+            loss = F.cross_entropy(box["net"](x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            del loss
+        g = rs.resizable()[0].name
+        ddp, _ = resize_ddp(ddp, rs, step=lambda g=g, w=width: rs.apply({g: w}),
+                            before_rewrap=lambda: box.pop("net"))  # fmt: skip
+        box["net"] = torch.compile(ddp, backend="aot_eager")
+        box["net"].eval()
+        with torch.no_grad():
+            out["diffs"].append((box["net"](x) - model(x)).abs().max().item())
+        box["net"].train()
+        out["checksums"].append(state_checksum(model, opt))
+    return out
+
+
 def _silent_peer(rank: int) -> dict:
     """Rank 1 never joins the resize: rank 0 raises within the group's timeout."""
     model = _net()
@@ -154,6 +184,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     result = {"train": _train_and_resize(rank), "failures": _failures(rank),
               "layout": _layout_mismatch(rank)}  # fmt: skip
     result["all_checksums"] = _gather(result["train"]["checksums"])
+    result["compiled"] = _compiled_ddp(rank)
     result["silent"] = _silent_peer(rank)  # last: a timed-out group is unusable afterwards
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     os._exit(0)  # skip the group's teardown: rank 0's gloo context has timed out
@@ -209,6 +240,12 @@ def test_a_failure_on_one_rank_raises_on_every_rank(ranks, bad):
 def test_broadcast_state_refuses_different_layouts(ranks):
     for r in ranks:
         assert "rank 1: its tensors differ" in r["layout"]
+
+
+def test_a_compiled_ddp_wrapper_across_resizes(ranks):
+    a, b = (r["compiled"] for r in ranks)
+    assert a["checksums"] == b["checksums"]
+    assert max(a["diffs"] + b["diffs"]) < 1e-5  # the compiled new wrapper = the eager model
 
 
 def test_a_silent_peer_ends_the_resize_within_the_timeout(ranks):

@@ -254,7 +254,8 @@ def _resize_everywhere(r: RunState, resize_here: Any, probe: dict[str, Any]) -> 
     what = f"the resize at step {r.step}"
     t0 = time.perf_counter()
     try:
-        ddp, report = resize_ddp(r.ddp, r.resizer, step=resize_here, what=what)
+        ddp, report = resize_ddp(r.ddp, r.resizer, step=resize_here, what=what,
+                                 before_rewrap=lambda: setattr(r, "net", None))  # fmt: skip
     except DistributedResizeError as exc:
         if exc.diverged:
             raise TrainingDiverged(str(exc)) from None

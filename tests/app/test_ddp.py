@@ -7,7 +7,9 @@
   rank 1 and the error), `torchrun --max-restarts 1` restarts them, the restart resumes from the
   last checkpoint and ends bit-identical to the uninterrupted run;
 - a resume on another number of processes is refused in one line (exit 2);
-- `--compile` (aot_eager: dynamo and AOTAutograd without code generation, quick on the CPU).
+- `--compile` (aot_eager: dynamo and AOTAutograd without code generation, quick on the CPU),
+  on one process and on two (the compiled DDP wrapper is dropped and compiled again after
+  every change).
 
 Each torchrun costs ~10 s of process start-up; the file runs in about 80 s on 2 cores.
 """
@@ -136,6 +138,17 @@ def test_resume_on_another_number_of_processes_is_refused(ddp_run, capsys):
     assert len(err.splitlines()) == 1, err
     assert "on 1 process(es): it trained on 2 (global batch 50 = 25 x 2)" in err
     assert "torchrun --nproc_per_node 2 -m svdgrow train --resume" in err
+
+
+def test_compile_under_torchrun(args, tmp_path):
+    run = tmp_path / "run"
+    argv = [*args, "--compile", "aot_eager", "--run-dir", str(run), "--epochs", "1",
+            "--subset", "500", "--resize-every", "3", "--shrink-steps", "6"]  # fmt: skip
+    out = _torchrun("-m", "svdgrow", *argv)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resizes = _events(run, "resize")
+    assert len(resizes) >= 2
+    assert all(e["checksums"][0] == e["checksums"][1] for e in resizes)
 
 
 def test_compile(args, tmp_path):

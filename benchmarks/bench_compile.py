@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 from svdgrow import Resizer  # noqa: E402
 from svdgrow.app.models import build_model, count_params, preset_spec  # noqa: E402
 
@@ -73,16 +73,6 @@ def measure(preset: str, backend: str, batch: int, repeats: int) -> dict:
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _markdown(rows: list[dict], machine: str) -> str:
     lines = [
         "# What a resize costs a torch.compile'd model (CPU, 1 thread, cold inductor cache)",
@@ -114,7 +104,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = [measure(preset, backend, args.batch, args.repeats)
             for preset in args.presets for backend in args.backends]  # fmt: skip
-    machine = f"{_cpu()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, indent=2)

@@ -36,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 from svdgrow.app.rundir import read_log  # noqa: E402
 
 JOB = ["--dataset", "mnist", "--preset", "mnist-2m", "--target-params", "12000",
@@ -62,16 +63,6 @@ def _run(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
     return time.perf_counter() - t0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _load() -> str:
@@ -188,7 +179,7 @@ def main() -> None:
     res.update(epochs=args.epochs, commands={k: " ".join(v) for k, v in commands.items()})
     if args.code:
         res["code"] = args.code
-    res["machine"] = (f"{_cpu()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, "
+    res["machine"] = (f"{cpu_name()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, "
                       f"Python {platform.python_version()}")  # fmt: skip
     for name in args.runs:  # one after the other: never two runs at once
         before = _load()

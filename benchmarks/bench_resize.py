@@ -44,6 +44,7 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 from svdgrow.app import models  # noqa: E402
 from svdgrow.app.data import load_dataset  # noqa: E402
 from svdgrow.policy import Policy  # noqa: E402
@@ -82,17 +83,6 @@ MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32),
                  "fashion-mnist", 100),
 }  # fmt: skip
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(device):

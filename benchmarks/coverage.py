@@ -40,6 +40,7 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 from svdgrow import Resizer  # noqa: E402
 from svdgrow.trace import CouplingWarning  # noqa: E402
 
@@ -63,17 +64,6 @@ REASONS = (
     ("model output", "model output"),
     ("model input", "model input"),
 )
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def conv_linear(model: nn.Module) -> dict[str, nn.Module]:

@@ -21,13 +21,19 @@ Usage::
     python benchmarks/frontier.py --dataset mnist --budgets 3000 6000 12000 --seeds 0 1 2 \\
         --methods shrink uniform found --epochs 15 --threads 2
 
-Side by side with ``--threads 1`` is fine for accuracy; the times are only comparable between
-runs made the same way (the table records threads and the machine).
+Several copies of the same command cooperate (each cell is claimed with a lock file, results
+are merged under a lock): on 2 cores run two side by side with ``--threads 1``::
+
+    for i in 1 2; do python benchmarks/frontier.py ... --threads 1 & done; wait
+
+Accuracy is unaffected by running side by side; the times are only comparable between runs made
+the same way (the table records threads and the machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -77,22 +83,65 @@ def uniform_spec(preset: str, target: int) -> tuple[dict[str, Any], float]:
     return best, (lo if best is cands[0] else hi)
 
 
-def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None:
-    """Run (or resume) one ``svdgrow train``; the run's summary, or None when it failed."""
-    summary = _summary(run_dir)
-    if summary and summary.get("finished"):
-        return summary
-    if (run_dir / "config.json").is_file():
-        cmd = [sys.executable, "-m", "svdgrow", "train", "--resume", str(run_dir), "--no-progress"]
-    with open(log, "a") as fh:
-        fh.write(f"\n$ {' '.join(cmd)}\n")
-        fh.flush()
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    summary = _summary(run_dir)
-    if rc != 0 or not summary or not summary.get("finished"):
-        print(f"  cell failed (exit {rc}); see {log}", file=sys.stderr)
+CELL_KEYS = ("params", "test_acc", "elapsed", "start_params", "flops")
+
+
+def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None | str:
+    """Run (or resume) one ``svdgrow train``: its cell record, None when it failed, or "busy"
+    when another copy of this script holds the cell."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir.parent / f".{run_dir.name}.lock", "w")  # noqa: SIM115 - held until return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return "busy"
+    try:
+        cell = _cell(run_dir)
+        if cell is not None:  # finished by another copy meanwhile
+            return cell
+        if (run_dir / "config.json").is_file():
+            cmd = [sys.executable, "-m", "svdgrow", "train", "--resume", str(run_dir),
+                   "--no-progress"]  # fmt: skip
+        with open(log, "a") as fh:
+            fh.write(f"\n$ {' '.join(cmd)}\n")
+            fh.flush()
+            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        summary = _summary(run_dir)
+        if rc != 0 or not summary or not summary.get("finished"):
+            print(f"  cell failed (exit {rc}); see {log}", file=sys.stderr)
+            return None
+        cell = {k: summary.get(k) for k in CELL_KEYS}
+        _atomic_write(run_dir / "cell.json", json.dumps(cell))
+        return cell
+    finally:
+        lock.close()
+
+
+def _cell(run_dir: Path) -> dict[str, Any] | None:
+    """A finished cell's record (written by run_cell), or None."""
+    try:
+        return json.loads((run_dir / "cell.json").read_text())
+    except (OSError, ValueError):
         return None
-    return summary
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_results(out: Path) -> dict[tuple, dict]:
+    """Every finished cell under ``out``/runs, keyed (dataset, budget, method, seed)."""
+    results = {}
+    for d in sorted((out / "runs").glob("*-s*")):
+        cell = _cell(d)
+        if cell is None:
+            continue
+        dataset, budget, method, seed = d.name.rsplit("-", 3)
+        results[(dataset, int(budget), method, int(seed[1:]))] = cell
+    return results
 
 
 def _summary(run_dir: Path) -> dict[str, Any] | None:
@@ -134,13 +183,19 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
         start = _spec_file(args, dataset, f"{budget}-grow", round(args.grow_factor * budget))
         return ["--spec", start, *budget_flags]
     if method == "uniform":  # matched to the mean size the --match runs ended at
-        shrunk = [r["params"] for k, r in results.items() if k[:3] == (dataset, budget, args.match)]
-        target = round(statistics.mean(shrunk)) if shrunk else budget
-        return ["--spec", _spec_file(args, dataset, f"{budget}-uniform", target)]
-    if method == "found":
-        if (dataset, budget, "shrink", 0) not in results:
+        if args.match not in args.methods:
+            target = budget
+        elif all((dataset, budget, args.match, seed) in results for seed in args.seeds):
+            target = round(statistics.mean(results[dataset, budget, args.match, seed]["params"]
+                                           for seed in args.seeds))  # fmt: skip
+        else:
             return None
-        return ["--baseline-from", str(Path(args.out) / "runs" / f"{dataset}-{budget}-shrink-s0")]
+        return ["--spec", _spec_file(args, dataset, f"{budget}-uniform", target)]
+    if method == "found":  # the --match method's seed-0 widths from scratch
+        if (dataset, budget, args.match, 0) not in results:
+            return None
+        src = Path(args.out) / "runs" / f"{dataset}-{budget}-{args.match}-s0"
+        return ["--baseline-from", str(src)]
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -154,32 +209,68 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": None}
 
 
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def compare_rows(groups: dict[tuple, list[dict]], base: str = "uniform") -> list[str]:
+    """Each method against ``base`` at the same (dataset, budget): the difference of mean test
+    accuracy with its standard error (Welch: sqrt(sd1^2/n1 + sd2^2/n2)), and the time ratio."""
+    lines = [
+        f"| dataset | budget | method | params vs {base} | acc diff (points) | SE | diff/SE | "
+        f"time / {base} |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for (ds, budget, method), rs in sorted(groups.items()):
+        us = groups.get((ds, budget, base))
+        if method == base or not us:
+            continue
+        a, sa = _mean_sd([100 * r["test_acc"] for r in rs])
+        b, sb = _mean_sd([100 * r["test_acc"] for r in us])
+        se = math.sqrt(sa**2 / len(rs) + sb**2 / len(us)) if len(rs) > 1 < len(us) else float("nan")
+        pa = statistics.mean(r["params"] for r in rs)
+        pb = statistics.mean(r["params"] for r in us)
+        ta = statistics.mean(r["elapsed"] for r in rs)
+        tb = statistics.mean(r["elapsed"] for r in us)
+        z = (a - b) / se if se > 0 else float("nan")
+        lines.append(f"| {ds} | {budget:,} | {method} | {pa:,.0f} vs {pb:,.0f} | {a - b:+.3f} | "
+                     f"{se:.3f} | {z:+.1f} | {ta / tb:.2f} |")  # fmt: skip
+    return lines
+
+
 def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
+    """frontier.json, frontier.md and frontier.png from every finished cell (under a lock: several
+    copies of this script may finish cells at once)."""
     rows = [
         dict(zip(("dataset", "budget", "method", "seed"), k, strict=True), **v)
-        for k, v in results.items()
+        for k, v in sorted(results.items())
     ]
-    (out / "frontier.json").write_text(json.dumps({"machine": meta, "cells": rows}, indent=1))
     lines = [
         f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch "
         f"{meta['machine']['torch']}; {meta['epochs']} epochs, {meta['threads']} thread(s) per run.",
         "",
-        "| dataset | budget | method | seeds | params | test acc (mean ± sd) | time (s) |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| dataset | budget | method | seeds | params | MFLOPs/sample | test acc (mean ± sd) "
+        "| time (s) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["budget"], r["method"]), []).append(r)
     for (ds, budget, method), rs in sorted(groups.items()):
-        accs = [100 * r["test_acc"] for r in rs]
-        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        acc, sd = _mean_sd([100 * r["test_acc"] for r in rs])
+        flops = [r["flops"] for r in rs if r.get("flops")]
+        mflops = f"{statistics.mean(flops) / 1e6:.2f}" if flops else "-"
         lines.append(
             f"| {ds} | {budget:,} | {method} | {len(rs)} | "
-            f"{round(statistics.mean(r['params'] for r in rs)):,} | "
-            f"{statistics.mean(accs):.2f} ± {sd:.2f} | {statistics.mean(r['elapsed'] for r in rs):.0f} |"
+            f"{round(statistics.mean(r['params'] for r in rs)):,} | {mflops} | "
+            f"{acc:.2f} ± {sd:.2f} | {statistics.mean(r['elapsed'] for r in rs):.0f} |"
         )
-    (out / "frontier.md").write_text("\n".join(lines) + "\n")
-    plot(out, groups)
+    lines += ["", "Against uniform narrowing at the same budget:", "", *compare_rows(groups)]
+    with open(out / ".tables.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _atomic_write(out / "frontier.json", json.dumps({"machine": meta, "cells": rows}, indent=1))
+        _atomic_write(out / "frontier.md", "\n".join(lines) + "\n")
+        plot(out, groups)
 
 
 def plot(out: Path, groups: dict[tuple, list[dict]]) -> None:
@@ -237,32 +328,50 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    results_path = out / "frontier.json"
-    results: dict[tuple, dict] = {}
-    if results_path.is_file():
-        for r in json.loads(results_path.read_text())["cells"]:
-            results[(r["dataset"], r["budget"], r["method"], r["seed"])] = r
     meta = {"machine": machine(), "epochs": args.epochs, "threads": args.threads}
-    for budget in args.budgets:
-        for method in args.methods:  # shrink first: uniform matches its size, found reuses it
-            for seed in args.seeds if method != "found" else [0]:
-                key = (args.dataset, budget, method, seed)
-                if key in results:
-                    continue
-                extra = cell_extra(args, method, args.dataset, budget, results)
-                if extra is None:
-                    print(f"skip {key}: needs the shrink run of seed 0 first")
-                    continue
-                run_dir = out / "runs" / f"{args.dataset}-{budget}-{method}-s{seed}"
-                print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
-                s = run_cell(
-                    train_cmd(args, args.dataset, seed, run_dir, extra), run_dir, out / "runs.log"
-                )
-                if s is None:
-                    continue
-                results[key] = {k: s[k] for k in ("params", "test_acc", "elapsed", "start_params")}
-                print(f"  {s['params']:,} params, {100 * s['test_acc']:.2f}%, {s['elapsed']:.0f} s")
-                write_tables(out, results, meta)
+    cells = [
+        (args.dataset, budget, method, seed)
+        for budget in args.budgets
+        for method in args.methods  # in order: uniform matches --match, found reuses it
+        for seed in (args.seeds if method != "found" else [0])
+    ]
+    failed: set[tuple] = set()
+    while True:
+        results = load_results(out)
+        todo = [k for k in cells if k not in results and k not in failed]
+        if not todo:
+            break
+        progressed = False
+        for key in todo:
+            results = load_results(out)  # another copy may have finished cells meanwhile
+            if key in results:
+                continue
+            extra = cell_extra(args, key[2], key[0], key[1], results)
+            if extra is None:
+                continue  # waits for the runs it depends on
+            run_dir = out / "runs" / "{}-{}-{}-s{}".format(*key)
+            print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
+            cell = run_cell(train_cmd(args, key[0], key[3], run_dir, extra), run_dir,
+                            out / "runs.log")  # fmt: skip
+            if cell == "busy":
+                print("  claimed by another copy", flush=True)
+                continue
+            progressed = True
+            if cell is None:
+                failed.add(key)
+                continue
+            print(f"  {cell['params']:,} params, {100 * cell['test_acc']:.2f}%, "
+                  f"{cell['elapsed']:.0f} s", flush=True)  # fmt: skip
+            write_tables(out, load_results(out), meta)
+        if not progressed:  # the rest waits on cells other copies are running (or failed)
+            waiting_on_others = any((out / "runs" / "{}-{}-{}-s{}".format(*k)).exists()
+                                    and k not in failed for k in todo)  # fmt: skip
+            if not waiting_on_others:
+                print(f"cannot run {todo}: the runs they depend on failed or are not among "
+                      f"--methods (--match {args.match})", file=sys.stderr)  # fmt: skip
+                return 1
+            time.sleep(30)
+    write_tables(out, load_results(out), meta)
     return 0
 
 

@@ -21,6 +21,8 @@ Usage::
     python benchmarks/frontier.py --dataset mnist --budgets 3000 6000 12000 --seeds 0 1 2 \\
         --methods shrink uniform found --epochs 15 --threads 2
 
+``--methods mid uniform grow:1`` runs grow for the first seed only.
+
 Several copies of the same command cooperate (each cell is claimed with a lock file, results
 are merged under a lock): on 2 cores run two side by side with ``--threads 1``::
 
@@ -308,7 +310,8 @@ def main() -> int:
     )
     p.add_argument("--dataset", choices=sorted(PRESET), default="mnist")
     p.add_argument("--budgets", type=int, nargs="+", default=[3000, 6000, 12000])
-    p.add_argument("--methods", nargs="+", default=["shrink", "uniform", "found"])
+    p.add_argument("--methods", nargs="+", default=["shrink", "uniform", "found"],
+                   help="in the order to run; METHOD:N runs only the first N of --seeds")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
@@ -329,11 +332,15 @@ def main() -> int:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "epochs": args.epochs, "threads": args.threads}
+    methods = [m.split(":")[0] for m in args.methods]
+    n_seeds = {m.split(":")[0]: int(m.split(":")[1]) for m in args.methods if ":" in m}
+    n_seeds.setdefault("found", 1)
+    args.methods = methods
     cells = [
         (args.dataset, budget, method, seed)
         for budget in args.budgets
-        for method in args.methods  # in order: uniform matches --match, found reuses it
-        for seed in (args.seeds if method != "found" else [0])
+        for method in methods  # in order: uniform matches --match, found reuses it
+        for seed in args.seeds[: n_seeds.get(method, len(args.seeds))]
     ]
     failed: set[tuple] = set()
     while True:

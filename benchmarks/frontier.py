@@ -14,7 +14,9 @@ Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
 - ``uniform``: the preset with every width scaled by one factor, chosen so the parameter count
   is as close as possible to the mean final size of the ``--match`` method's runs of that cell
   (or to the budget when there are none yet), trained from scratch. Run it after them.
-- ``found``: the widths the ``shrink`` run of seed 0 found, trained from scratch.
+- ``found``: the widths the ``--match`` method's run of seed 0 found, trained from scratch.
+- ``tp``: Torch-Pruning's global group-magnitude pruning of the large preset to the budget on
+  the shrink's schedule (benchmarks/tp_train.py; ``pip install -r requirements-bench.txt``).
 
 Usage::
 
@@ -102,7 +104,7 @@ def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None 
         cell = _cell(run_dir)
         if cell is not None:  # finished by another copy meanwhile
             return cell
-        if (run_dir / "config.json").is_file():
+        if (run_dir / "config.json").is_file():  # an interrupted svdgrow train
             cmd = [sys.executable, "-m", "svdgrow", "train", "--resume", str(run_dir),
                    "--no-progress"]  # fmt: skip
         with open(log, "a") as fh:
@@ -147,6 +149,8 @@ def load_results(out: Path) -> dict[tuple, dict]:
 
 
 def _summary(run_dir: Path) -> dict[str, Any] | None:
+    if (run_dir / "summary.json").is_file():  # tp_train.py's
+        return json.loads((run_dir / "summary.json").read_text())
     if not (run_dir / "log.jsonl").is_file():
         return None
     out = subprocess.run(
@@ -162,6 +166,19 @@ def train_cmd(args, dataset: str, seed: int, run_dir: Path, extra: list[str]) ->
         sys.executable, "-m", "svdgrow", "train", "--dataset", dataset, "--epochs", str(args.epochs),
         "--seed", str(seed), "--threads", str(args.threads), "--data-dir", args.data_dir,
         "--run-dir", str(run_dir), "--no-progress", *args.train_flags.split(), *extra,
+    ]  # fmt: skip
+
+
+def tp_cmd(args, dataset: str, seed: int, run_dir: Path, budget: int) -> list[str]:
+    """Torch-Pruning's cell: benchmarks/tp_train.py on the same recipe and shrink schedule."""
+    steps = args.shrink_flags.split()
+    shrink = steps[steps.index("--shrink-steps") + 1] if "--shrink-steps" in steps else "300"
+    every = steps[steps.index("--resize-every") + 1] if "--resize-every" in steps else "10"
+    return [
+        sys.executable, str(Path(__file__).with_name("tp_train.py")), "--dataset", dataset,
+        "--target-params", str(budget), "--epochs", str(args.epochs), "--seed", str(seed),
+        "--threads", str(args.threads), "--data-dir", args.data_dir, "--run-dir", str(run_dir),
+        "--shrink-steps", shrink, "--prune-every", every, *args.train_flags.split(),
     ]  # fmt: skip
 
 
@@ -193,6 +210,8 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
         else:
             return None
         return ["--spec", _spec_file(args, dataset, f"{budget}-uniform", target)]
+    if method == "tp":  # benchmarks/tp_train.py (see tp_cmd)
+        return []
     if method == "found":  # the --match method's seed-0 widths from scratch
         if (dataset, budget, args.match, 0) not in results:
             return None
@@ -358,8 +377,9 @@ def main() -> int:
                 continue  # waits for the runs it depends on
             run_dir = out / "runs" / "{}-{}-{}-s{}".format(*key)
             print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
-            cell = run_cell(train_cmd(args, key[0], key[3], run_dir, extra), run_dir,
-                            out / "runs.log")  # fmt: skip
+            cmd = (tp_cmd(args, key[0], key[3], run_dir, key[1]) if key[2] == "tp"
+                   else train_cmd(args, key[0], key[3], run_dir, extra))  # fmt: skip
+            cell = run_cell(cmd, run_dir, out / "runs.log")
             if cell == "busy":
                 print("  claimed by another copy", flush=True)
                 continue

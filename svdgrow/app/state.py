@@ -238,7 +238,7 @@ def setup_run(
         model, optimizer = _restore_model(cfg, ckpt, device)
     else:
         model = build_model(start_spec).to(device).train()
-        optimizer = _make_optimizer(cfg, list(model.parameters()))
+        optimizer = make_optimizer(cfg, list(model.parameters()))
     autocast, scaler = _amp(cfg, device)
     resizer = None
     if cfg.resize_every > 0:
@@ -369,7 +369,7 @@ def _restore_model(
     if not isinstance(ckpt.get("optimizer"), dict) or not ckpt.get("optimizer_param_names"):
         raise CheckpointError("the checkpoint holds no optimizer state: it cannot resume training")
     try:
-        optimizer = _make_optimizer(cfg, [named[n] for n in ckpt["optimizer_param_names"][0]])
+        optimizer = make_optimizer(cfg, [named[n] for n in ckpt["optimizer_param_names"][0]])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise CheckpointError(
@@ -379,7 +379,7 @@ def _restore_model(
     return model, optimizer
 
 
-def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     lr, wd = cfg.resolved_lr(), cfg.resolved_wd()
     if cfg.optimizer == "sgd":
         nesterov = cfg.momentum > 0

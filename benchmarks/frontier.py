@@ -51,40 +51,10 @@ from typing import Any
 
 import torch
 
-from svdgrow.app.models import count_params, preset_spec
+from svdgrow.app.models import narrow_spec, preset_spec
 
 PRESET = {"mnist": "mnist-2m", "fashion-mnist": "fashion-500k"}
 DEFAULT_OUT = Path(__file__).parent / "results" / "frontier_cpu"
-
-
-def uniform_spec(preset: str, target: int) -> tuple[dict[str, Any], float]:
-    """The preset with every width times one factor, the parameter count nearest ``target``."""
-    base = preset_spec(preset)
-
-    def scaled(f: float) -> dict[str, Any]:
-        s = json.loads(json.dumps(base))
-        s["stem"] = max(1, round(base["stem"] * f))
-        for blk, b0 in zip(s["blocks"], base["blocks"], strict=True):
-            blk["mid"] = max(1, round(b0["mid"] * f))
-            blk["out"] = max(1, round(b0["out"] * f))
-        # identity shortcuts need equal widths: tie a block's out to its input width
-        width = s["stem"]
-        for blk in s["blocks"]:
-            if not blk.get("projection", blk.get("stride", 1) != 1):
-                blk["out"] = width
-            width = blk["out"]
-        return s
-
-    lo, hi = 1e-3, 1.0
-    for _ in range(60):  # params grow monotonically with the factor: bisect
-        mid = math.sqrt(lo * hi)
-        if count_params(scaled(mid)) < target:
-            lo = mid
-        else:
-            hi = mid
-    cands = [scaled(lo), scaled(hi)]
-    best = min(cands, key=lambda s: abs(count_params(s) - target))
-    return best, (lo if best is cands[0] else hi)
 
 
 CELL_KEYS = ("params", "test_acc", "elapsed", "start_params", "flops")
@@ -183,7 +153,7 @@ def tp_cmd(args, dataset: str, seed: int, run_dir: Path, budget: int) -> list[st
 
 
 def _spec_file(args, dataset: str, name: str, target: int) -> str:
-    spec, _ = uniform_spec(PRESET[dataset], target)
+    spec, _ = narrow_spec(preset_spec(PRESET[dataset]), target)
     path = Path(args.out) / "specs" / f"{dataset}-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=1))

@@ -166,6 +166,9 @@ def _resizing(g: Any) -> None:
           "falls geometrically from the start size over --shrink-steps, then caps growth",
           type=_count)  # fmt: skip
     _flag(g, "--shrink-steps", "steps over which the budget reaches --target-params", type=int)
+    _flag(g, "--start-scale", "start from the preset (or --spec) narrowed uniformly to F times "
+          "--target-params parameters, then shrink to the budget (never widened; default: "
+          "the architecture as it is)", type=float, metavar="F")  # fmt: skip
     _flag(g, "--energy-eps", "energy policy epsilon after the budget schedule (or throughout "
           "without --target-params): keep the directions holding 1-eps of a group's energy "
           f"(default: the Policy's, {policy_eps})", type=float)  # fmt: skip

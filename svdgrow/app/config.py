@@ -13,7 +13,7 @@ from typing import Any
 from svdgrow import Policy
 
 from .data import IMAGE_SHAPE, NUM_CLASSES
-from .models import preset_spec, validate_spec
+from .models import narrow_spec, preset_spec, validate_spec
 
 __all__ = ["DEFAULT_LR", "DEFAULT_WD", "TrainConfig", "check_spec_fits", "lr_at"]
 
@@ -48,6 +48,8 @@ class TrainConfig:
         mode: where the fold's moments come from: ``data`` (the current batch) or ``weights``.
         target_params: the parameter budget to shrink to (None: energy policy only).
         shrink_steps: steps over which the budget falls geometrically to ``target_params``.
+        start_scale: start from the architecture narrowed uniformly to ``start_scale *
+            target_params`` parameters (never widened; None: as it is).
         energy_eps: the energy policy's epsilon after the budget schedule (None: Policy's).
         shrink_energy_eps: the energy policy's epsilon while the budget schedule runs.
         renorm: after every resize, scale the rows of BatchNorm-followed convolutions whose
@@ -94,6 +96,7 @@ class TrainConfig:
     mode: str = "data"
     target_params: int | None = None
     shrink_steps: int = 600
+    start_scale: float | None = None
     energy_eps: float | None = None
     shrink_energy_eps: float = 0.0
     renorm: bool = True
@@ -139,6 +142,8 @@ class TrainConfig:
             spec = preset_spec(self.preset)
         if self.bn is not None:
             spec["bn"] = bool(self.bn)
+        if self.start_scale is not None and self.target_params is not None:
+            spec, _ = narrow_spec(spec, round(self.start_scale * self.target_params))
         return spec
 
     def resolved_lr(self) -> float:
@@ -196,6 +201,8 @@ class TrainConfig:
                 good = False
             if not good:
                 raise ValueError(f"--{name.replace('_', '-')} must be {must}, got {value!r}")
+        if self.start_scale is not None and self.target_params is None:
+            raise ValueError("--start-scale is a multiple of --target-params: give both")
         if self.target_params is not None and self.resize_every == 0:
             raise ValueError("--target-params needs resizing: give --resize-every N with N >= 1")
         try:
@@ -247,6 +254,7 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("resize_until", lambda v: _finite(v) and 0 <= v <= 1, "a fraction of all steps in [0, 1]"),
     ("target_params", lambda v: v is None or (_count(v) and v >= 1), "a count >= 1"),
     ("shrink_steps", lambda v: _count(v) and v >= 0, "an integer >= 0"),
+    ("start_scale", lambda v: v is None or (_finite(v) and v > 0), "a number > 0"),
     ("shrink_energy_eps", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
     ("shift", lambda v: _count(v) and v >= 0, "an integer >= 0 (pixels)"),
     ("subset", lambda v: v is None or (_count(v) and v >= 1), "a sample count >= 1"),

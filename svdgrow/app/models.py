@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 import torch
@@ -39,6 +40,8 @@ __all__ = [
     "ResNet",
     "ResBlock",
     "build_model",
+    "narrow_spec",
+    "scale_spec",
     "spec_of",
     "validate_spec",
     "preset_spec",
@@ -316,6 +319,38 @@ def count_params(model_or_spec: nn.Module | dict[str, Any]) -> int:
         with torch.device("meta"):
             model_or_spec = build_model(model_or_spec)
     return sum(p.numel() for p in model_or_spec.parameters())
+
+
+def scale_spec(spec: dict[str, Any], factor: float) -> dict[str, Any]:
+    """``spec`` with every width times ``factor`` (rounded, at least 1); a block with an identity
+    shortcut keeps its output width equal to its input width."""
+    s = copy.deepcopy(spec)
+    s["stem"] = max(1, round(spec["stem"] * factor))
+    for blk, b0 in zip(s["blocks"], spec["blocks"], strict=True):
+        blk["mid"] = max(1, round(b0["mid"] * factor))
+        blk["out"] = max(1, round(b0["out"] * factor))
+    width = s["stem"]
+    for blk in s["blocks"]:
+        if not blk.get("projection", blk.get("stride", 1) != 1):
+            blk["out"] = width
+        width = blk["out"]
+    return s
+
+
+def narrow_spec(spec: dict[str, Any], target_params: int) -> tuple[dict[str, Any], float]:
+    """Uniform narrowing: ``spec`` with every width scaled by one factor (at most 1), the
+    parameter count nearest ``target_params``; returns ``(spec, factor)``."""
+    if count_params(spec) <= target_params:
+        return copy.deepcopy(spec), 1.0
+    lo, hi = 1e-3, 1.0
+    for _ in range(40):  # the count grows monotonically with the factor: bisect
+        mid = math.sqrt(lo * hi)
+        if count_params(scale_spec(spec, mid)) < target_params:
+            lo = mid
+        else:
+            hi = mid
+    cands = [(scale_spec(spec, lo), lo), (scale_spec(spec, hi), hi)]
+    return min(cands, key=lambda c: abs(count_params(c[0]) - target_params))
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> int:

@@ -222,6 +222,7 @@ def baseline_config(source: str | os.PathLike, **overrides: Any) -> TrainConfig:
     base.bn = None
     base.resize_every = 0
     base.target_params = None
+    base.start_scale = None
     base.run_dir = None
     base.baseline_of = str(run_dir)
     for k, v in overrides.items():

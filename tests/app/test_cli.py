@@ -193,6 +193,14 @@ CASES = {
         lambda c: c.train("--target-params", "9k", "--resize-every", "0"),
         "--target-params needs resizing",
     ),
+    "start-scale without target": (
+        lambda c: c.train("--start-scale", "4"),
+        "--start-scale is a multiple of --target-params: give both",
+    ),
+    "start-scale 0": (
+        lambda c: c.train("--start-scale", "0", "--target-params", "9k"),
+        "--start-scale must be a number > 0, got 0.0",
+    ),
     "label-smoothing 1": (lambda c: c.train("--label-smoothing", "1"), "--label-smoothing"),
     "checkpoint-minutes -1": (lambda c: c.train("--checkpoint-minutes", "-1"), "--checkpoint"),
     "warmup-steps -1": (lambda c: c.train("--warmup-steps", "-1"), "--warmup-steps must be"),

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from svdgrow.app.config import TrainConfig
 from svdgrow.app.models import (
     PRESETS,
     build_model,
@@ -12,7 +13,9 @@ from svdgrow.app.models import (
     count_params,
     describe,
     layer_widths,
+    narrow_spec,
     preset_spec,
+    scale_spec,
     spec_of,
     validate_spec,
 )
@@ -96,3 +99,30 @@ def test_helpers():
     widths = layer_widths(spec)
     assert widths["stem"] == spec["stem"] and widths["head"] == 10
     assert count_flops(build_model(spec)) > 0
+
+
+@pytest.mark.parametrize("preset", ["mnist-2m", "fashion-500k"])
+@pytest.mark.parametrize("target", [1_500, 6_000, 60_000])
+def test_narrow_spec_nearest_uniform_width(preset, target):
+    base = preset_spec(preset)
+    spec, factor = narrow_spec(base, target)
+    n = count_params(spec)
+    # one factor for every width: each layer is round(factor * preset width) (identity blocks
+    # keep their input's width), and no neighbouring factor lands nearer the target
+    assert spec["stem"] == max(1, round(base["stem"] * factor))
+    assert [b["mid"] for b in spec["blocks"]] == [max(1, round(b["mid"] * factor))
+                                                  for b in base["blocks"]]  # fmt: skip
+    for f in (factor * 0.9, factor * 0.97, factor * 1.03, min(1.0, factor * 1.1)):
+        assert abs(count_params(scale_spec(base, f)) - target) >= abs(n - target)
+    assert abs(n - target) / target < 0.25
+    validate_spec(spec)
+    assert narrow_spec(base, 10 * count_params(base))[0] == base  # never widened
+
+
+def test_start_scale_narrows_the_starting_spec():
+    cfg = TrainConfig(preset="mnist-2m", target_params=6000, start_scale=4.0)
+    start = cfg.starting_spec()
+    assert start == narrow_spec(preset_spec("mnist-2m"), 24_000)[0]
+    assert count_params(start) < 30_000
+    cfg.start_scale = None
+    assert cfg.starting_spec() == preset_spec("mnist-2m")

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+import svdgrow
 from svdgrow.app.models import narrow_spec, preset_spec
 
 PRESET = {"mnist": "mnist-2m", "fashion-mnist": "fashion-500k"}
@@ -197,7 +198,21 @@ def machine() -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": None}
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": None,
+            "svdgrow_commit": _commit()}  # fmt: skip
+
+
+def _commit() -> str | None:
+    """The git commit of the svdgrow package the cells import (+ "-dirty" when edited)."""
+    root = Path(svdgrow.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "svdgrow"],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -238,7 +253,8 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
     ]
     lines = [
         f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch "
-        f"{meta['machine']['torch']}; {meta['epochs']} epochs, {meta['threads']} thread(s) per run.",
+        f"{meta['machine']['torch']}; svdgrow {meta['machine'].get('svdgrow_commit')}; "
+        f"{meta['epochs']} epochs, {meta['threads']} thread(s) per run.",
         "",
         "| dataset | budget | method | seeds | params | MFLOPs/sample | test acc (mean ± sd) "
         "| time (s) |",

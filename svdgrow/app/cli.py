@@ -32,7 +32,7 @@ from typing import Any
 from svdgrow import Policy
 
 from .checkpoint import CheckpointError
-from .config import DEFAULT_LR, DEFAULT_WD, TrainConfig
+from .config import DEFAULT_LR, DEFAULT_WD, RECIPES, TrainConfig
 from .loop import RunFailed, TrainingInterrupted, train
 from .models import PRESETS
 from .parallel import Launch, error_line
@@ -40,7 +40,7 @@ from .plot import format_summary, plot_run, summarize_run
 from .rundir import baseline_config, read_json
 from .start import restart_resumes
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "new_run_config"]
 
 logger = logging.getLogger("svdgrow")
 
@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train (and resize) a network; writes a run folder",
         description=(
             "Train a light ResNet on MNIST or Fashion-MNIST while svdgrow resizes its layer "
-            "widths. Every unset flag takes the default shown (or, with --resume or "
+            "widths. Without --preset or --spec the dataset's tuned recipe runs: "
+            + "; ".join(f"{d}: {_recipe_text(r)}" for d, r in RECIPES.items())
+            + ". Otherwise every unset flag takes the default shown (or, with --resume or "
             "--baseline-from, the value of that run)."
         ),
     )
@@ -118,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by svdgrow train")
     sm.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
+
+
+def _recipe_text(recipe: dict[str, Any]) -> str:
+    flags = {k: v for k, v in recipe.items() if k != "preset"}
+    return f"--preset {recipe['preset']} " + " ".join(
+        f"--{k.replace('_', '-')} {v:g}" for k, v in flags.items()
+    )
 
 
 def _what_to_train(g: Any) -> None:
@@ -239,14 +248,24 @@ def _train(args: dict[str, Any]) -> int:
             raise ValueError("give either --baseline-from or --spec, not both")
         result = train(baseline_config(baseline, **args))
     else:
-        if spec_file is not None:
-            args["spec"] = read_json(spec_file, "spec file")
-            args.setdefault("resize_every", 0)
-        result = train(TrainConfig(**args))
+        result = train(new_run_config(args, spec_file))
     if launch.rank == 0:
         print(f"done: {result['run_dir']}: {result['params']:,} params, test acc "
               f"{100 * result['test_acc']:.2f}%, {result['elapsed']:.0f} s")  # fmt: skip
     return 0
+
+
+def new_run_config(args: dict[str, Any], spec_file: str | None = None) -> TrainConfig:
+    """The config of a new run from the flags given: with neither ``--preset`` nor ``--spec``,
+    the dataset's recipe (:data:`svdgrow.app.config.RECIPES`) fills the flags not given."""
+    args = dict(args)
+    if spec_file is not None:
+        args["spec"] = read_json(spec_file, "spec file")
+        args.setdefault("resize_every", 0)
+    elif "preset" not in args:
+        for key, value in RECIPES[args.get("dataset", _DEFAULTS["dataset"])].items():
+            args.setdefault(key, value)
+    return TrainConfig(**args)
 
 
 def _plot(args: dict[str, Any]) -> int:

@@ -15,7 +15,7 @@ from svdgrow import Policy
 from .data import IMAGE_SHAPE, NUM_CLASSES
 from .models import narrow_spec, preset_spec, validate_spec
 
-__all__ = ["DEFAULT_LR", "DEFAULT_WD", "TrainConfig", "check_spec_fits", "lr_at"]
+__all__ = ["DEFAULT_LR", "DEFAULT_WD", "RECIPES", "TrainConfig", "check_spec_fits", "lr_at"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,17 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3, "adamw": 2e-3}
 """Peak learning rate per optimizer when ``lr`` is None."""
 DEFAULT_WD = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}
 """Weight decay per optimizer when ``weight_decay`` is None."""
+
+_SEARCH = {"start_scale": 4.0, "shrink_steps": 600, "resize_every": 10, "energy_eps": 1e-4,
+           "epochs": 15}  # fmt: skip
+RECIPES: dict[str, dict[str, Any]] = {
+    "mnist": {"preset": "mnist-2m", "target_params": 6000, **_SEARCH},
+    "fashion-mnist": {"preset": "fashion-500k", "target_params": 60000, **_SEARCH},
+}
+"""What ``svdgrow train --dataset D`` runs when no ``--preset``/``--spec`` is given: the large
+preset narrowed uniformly to ``start_scale`` x the budget, shrunk to ``target_params`` over
+``shrink_steps`` (the settings measured best by benchmarks/frontier.py; docs/design.md,
+"Benchmarks"). Flags given on the command line override their part."""
 
 
 @dataclass

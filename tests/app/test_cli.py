@@ -16,8 +16,9 @@ import torch
 import svdgrow
 from faults import flip_a_tensor_byte, write_unsafe_checkpoint
 from svdgrow.app.checkpoint import load_checkpoint
-from svdgrow.app.cli import _count, build_parser, main
-from svdgrow.app.config import TrainConfig
+from svdgrow.app.cli import _count, build_parser, main, new_run_config
+from svdgrow.app.config import RECIPES, TrainConfig
+from svdgrow.app.models import count_params
 from svdgrow.app.rundir import read_log
 
 # Subprocesses import the svdgrow this test imported (the installed package in CI, the source
@@ -194,7 +195,7 @@ CASES = {
         "--target-params needs resizing",
     ),
     "start-scale without target": (
-        lambda c: c.train("--start-scale", "4"),
+        lambda c: c.train("--preset", "quick", "--start-scale", "4"),
         "--start-scale is a multiple of --target-params: give both",
     ),
     "start-scale 0": (
@@ -370,3 +371,29 @@ def test_resuming_a_finished_run_leaves_its_log_alone(finished, data_dir, tmp_pa
     assert main(["train", "--resume", run]) == 2
     assert (Path(run) / "log.jsonl").read_text() == before
     assert "nan" not in capsys.readouterr().err
+
+
+def _config_of(argv: list[str]) -> TrainConfig:
+    ns = build_parser().parse_args(argv)
+    args = {k: v for k, v in vars(ns).items() if k not in ("command", "verbose")}
+    return new_run_config(args)
+
+
+@pytest.mark.parametrize("dataset", sorted(RECIPES))
+def test_dataset_alone_runs_its_recipe(dataset):
+    cfg = _config_of(["train", "--dataset", dataset])
+    for key, value in RECIPES[dataset].items():
+        assert getattr(cfg, key) == value, key
+    cfg.validate()
+    start = count_params(cfg.starting_spec())
+    budget = RECIPES[dataset]["target_params"]
+    assert 2 * budget < start < 8 * budget  # narrowed from the large preset, not the preset
+    # a flag given wins over the recipe; the rest of the recipe stays
+    cfg = _config_of(["train", "--dataset", dataset, "--epochs", "3", "--target-params", "9k"])
+    assert (cfg.epochs, cfg.target_params, cfg.start_scale) == (3, 9000, 4.0)
+
+
+def test_explicit_architecture_skips_the_recipe(tmp_path):
+    cfg = _config_of(["train", "--dataset", "mnist", "--preset", "quick"])
+    assert (cfg.preset, cfg.target_params, cfg.start_scale) == ("quick", None, None)
+    assert cfg.epochs == TrainConfig().epochs

@@ -15,6 +15,7 @@ Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
   is as close as possible to the mean final size of the ``--match`` method's runs of that cell
   (or to the budget when there are none yet), trained from scratch. Run it after them.
 - ``found``: the widths the ``--match`` method's run of seed 0 found, trained from scratch.
+- ``--variant NAME=FLAGS``: any other svdgrow setting, run as method NAME.
 - ``tp``: Torch-Pruning's global group-magnitude pruning of the large preset to the budget on
   the shrink's schedule (benchmarks/tp_train.py; ``pip install -r requirements-bench.txt``).
 
@@ -181,6 +182,8 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
         else:
             return None
         return ["--spec", _spec_file(args, dataset, f"{budget}-uniform", target)]
+    if method in args.variant:  # the large preset, the shrink flags, then the variant's own
+        return ["--preset", PRESET[dataset], *budget_flags, *args.variant[method].split()]
     if method == "tp":  # benchmarks/tp_train.py (see tp_cmd)
         return []
     if method == "found":  # the --match method's seed-0 widths from scratch
@@ -331,9 +334,17 @@ def main() -> int:
     p.add_argument(
         "--train-flags", default="", help="flags for every run (e.g. a --subset smoke test)"
     )
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an extra svdgrow method: the large preset to the budget with the shrink "
+                        "flags and then FLAGS (e.g. midlong='--start-scale 4 --shrink-steps "
+                        "2000'); list NAME in --methods")  # fmt: skip
     p.add_argument("--match", default="shrink", help="uniform: match this method's mean size")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args()
+    try:
+        args.variant = dict(v.split("=", 1) for v in args.variant)
+    except ValueError:
+        p.error("--variant takes NAME=FLAGS")
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "epochs": args.epochs, "threads": args.threads}

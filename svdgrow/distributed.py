@@ -404,7 +404,7 @@ def _follow_source(resizer: Resizer, payload: dict) -> Exception | None:
     try:
         if payload["report"].changed:
             _resize_structurally(resizer, payload["widths"])
-        resizer._gen.set_state(payload["generator"])  # every rank's resizer alike
+        resizer.generator.set_state(payload["generator"])  # every rank's resizer alike
         resizer.history.append(payload["report"])
     except Exception as exc:  # noqa: BLE001 - returned, reported to every rank
         return exc
@@ -422,5 +422,9 @@ def _run_on_source(
         report = step() if step is not None else resizer.step(data=data, budget=budget)
     except Exception as exc:  # noqa: BLE001 - reported to every rank, raised on every rank
         return {"error": _describe(exc), "floating": isinstance(exc, FloatingPointError)}, exc
-    state = {"report": report, "widths": resizer.widths(), "generator": resizer._gen.get_state()}
+    state = {
+        "report": report,
+        "widths": resizer.widths(),
+        "generator": resizer.generator.get_state(),
+    }
     return state, None

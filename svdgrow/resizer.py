@@ -171,7 +171,8 @@ class Resizer:
         self.ridge = ridge
         self.max_samples = max_samples
         self.graph = graph if graph is not None else trace(model, example_input, strict=strict)
-        self._gen = torch.Generator().manual_seed(seed)
+        # the draws of growth's random directions (a checkpoint saves and restores its state)
+        self.generator = torch.Generator().manual_seed(seed)
         self.activation = detect_activation(model) if activation is DETECT else activation
         if self.activation is None and mode in ("auto", "weights") and activation is DETECT:
             logger.info("weights-mode folds are linear: no single activation module kind found")
@@ -320,7 +321,7 @@ class Resizer:
                 changes[gid] = GroupChange(self.graph.groups[gid], ctx.widths[gid], w, "grow")
         warnings: list[str] = []
         if changes:
-            plan = build_plan(ctx, changes, self.optimizer, self._gen)
+            plan = build_plan(ctx, changes, self.optimizer, self.generator)
             commit_plan(plan)
             warnings = plan.warnings
             if self._compiled:
@@ -360,7 +361,7 @@ class Resizer:
             activation=self.activation,
             ridge=self.ridge,
             max_samples=self.max_samples,
-            generator=self._gen,
+            generator=self.generator,
             input_sizes=self._input_sizes,
             grams=grams,
         )

@@ -248,7 +248,7 @@ def setup_run(
     # the generators a checkpoint carries: batch order and augmentation; the resizer's draws
     generators = {"data": data_gen}
     if resizer is not None:
-        generators["resizer"] = resizer._gen
+        generators["resizer"] = resizer.generator
     global_batch = cfg.batch_size * ranks.size  # each process reads batch_size of it
     r = RunState(
         cfg=cfg, dir=Path(cfg.run_dir), device=device, train_ds=train_ds, test_ds=test_ds,

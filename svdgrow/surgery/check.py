@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .._utils import as_args, eval_mode
 from .context import ResizeContext
 from .moments import consumer_offsets
-from .plan import _fold_columns_
+from .plan import fold_columns_
 from .prune import GroupChange
 
 __all__ = [
@@ -92,7 +92,7 @@ def pruned_columns(
     shift = None
     if fold is not None:
         M, c = (t.to(A.device) for t in fold)
-        shift = _fold_columns_(new, change.keep.to(A.device), change.drop.to(A.device), M, c)
+        shift = fold_columns_(new, change.keep.to(A.device), change.drop.to(A.device), M, c)
     new[:, change.drop.to(A.device)] = 0
     return new, shift
 

@@ -216,7 +216,7 @@ def _plan_columns(ctx, name: str, changes, work: Tensor, block: int):
             parts.append(offset + keep)
             if name in ch.folds and seg not in folded:  # no fold: a plain drop
                 M, c = (t.to(work.device) for t in ch.folds[name])
-                shift = _fold_columns_(view, offset + keep, offset + drop, M, c)
+                shift = fold_columns_(view, offset + keep, offset + drop, M, c)
                 delta = shift if delta is None else delta + shift
                 folded.add(seg)
         else:
@@ -227,7 +227,7 @@ def _plan_columns(ctx, name: str, changes, work: Tensor, block: int):
     return torch.cat(parts), delta
 
 
-def _fold_columns_(view: Tensor, keep: Tensor, drop: Tensor, M: Tensor, c: Tensor) -> Tensor:
+def fold_columns_(view: Tensor, keep: Tensor, drop: Tensor, M: Tensor, c: Tensor) -> Tensor:
     """``A_K <- A_K + A_D M`` on a consumer weight viewed ``[R, C, B]`` (in place); returns the
     constant ``A_D c`` per row (float64). ``M`` and ``c`` are per channel or per column (see
     :class:`~svdgrow.surgery.GroupChange`)."""

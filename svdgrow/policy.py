@@ -267,22 +267,27 @@ class _Draft:
     grows: list[tuple[float, str, int, str]] = field(default_factory=list)
 
 
-def budget_at(step: int, start_params: int, target: int | None, shrink_steps: int) -> int | None:
-    """The parameter budget at ``step`` of a shrinking schedule: geometric from
-    ``start_params`` to ``target``, reached at ``shrink_steps`` and kept after.
+def budget_at(
+    step: int, start_params: int, target: int | None, shrink_steps: int, shrink_start: int = 0
+) -> int | None:
+    """The parameter budget at ``step`` of a shrinking schedule: ``start_params`` until
+    ``shrink_start``, then geometric to ``target``, reached at ``shrink_start + shrink_steps``
+    and kept after.
 
     Args:
         step: the training step.
         start_params: the parameter count at step 0.
         target: the final budget (None: no budget).
         shrink_steps: steps over which the budget falls.
+        shrink_start: the step at which it starts falling.
 
     Returns:
         the budget, or None when there is no target.
     """
     if target is None:
         return None
+    step -= shrink_start
     if shrink_steps <= 0 or step >= shrink_steps or start_params <= target:
         return int(target)
-    frac = step / shrink_steps
+    frac = max(0, step) / shrink_steps
     return int(round(start_params * (target / start_params) ** frac))

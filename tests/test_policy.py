@@ -196,3 +196,10 @@ def test_budget_at_falls_geometrically_then_holds():
     assert budget_at(3, 50, 100, 10) == 100  # already below the target
     steps = [budget_at(s, 10**6, 10**4, 20) for s in range(21)]
     assert all(a > b for a, b in itertools.pairwise(steps)) and steps[-1] == 10**4
+
+
+def test_budget_at_waits_for_shrink_start():
+    assert [budget_at(s, 1000, 100, 10, shrink_start=20) for s in (0, 10, 20)] == [1000] * 3
+    assert budget_at(25, 1000, 100, 10, shrink_start=20) == budget_at(5, 1000, 100, 10)
+    assert budget_at(30, 1000, 100, 10, shrink_start=20) == 100
+    assert budget_at(0, 50, 100, 10, shrink_start=20) == 100  # growing: the cap at once

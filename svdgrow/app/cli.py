@@ -175,6 +175,8 @@ def _resizing(g: Any) -> None:
           "falls geometrically from the start size over --shrink-steps, then caps growth",
           type=_count)  # fmt: skip
     _flag(g, "--shrink-steps", "steps over which the budget reaches --target-params", type=int)
+    _flag(g, "--shrink-start", "step at which the budget starts falling (until then it is the "
+          "starting size: the network trains at full width first)", type=int)  # fmt: skip
     _flag(g, "--start-scale", "start from the preset (or --spec) narrowed uniformly to F times "
           "--target-params parameters, then shrink to the budget (never widened; default: "
           "the architecture as it is)", type=float, metavar="F")  # fmt: skip

@@ -59,6 +59,8 @@ class TrainConfig:
         mode: where the fold's moments come from: ``data`` (the current batch) or ``weights``.
         target_params: the parameter budget to shrink to (None: energy policy only).
         shrink_steps: steps over which the budget falls geometrically to ``target_params``.
+        shrink_start: the step at which the budget starts falling (before it, the budget is
+            the starting size and the energy epsilon ``shrink_energy_eps``).
         start_scale: start from the architecture narrowed uniformly to ``start_scale *
             target_params`` parameters (never widened; None: as it is).
         energy_eps: the energy policy's epsilon after the budget schedule (None: Policy's).
@@ -107,6 +109,7 @@ class TrainConfig:
     mode: str = "data"
     target_params: int | None = None
     shrink_steps: int = 600
+    shrink_start: int = 0
     start_scale: float | None = None
     energy_eps: float | None = None
     shrink_energy_eps: float = 0.0
@@ -265,6 +268,7 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("resize_until", lambda v: _finite(v) and 0 <= v <= 1, "a fraction of all steps in [0, 1]"),
     ("target_params", lambda v: v is None or (_count(v) and v >= 1), "a count >= 1"),
     ("shrink_steps", lambda v: _count(v) and v >= 0, "an integer >= 0"),
+    ("shrink_start", lambda v: _count(v) and v >= 0, "an integer >= 0 (a step)"),
     ("start_scale", lambda v: v is None or (_finite(v) and v > 0), "a number > 0"),
     ("shrink_energy_eps", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
     ("shift", lambda v: _count(v) and v >= 0, "an integer >= 0 (pixels)"),

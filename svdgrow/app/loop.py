@@ -195,8 +195,9 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
     cfg = r.cfg
     if r.resizer is None or r.step % cfg.resize_every or r.step > cfg.resize_until * r.total_steps:
         return
-    budget = budget_at(r.step, r.start_params, cfg.target_params, cfg.shrink_steps)
-    shrinking = cfg.target_params is not None and r.step <= cfg.shrink_steps
+    budget = budget_at(r.step, r.start_params, cfg.target_params, cfg.shrink_steps,
+                       cfg.shrink_start)  # fmt: skip
+    shrinking = cfg.target_params is not None and r.step <= cfg.shrink_start + cfg.shrink_steps
     # the energy epsilon follows the schedule too (Policy has no per-step argument for it)
     r.resizer.policy.energy_eps = cfg.shrink_energy_eps if shrinking else r.eps_after
     params_before = count_params(r.model)

@@ -1,0 +1,27 @@
+"""The budget schedule inside `svdgrow train`: --start-scale narrows the start, --shrink-start
+holds the budget at the starting size until its step, then it falls to --target-params."""
+
+from __future__ import annotations
+
+from svdgrow.app.cli import main
+from svdgrow.app.models import count_params, narrow_spec, preset_spec
+from svdgrow.app.rundir import read_log
+
+
+def test_start_scale_and_shrink_start(tmp_path, data_dir):
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--preset", "mnist-2m", "--target-params", "3000",
+            "--start-scale", "3", "--shrink-start", "16", "--shrink-steps", "8",
+            "--resize-every", "4", "--resize-until", "1", "--subset", "400", "--test-subset",
+            "100", "--batch-size", "50", "--epochs", "4", "--threads", "1", "--seed", "0",
+            "--no-progress", "--checkpoint-minutes", "0", "--no-download", "--data-dir",
+            str(data_dir), "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    events = read_log(run)
+    start = next(e for e in events if e["event"] == "start")
+    assert start["params"] == count_params(narrow_spec(preset_spec("mnist-2m"), 9000)[0])
+    resizes = [e for e in events if e["event"] == "resize"]
+    assert resizes and all(e["step"] > 16 for e in resizes if e["params"] < e["params_before"])
+    assert all(e["budget"] == start["params"] for e in resizes if e["step"] <= 16)
+    end = next(e for e in events if e["event"] == "end")
+    assert end["params"] <= 3000

@@ -39,6 +39,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "load_teacher",
     "optimizer_param_names",
     "rng_state",
     "set_rng_state",
@@ -183,6 +184,7 @@ def save_checkpoint(
     rng: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     spec: dict[str, Any] | None = None,
+    teacher: nn.Module | None = None,
 ) -> Path:
     """Write a checkpoint atomically.
 
@@ -197,6 +199,7 @@ def save_checkpoint(
         rng: RNG states from :func:`rng_state`.
         extra: JSON-able extras (stored as a JSON string).
         spec: the architecture spec, when the model is not a :class:`~svdgrow.app.models.ResNet`.
+        teacher: a distillation teacher (a ResNet) to keep with the run (see :func:`load_teacher`).
 
     Returns:
         the path written.
@@ -217,6 +220,11 @@ def save_checkpoint(
         "rng": rng if rng is not None else rng_state(),
         "extra": json.dumps(extra or {}, sort_keys=True),
     }
+    if teacher is not None:
+        ckpt["teacher"] = {
+            "spec": json.dumps(spec_of(teacher), sort_keys=True),
+            "model": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
+        }
     ckpt["sha256"] = checksum(ckpt)
     atomic_torch_save(ckpt, path)
     logger.debug("checkpoint written: %s (step %d)", path, step)
@@ -342,3 +350,17 @@ def load_model(
             f"checkpoint weights do not match its own spec: {_first_line(exc)}"
         ) from exc
     return model.to(device).eval(), ckpt
+
+
+def load_teacher(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module | None:
+    """The distillation teacher a checkpoint keeps (eval mode, frozen), or None."""
+    if not isinstance(ckpt.get("teacher"), dict):
+        return None
+    try:
+        teacher = build_model(json.loads(ckpt["teacher"]["spec"]))
+        teacher.load_state_dict(ckpt["teacher"]["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's teacher does not load: {_first_line(exc)}"
+        ) from exc
+    return teacher.to(device).eval().requires_grad_(False)

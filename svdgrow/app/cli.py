@@ -158,6 +158,11 @@ def _optimisation(g: Any) -> None:
     _flag(g, "--weight-decay", f"weight decay (default {_per_optimizer(DEFAULT_WD)})", type=float)
     _flag(g, "--warmup-steps", "linear LR warm-up steps, then cosine to 0", type=int)
     _flag(g, "--label-smoothing", "cross-entropy label smoothing", type=float)
+    _flag(g, "--distill", "weight W of a distillation loss once the budget starts to fall: "
+          "the network just before its first shrinking resize becomes a frozen teacher and "
+          "the loss is (1-W) CE + W T^2 KL(teacher || student); 0 = off", type=float,
+          metavar="W")  # fmt: skip
+    _flag(g, "--distill-temperature", "the distillation temperature T", type=float)
     _flag(g, "--no-augment", "turn off the random shifts (up to --shift px) of training images",
           dest="augment", action="store_false")  # fmt: skip
     _flag(g, "--shift", "largest augmentation shift in pixels", type=int)

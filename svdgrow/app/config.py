@@ -54,6 +54,11 @@ class TrainConfig:
         weight_decay: weight decay (None: :data:`DEFAULT_WD` of the optimizer).
         warmup_steps: linear LR warm-up steps before the cosine decay.
         label_smoothing: cross-entropy label smoothing.
+        distill: weight of a distillation term in the loss once the budget starts to fall: the
+            network as it was just before its first shrinking resize is kept as a frozen
+            teacher, and the loss becomes ``(1 - distill) * CE + distill * T^2 * KL(teacher ||
+            student)`` at temperature ``distill_temperature`` (0: off).
+        distill_temperature: the distillation temperature T.
         resize_every: call the resizer every this many steps (0: never resize).
         resize_until: stop resizing after this fraction of all steps.
         mode: where the fold's moments come from: ``data`` (the current batch) or ``weights``.
@@ -104,6 +109,8 @@ class TrainConfig:
     weight_decay: float | None = None
     warmup_steps: int = 50
     label_smoothing: float = 0.0
+    distill: float = 0.0
+    distill_temperature: float = 4.0
     resize_every: int = 20
     resize_until: float = 0.6
     mode: str = "data"
@@ -215,6 +222,9 @@ class TrainConfig:
                 good = False
             if not good:
                 raise ValueError(f"--{name.replace('_', '-')} must be {must}, got {value!r}")
+        if self.distill > 0 and self.target_params is None:
+            raise ValueError("--distill takes its teacher when the budget starts to fall: give "
+                             "--target-params too")  # fmt: skip
         if self.start_scale is not None and self.target_params is None:
             raise ValueError("--start-scale is a multiple of --target-params: give both")
         if self.target_params is not None and self.resize_every == 0:
@@ -264,6 +274,8 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("weight_decay", lambda v: v is None or (_finite(v) and v >= 0), "a finite number >= 0"),
     ("warmup_steps", lambda v: _count(v) and v >= 0, "an integer >= 0"),
     ("label_smoothing", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("distill", lambda v: _finite(v) and 0 <= v <= 1, "a weight in [0, 1] (0: off)"),
+    ("distill_temperature", lambda v: _finite(v) and v > 0, "a temperature > 0"),
     ("resize_every", lambda v: _count(v) and v >= 0, "an integer >= 0 (0: never resize)"),
     ("resize_until", lambda v: _finite(v) and 0 <= v <= 1, "a fraction of all steps in [0, 1]"),
     ("target_params", lambda v: v is None or (_count(v) and v >= 1), "a count >= 1"),

@@ -11,6 +11,7 @@ application" and "Several processes and torch.compile").
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -167,6 +168,8 @@ def _train_step(r: RunState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with r.autocast():
         logits = r.net(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if r.teacher is not None:
+            loss = _distilled(loss, logits, r.teacher, x, cfg)
     r.optimizer.zero_grad(set_to_none=True)
     r.scaler.scale(loss).backward()
     r.scaler.step(r.optimizer)
@@ -181,6 +184,18 @@ def _train_step(r: RunState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r.step_clock[0] += time.perf_counter() - t0
     r.step_clock[1] += 1
     return x, y, loss
+
+
+def _distilled(
+    ce: torch.Tensor, logits: torch.Tensor, teacher: torch.nn.Module, x: torch.Tensor, cfg
+) -> torch.Tensor:
+    """``(1 - w) * ce + w * T^2 * KL(teacher || student)`` at temperature T (Hinton et al.)."""
+    t = cfg.distill_temperature
+    with torch.no_grad():
+        target = F.log_softmax(teacher(x).float() / t, dim=1)
+    kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), target, log_target=True,
+                  reduction="batchmean")  # fmt: skip
+    return (1.0 - cfg.distill) * ce + cfg.distill * t * t * kd
 
 
 def _time(r: RunState, phase: str, t0: float) -> None:
@@ -201,6 +216,11 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
     # the energy epsilon follows the schedule too (Policy has no per-step argument for it)
     r.resizer.policy.energy_eps = cfg.shrink_energy_eps if shrinking else r.eps_after
     params_before = count_params(r.model)
+    if cfg.distill > 0 and r.teacher is None and budget is not None and budget < params_before:
+        # the first shrinking resize: the network as it is now teaches the rest of the run
+        r.teacher = copy.deepcopy(r.model).eval().requires_grad_(False)
+        for p in r.teacher.parameters():
+            p.grad = None
     probe: dict[str, Any] = {}
     t0 = time.perf_counter()
     if r.ranks.distributed:

@@ -31,6 +31,7 @@ from svdgrow._utils import all_finite
 from .checkpoint import (
     CheckpointError,
     load_model,
+    load_teacher,
     remove_stale_temps,
     rng_state,
     save_checkpoint,
@@ -97,6 +98,7 @@ class RunState:
     net: nn.Module | None = None  # what a training step calls: model, ddp, or their compiled form
     seconds: dict[str, float] = field(default_factory=dict)  # this epoch's time by phase
     step_clock: list[float] = field(default_factory=lambda: [0.0, 0])  # since the last resize
+    teacher: nn.Module | None = None  # the frozen distillation teacher (--distill)
 
     @property
     def total_steps(self) -> int:
@@ -167,7 +169,8 @@ class RunState:
             rng["order"] = self.order.cpu()
         scaler = self.scaler if self.scaler.is_enabled() else None
         save_checkpoint(self.dir / CKPT_NAME, self.model, self.optimizer, scaler=scaler,
-                        step=self.step, epoch=self.epoch, rng=rng, extra=extra)  # fmt: skip
+                        step=self.step, epoch=self.epoch, rng=rng, extra=extra,
+                        teacher=self.teacher)  # fmt: skip
         self.saved_step = self.step
         self.last_save = time.perf_counter()
 
@@ -186,6 +189,7 @@ class RunState:
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], self.generators)
+        self.teacher = load_teacher(ckpt, self.device)
 
 
 class EpochStats:

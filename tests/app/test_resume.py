@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import svdgrow
-from svdgrow.app.checkpoint import load_checkpoint
+from svdgrow.app.checkpoint import load_checkpoint, load_teacher
 from svdgrow.app.cli import main
 from svdgrow.app.rundir import read_log
 
@@ -60,10 +60,12 @@ sys.exit(main(sys.argv[5:]))
 """
 
 
-def _interrupted(run: Path, data_dir: Path, hook: tuple[str, str, int], sig: int) -> int:
+def _interrupted(
+    run: Path, data_dir: Path, hook: tuple[str, str, int], sig: int, args: list[str] = ARGS
+) -> int:
     module, attr, nth = hook
     env = {**os.environ, "PYTHONPATH": str(PKG_ROOT), "OMP_NUM_THREADS": "1"}
-    argv = [*ARGS, "--data-dir", str(data_dir), "--run-dir", str(run)]
+    argv = [*args, "--data-dir", str(data_dir), "--run-dir", str(run)]
     cmd = [sys.executable, "-c", DRIVER, module, attr, str(nth), str(int(sig)), *argv]
     out = subprocess.run(cmd, cwd=PKG_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert "Traceback" not in out.stderr, out.stderr
@@ -138,4 +140,23 @@ def test_sigkill_during_a_checkpoint_write(reference, data_dir, tmp_path):
     assert load_checkpoint(ckpts / "last.pt")["epoch"] == 1
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt"]
+    _assert_same_run(reference, run)
+
+
+def test_distillation_teacher_survives_a_resume(data_dir, tmp_path):
+    """--distill: the teacher taken at the first shrinking resize (step 9, after
+    --shrink-start 6) is kept in the checkpoint, so a run stopped after it resumes exactly."""
+    args = [*ARGS, "--distill", "0.5", "--shrink-start", "6"]
+    reference = tmp_path / "reference"
+    assert main([*args, "--data-dir", str(data_dir), "--run-dir", str(reference)]) == 0
+    ckpt = load_checkpoint(reference / "checkpoints" / "last.pt")
+    teacher = load_teacher(ckpt)
+    start = next(e for e in read_log(reference) if e["event"] == "start")
+    assert teacher is not None and sum(p.numel() for p in teacher.parameters()) == start["params"]
+    assert not any(p.requires_grad for p in teacher.parameters())
+    run = tmp_path / "run"
+    hook = ("torch.optim", "SGD.step", 14)  # inside step 14: after the teacher, before epoch 2 ends
+    assert _interrupted(run, data_dir, hook, signal.SIGTERM, args) == 128 + signal.SIGTERM
+    assert load_teacher(load_checkpoint(run / "checkpoints" / "last.pt")) is not None
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     _assert_same_run(reference, run)

@@ -1,9 +1,16 @@
 """The budget schedule inside `svdgrow train`: --start-scale narrows the start, --shrink-start
-holds the budget at the starting size until its step, then it falls to --target-params."""
+holds the budget at the starting size until its step, then it falls to --target-params; the
+--distill loss."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
 from svdgrow.app.cli import main
+from svdgrow.app.loop import _distilled
 from svdgrow.app.models import count_params, narrow_spec, preset_spec
 from svdgrow.app.rundir import read_log
 
@@ -25,3 +32,20 @@ def test_start_scale_and_shrink_start(tmp_path, data_dir):
     assert all(e["budget"] == start["params"] for e in resizes if e["step"] <= 16)
     end = next(e for e in events if e["event"] == "end")
     assert end["params"] <= 3000
+
+
+def test_distilled_loss():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    logits = net(x)
+    ce = F.cross_entropy(logits, y)
+    cfg = SimpleNamespace(distill=0.0, distill_temperature=4.0)
+    assert torch.equal(_distilled(ce, logits, net, x, cfg), ce)
+    cfg.distill = 0.5  # the student is its own teacher: KL = 0, the CE is halved
+    torch.testing.assert_close(_distilled(ce, logits, net, x, cfg), 0.5 * ce)
+    other = torch.nn.Linear(5, 3)
+    kd = _distilled(ce, logits, other, x, cfg) - 0.5 * ce
+    assert kd > 0  # a different teacher: a positive KL term
+    kd.backward()
+    assert net.weight.grad is not None and other.weight.grad is None  # the teacher is not trained

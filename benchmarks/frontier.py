@@ -14,6 +14,8 @@ Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
 - ``uniform``: the preset with every width scaled by one factor, chosen so the parameter count
   is as close as possible to the mean final size of the ``--match`` method's runs of that cell
   (or to the budget when there are none yet), trained from scratch. Run it after them.
+- ``uniform2``: the uniform size on the other side of that target (whole widths leave gaps of
+  up to ~20% between uniform sizes): the comparison interpolates between the two.
 - ``found``: the widths the ``--match`` method's run of seed 0 found, trained from scratch.
 - ``--variant NAME=FLAGS``: any other svdgrow setting, run as method NAME.
 - ``tp``: Torch-Pruning's global group-magnitude pruning of the large preset to the budget on
@@ -53,7 +55,7 @@ from typing import Any
 import torch
 
 import svdgrow
-from svdgrow.app.models import narrow_spec, preset_spec
+from svdgrow.app.models import count_params, narrow_spec, preset_spec, scale_spec
 
 PRESET = {"mnist": "mnist-2m", "fashion-mnist": "fashion-500k"}
 DEFAULT_OUT = Path(__file__).parent / "results" / "frontier_cpu"
@@ -162,6 +164,21 @@ def _spec_file(args, dataset: str, name: str, target: int) -> str:
     return str(path)
 
 
+def other_side(base: dict[str, Any], target: int) -> dict[str, Any]:
+    """Uniform narrowing brackets ``target`` between two sizes (widths are whole numbers): the
+    one that :func:`narrow_spec` does not pick (so the two can be interpolated)."""
+    nearest, f0 = narrow_spec(base, target)
+    n = count_params(nearest)
+    factors = [min(1.0, f0 * 0.6 * 3 ** (i / 400)) for i in range(401)]  # 0.6 f0 .. 1.8 f0
+    sizes = sorted({(count_params(sp), json.dumps(sp)) for sp in map(lambda f: scale_spec(base, f),
+                    factors)})  # fmt: skip
+    if n >= target:
+        below = [sp for c, sp in sizes if c < n]
+        return json.loads(below[-1])
+    above = [sp for c, sp in sizes if c > n]
+    return json.loads(above[0])
+
+
 def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> list[str] | None:
     """The method-specific flags of one cell (None: cannot run yet)."""
     budget_flags = ["--target-params", str(budget), *args.shrink_flags.split()]
@@ -173,7 +190,7 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
     if method == "grow":  # the preset narrowed to grow_factor x budget, grown to the budget
         start = _spec_file(args, dataset, f"{budget}-grow", round(args.grow_factor * budget))
         return ["--spec", start, *budget_flags]
-    if method == "uniform":  # matched to the mean size the --match runs ended at
+    if method in ("uniform", "uniform2"):  # matched to the mean size the --match runs ended at
         if args.match not in args.methods:
             target = budget
         elif all((dataset, budget, args.match, seed) in results for seed in args.seeds):
@@ -181,6 +198,11 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
                                            for seed in args.seeds))  # fmt: skip
         else:
             return None
+        if method == "uniform2":  # the uniform size on the other side of the target
+            spec = other_side(preset_spec(PRESET[dataset]), target)
+            path = Path(args.out) / "specs" / f"{dataset}-{budget}-uniform2.json"
+            path.write_text(json.dumps(spec, indent=1))
+            return ["--spec", str(path)]
         return ["--spec", _spec_file(args, dataset, f"{budget}-uniform", target)]
     if method in args.variant:  # the large preset, the shrink flags, then the variant's own
         return ["--preset", PRESET[dataset], *budget_flags, *args.variant[method].split()]
@@ -222,28 +244,53 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
-def compare_rows(groups: dict[tuple, list[dict]], base: str = "uniform") -> list[str]:
-    """Each method against ``base`` at the same (dataset, budget): the difference of mean test
-    accuracy with its standard error (Welch: sqrt(sd1^2/n1 + sd2^2/n2)), and the time ratio."""
+def _stats(rs: list[dict]) -> tuple[float, float, float, int]:
+    """(mean params, mean accuracy %, its variance of the mean, seeds)."""
+    acc, sd = _mean_sd([100 * r["test_acc"] for r in rs])
+    var = sd**2 / len(rs) if len(rs) > 1 else float("nan")
+    return statistics.mean(r["params"] for r in rs), acc, var, len(rs)
+
+
+def uniform_at(points: list[tuple[float, float, float, int]], params: float):
+    """Uniform narrowing's accuracy at ``params``: interpolated linearly in log(params) between
+    the two measured sizes around it (the nearest one when it lies outside them), with the
+    variance of that estimate; returns (accuracy, variance, label)."""
+    pts = sorted(points)
+    lo = [p for p in pts if p[0] <= params]
+    hi = [p for p in pts if p[0] >= params]
+    if not lo or not hi:
+        near = min(pts, key=lambda p: abs(math.log(p[0] / params)))
+        return near[1], near[2], f"{near[0]:,.0f}"
+    a, b = lo[-1], hi[0]
+    if a[0] == b[0]:
+        return a[1], a[2], f"{a[0]:,.0f}"
+    w = math.log(params / a[0]) / math.log(b[0] / a[0])
+    acc = (1 - w) * a[1] + w * b[1]
+    var = (1 - w) ** 2 * a[2] + w**2 * b[2]
+    return acc, var, f"{a[0]:,.0f}..{b[0]:,.0f} (interpolated)"
+
+
+def compare_rows(groups: dict[tuple, list[dict]]) -> list[str]:
+    """Each method against uniform narrowing at the same (dataset, budget) and the method's own
+    mean size: the difference of mean test accuracy with its standard error (Welch), and the
+    time ratio to the nearest uniform run."""
     lines = [
-        f"| dataset | budget | method | params vs {base} | acc diff (points) | SE | diff/SE | "
-        f"time / {base} |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| dataset | budget | method | params | uniform at | acc diff (points) | SE | diff/SE "
+        "| time / uniform |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for (ds, budget, method), rs in sorted(groups.items()):
-        us = groups.get((ds, budget, base))
-        if method == base or not us:
+        us = [groups[k] for k in ((ds, budget, "uniform"), (ds, budget, "uniform2")) if k in groups]
+        if method.startswith("uniform") or not us:
             continue
-        a, sa = _mean_sd([100 * r["test_acc"] for r in rs])
-        b, sb = _mean_sd([100 * r["test_acc"] for r in us])
-        se = math.sqrt(sa**2 / len(rs) + sb**2 / len(us)) if len(rs) > 1 < len(us) else float("nan")
-        pa = statistics.mean(r["params"] for r in rs)
-        pb = statistics.mean(r["params"] for r in us)
+        params, acc, var, _ = _stats(rs)
+        u_acc, u_var, label = uniform_at([_stats(u) for u in us], params)
+        se = math.sqrt(var + u_var)
+        z = (acc - u_acc) / se if se > 0 else float("nan")
         ta = statistics.mean(r["elapsed"] for r in rs)
-        tb = statistics.mean(r["elapsed"] for r in us)
-        z = (a - b) / se if se > 0 else float("nan")
-        lines.append(f"| {ds} | {budget:,} | {method} | {pa:,.0f} vs {pb:,.0f} | {a - b:+.3f} | "
-                     f"{se:.3f} | {z:+.1f} | {ta / tb:.2f} |")  # fmt: skip
+        tb = statistics.mean(r["elapsed"] for r in us[0])
+        lines.append(f"| {ds} | {budget:,} | {method} | {params:,.0f} | {label} | "
+                     f"{acc - u_acc:+.3f} | {se:.3f} | {z:+.1f} | {ta / tb:.2f} |")  # fmt: skip
     return lines
 
 
@@ -275,7 +322,13 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
             f"{round(statistics.mean(r['params'] for r in rs)):,} | {mflops} | "
             f"{acc:.2f} ± {sd:.2f} | {statistics.mean(r['elapsed'] for r in rs):.0f} |"
         )
-    lines += ["", "Against uniform narrowing at the same budget:", "", *compare_rows(groups)]
+    lines += [
+        "",
+        "Against uniform narrowing at the same size (SE: standard error of the "
+        "difference; NaN with one seed):",
+        "",
+        *compare_rows(groups),
+    ]
     with open(out / ".tables.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _atomic_write(out / "frontier.json", json.dumps({"machine": meta, "cells": rows}, indent=1))

@@ -221,6 +221,8 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
         r.teacher = copy.deepcopy(r.model).eval().requires_grad_(False)
         for p in r.teacher.parameters():
             p.grad = None
+        if r.ranks.main:
+            r.log.write("teacher", step=r.step, params=params_before, elapsed=r.elapsed())
     probe: dict[str, Any] = {}
     t0 = time.perf_counter()
     if r.ranks.distributed:

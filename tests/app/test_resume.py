@@ -152,6 +152,8 @@ def test_distillation_teacher_survives_a_resume(data_dir, tmp_path):
     ckpt = load_checkpoint(reference / "checkpoints" / "last.pt")
     teacher = load_teacher(ckpt)
     start = next(e for e in read_log(reference) if e["event"] == "start")
+    taken = [e for e in read_log(reference) if e["event"] == "teacher"]
+    assert [e["step"] for e in taken] == [9] and taken[0]["params"] == start["params"]
     assert teacher is not None and sum(p.numel() for p in teacher.parameters()) == start["params"]
     assert not any(p.requires_grad for p in teacher.parameters())
     run = tmp_path / "run"

@@ -343,17 +343,22 @@ def plot(out: Path, groups: dict[tuple, list[dict]]) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     datasets = sorted({k[0] for k in groups})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4.5), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
-        for method in sorted({k[2] for k in groups if k[0] == ds}):
-            pts = sorted((k[1], rs) for k, rs in groups.items() if k[0] == ds and k[2] == method)
-            xs = [statistics.mean(r["params"] for r in rs) for _, rs in pts]
-            ys = [statistics.mean(100 * r["test_acc"] for r in rs) for _, rs in pts]
-            es = [
-                statistics.stdev([100 * r["test_acc"] for r in rs]) if len(rs) > 1 else 0
-                for _, rs in pts
-            ]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        lines: dict[str, list[list[dict]]] = {}  # uniform and uniform2 make one line
+        for (d, _, method), rs in groups.items():
+            if d == ds:
+                lines.setdefault(method.rstrip("2") if method == "uniform2" else method, []).append(
+                    rs
+                )
+        for method, cells in sorted(lines.items()):
+            pts = sorted(cells, key=lambda rs: statistics.mean(r["params"] for r in rs))
+            xs = [statistics.mean(r["params"] for r in rs) for rs in pts]
+            ys = [statistics.mean(100 * r["test_acc"] for r in rs) for rs in pts]
+            es = [statistics.stdev([100 * r["test_acc"] for r in rs]) if len(rs) > 1 else 0
+                  for rs in pts]  # fmt: skip
+            style = {"color": "black", "linewidth": 2} if method == "uniform" else {}
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method, **style)
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
         ax.set_ylabel("test accuracy (%)")

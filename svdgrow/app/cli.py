@@ -270,7 +270,10 @@ def new_run_config(args: dict[str, Any], spec_file: str | None = None) -> TrainC
         args["spec"] = read_json(spec_file, "spec file")
         args.setdefault("resize_every", 0)
     elif "preset" not in args:
-        for key, value in RECIPES[args.get("dataset", _DEFAULTS["dataset"])].items():
+        recipe = dict(RECIPES[args.get("dataset", _DEFAULTS["dataset"])])
+        if args.get("resize_every") == 0:  # no resizing asked for: the preset as it is
+            recipe = {k: v for k, v in recipe.items() if k in ("preset", "epochs")}
+        for key, value in recipe.items():
             args.setdefault(key, value)
     return TrainConfig(**args)
 

@@ -393,6 +393,13 @@ def test_dataset_alone_runs_its_recipe(dataset):
     assert (cfg.epochs, cfg.target_params, cfg.start_scale) == (3, 9000, 4.0)
 
 
+def test_recipe_without_resizing_trains_the_preset():
+    cfg = _config_of(["train", "--dataset", "mnist", "--resize-every", "0"])
+    assert (cfg.preset, cfg.target_params, cfg.start_scale, cfg.epochs) == ("mnist-2m", None,
+                                                                            None, 15)  # fmt: skip
+    cfg.validate()
+
+
 def test_explicit_architecture_skips_the_recipe(tmp_path):
     cfg = _config_of(["train", "--dataset", "mnist", "--preset", "quick"])
     assert (cfg.preset, cfg.target_params, cfg.start_scale) == ("quick", None, None)

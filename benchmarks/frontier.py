@@ -398,6 +398,8 @@ def main() -> int:
                         "2000'); list NAME in --methods")  # fmt: skip
     p.add_argument("--match", default="shrink", help="uniform: match this method's mean size")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--tables-only", action="store_true",
+                   help="rewrite the JSON, table and plot from the finished cells, run nothing")  # fmt: skip
     args = p.parse_args()
     try:
         args.variant = dict(v.split("=", 1) for v in args.variant)
@@ -406,6 +408,9 @@ def main() -> int:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "epochs": args.epochs, "threads": args.threads}
+    if args.tables_only:
+        write_tables(out, load_results(out), meta)
+        return 0
     methods = [m.split(":")[0] for m in args.methods]
     n_seeds = {m.split(":")[0]: int(m.split(":")[1]) for m in args.methods if ":" in m}
     n_seeds.setdefault("found", 1)

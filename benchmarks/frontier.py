@@ -408,7 +408,9 @@ def main() -> int:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "epochs": args.epochs, "threads": args.threads}
-    if args.tables_only:
+    if args.tables_only:  # the machine and commit the cells recorded, not this process's
+        if (out / "frontier.json").is_file():
+            meta = json.loads((out / "frontier.json").read_text())["machine"]
         write_tables(out, load_results(out), meta)
         return 0
     methods = [m.split(":")[0] for m in args.methods]

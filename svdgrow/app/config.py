@@ -24,7 +24,7 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3, "adamw": 2e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}
 """Weight decay per optimizer when ``weight_decay`` is None."""
 
-_SEARCH = {"start_scale": 4.0, "shrink_steps": 600, "resize_every": 10, "energy_eps": 1e-4,
+_SEARCH = {"start_scale": 4.0, "shrink_steps": 2000, "resize_every": 10, "energy_eps": 1e-4,
            "epochs": 15}  # fmt: skip
 RECIPES: dict[str, dict[str, Any]] = {
     "mnist": {"preset": "mnist-2m", "target_params": 6000, **_SEARCH},

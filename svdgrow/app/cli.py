@@ -273,8 +273,11 @@ def new_run_config(args: dict[str, Any], spec_file: str | None = None) -> TrainC
         recipe = dict(RECIPES[args.get("dataset", _DEFAULTS["dataset"])])
         if args.get("resize_every") == 0:  # no resizing asked for: the preset as it is
             recipe = {k: v for k, v in recipe.items() if k in ("preset", "epochs")}
-        for key, value in recipe.items():
-            args.setdefault(key, value)
+        filled = {k: v for k, v in recipe.items() if k not in args}
+        args.update(filled)
+        if filled:
+            logger.info("the %s recipe: %s", args.get("dataset", _DEFAULTS["dataset"]),
+                        " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items()))  # fmt: skip
     return TrainConfig(**args)
 
 

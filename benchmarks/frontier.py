@@ -96,6 +96,19 @@ def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None 
         lock.close()
 
 
+def _claimed(run_dir: Path) -> bool:
+    """Whether another copy of this script is running the cell now (holds its lock)."""
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    if not path.is_file():
+        return False
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
 def _cell(run_dir: Path) -> dict[str, Any] | None:
     """A finished cell's record (written by run_cell), or None."""
     try:
@@ -453,8 +466,8 @@ def main() -> int:
                   f"{cell['elapsed']:.0f} s", flush=True)  # fmt: skip
             write_tables(out, load_results(out), meta)
         if not progressed:  # the rest waits on cells other copies are running (or failed)
-            waiting_on_others = any((out / "runs" / "{}-{}-{}-s{}".format(*k)).exists()
-                                    and k not in failed for k in todo)  # fmt: skip
+            waiting_on_others = any(_claimed(out / "runs" / "{}-{}-{}-s{}".format(*k))
+                                    for k in todo if k not in failed)  # fmt: skip
             if not waiting_on_others:
                 print(f"cannot run {todo}: the runs they depend on failed or are not among "
                       f"--methods (--match {args.match})", file=sys.stderr)  # fmt: skip

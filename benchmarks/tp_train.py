@@ -39,7 +39,7 @@ def prune_to(model: torch.nn.Module, example: torch.Tensor, target: float) -> in
     parameters); returns the passes made."""
     import torch_pruning as tp  # noqa: PLC0415 - optional benchmark dependency
 
-    passes = 0
+    passes, training = 0, model.training
     while count_params(model) > target and passes < 8:
         # the channel fraction that removes the parameter excess if every layer shrank alike
         ratio = min(0.9, 1.0 - (target / count_params(model)) ** 0.5)
@@ -53,6 +53,9 @@ def prune_to(model: torch.nn.Module, example: torch.Tensor, target: float) -> in
         passes += 1
         if count_params(model) == before:
             break
+    # Torch-Pruning traces the model in eval mode and leaves it there; a loop that sets train()
+    # once per epoch would then train with BatchNorm on stale running statistics (it diverges)
+    model.train(training)
     return passes
 
 

@@ -2,6 +2,8 @@
 
 Examples::
 
+    svdgrow train --dataset mnist
+    svdgrow train --dataset mnist --target-params 3000
     svdgrow train --dataset mnist --preset mnist-2m --target-params 12000 --epochs 20
     svdgrow train --resume runs/mnist-mnist-2m-20240101-120000 --epochs 25
     svdgrow train --baseline-from runs/mnist-mnist-2m-20240101-120000

@@ -1,0 +1,76 @@
+"""benchmarks/frontier.py's bookkeeping: the uniform sizes that bracket a target, the
+interpolated comparison, results read back from run folders, cells claimed by lock files."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from svdgrow.app.models import count_params, narrow_spec, preset_spec
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
+if not _PATH.is_file():  # an installed package without the repository's benchmarks/
+    pytest.skip("benchmarks/frontier.py is not beside the tests", allow_module_level=True)
+_spec = importlib.util.spec_from_file_location("frontier", _PATH)
+frontier = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(frontier)
+
+
+@pytest.mark.parametrize("target", [3000, 5815, 12000])
+def test_other_side_brackets_the_target(target):
+    base = preset_spec("mnist-2m")
+    near = count_params(narrow_spec(base, target)[0])
+    other = count_params(frontier.other_side(base, target))
+    assert min(near, other) <= target <= max(near, other)
+    assert near != other
+
+
+def test_uniform_at_interpolates_in_log_params():
+    a, b = (1000.0, 99.0, 0.01, 3), (2000.0, 99.4, 0.04, 3)
+    acc, var, label = frontier.uniform_at([b, a], math.sqrt(1000 * 2000))  # halfway in log
+    assert acc == pytest.approx(99.2) and var == pytest.approx(0.25 * 0.01 + 0.25 * 0.04)
+    assert "interpolated" in label
+    acc, var, _ = frontier.uniform_at([a, b], 5000.0)  # outside: the nearest size
+    assert (acc, var) == (99.4, 0.04)
+
+
+def _cell(root: Path, name: str, params: int, acc: float) -> None:
+    d = root / "runs" / name
+    d.mkdir(parents=True)
+    (d / "cell.json").write_text(json.dumps({"params": params, "test_acc": acc, "elapsed": 10.0,
+                                             "start_params": params, "flops": 1}))  # fmt: skip
+
+
+def test_results_tables_and_comparison(tmp_path):
+    _cell(tmp_path, "fashion-mnist-60000-midlong-s0", 59000, 0.931)
+    _cell(tmp_path, "fashion-mnist-60000-midlong-s1", 58000, 0.933)
+    _cell(tmp_path, "fashion-mnist-60000-uniform-s0", 57000, 0.925)
+    _cell(tmp_path, "fashion-mnist-60000-uniform-s1", 57000, 0.927)
+    (tmp_path / "runs" / "mnist-3000-mid-s0").mkdir()  # unfinished: no cell.json
+    results = frontier.load_results(tmp_path)
+    assert sorted(results) == [("fashion-mnist", 60000, "midlong", 0),
+                               ("fashion-mnist", 60000, "midlong", 1),
+                               ("fashion-mnist", 60000, "uniform", 0),
+                               ("fashion-mnist", 60000, "uniform", 1)]  # fmt: skip
+    meta = {"machine": {"cpu": "x", "cores": 2, "torch": "t"}, "epochs": 1, "threads": 1}
+    frontier.write_tables(tmp_path, results, meta)
+    table = (tmp_path / "frontier.md").read_text()
+    row = next(line for line in table.splitlines() if "| midlong | 58,500 |" in line)
+    assert "+0.600" in row  # 93.2 - 92.6 (uniform's only size: the nearest)
+    assert json.loads((tmp_path / "frontier.json").read_text())["cells"][0]["params"] == 59000
+
+
+def test_a_claimed_cell_is_busy(tmp_path):
+    run = tmp_path / "runs" / "mnist-3000-mid-s0"
+    run.parent.mkdir(parents=True)
+    assert not frontier._claimed(run)
+    with open(run.parent / f".{run.name}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert frontier._claimed(run)
+        assert frontier.run_cell(["false"], run, tmp_path / "log") == "busy"
+    assert not frontier._claimed(run)

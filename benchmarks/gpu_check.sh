@@ -9,6 +9,8 @@
 #   build.log    pip's build output (nvcc included)
 #   pytest.txt   pytest -q of tests/test_ops.py (its cuda cases and the CPU ones); junit.xml beside it
 #   bench_svd.txt  python benchmarks/bench_svd.py --device cuda (and any file it wrote)
+#   mnist_gpu*/  the main job (svdgrow train --dataset mnist) on the GPU, plain and --amp,
+#                with its log and summary (needs the dataset in $DATA, default data_gz/)
 #   summary.txt  one line per step with its exit status
 # Needs: an NVIDIA GPU, nvcc (CUDA_HOME, or nvcc on PATH), and a Python with torch installed
 # (.venv is used when present). Nothing is downloaded (pip --no-index --no-deps).
@@ -87,5 +89,24 @@ if [ -f benchmarks/bench_svd.py ]; then
   summary "bench_svd: rc=$rc ($(( $(date +%s) - start )) s)"
 else
   summary "bench_svd: benchmarks/bench_svd.py not found, skipped"
+fi
+# The main job (README command 1) on the GPU, plain and with --amp. The data travels with the
+# call: copy ../shared/data/gz to data_gz/ (ignored) and name it in `carry`; torchvision reads
+# the .gz files in MNIST/raw.
+DATA=${DATA:-data_gz}
+if [ -d "$DATA" ]; then
+  for amp in "" "--amp"; do
+    name=mnist_gpu${amp:+_amp}
+    start=$(date +%s)
+    timeout 600 "$PY" -m svdgrow train --dataset mnist --device cuda $amp --no-download \
+      --data-dir "$DATA" --run-dir "$OUT/$name" --no-progress > "$OUT/$name.txt" 2>&1
+    rc=$?
+    tail -n 3 "$OUT/$name.txt"
+    "$PY" -m svdgrow summary "$OUT/$name" >> "$OUT/$name.txt" 2>&1
+    rm -rf "$OUT/$name/checkpoints"
+    summary "train $name: rc=$rc ($(( $(date +%s) - start )) s)"
+  done
+else
+  summary "train: no dataset folder $DATA (copy ../shared/data/gz there), skipped"
 fi
 cat "$OUT/summary.txt"

@@ -91,10 +91,14 @@ else
   summary "bench_svd: benchmarks/bench_svd.py not found, skipped"
 fi
 # The main job (README command 1) on the GPU, plain and with --amp. The data travels with the
-# call: copy ../shared/data/gz to data_gz/ (ignored) and name it in `carry`; torchvision reads
-# the .gz files in MNIST/raw.
+# call: copy ../shared/data/gz to data_gz/ (ignored) and name it in `carry`; its MNIST/*.gz are
+# unpacked here into the torchvision layout (MNIST/raw/<name>).
 DATA=${DATA:-data_gz}
-if [ -d "$DATA" ]; then
+if [ -d "$DATA/MNIST" ]; then
+  RAW=${TMPDIR:-/tmp}/svdgrow_data
+  mkdir -p "$RAW/MNIST/raw"
+  for f in "$DATA"/MNIST/*.gz; do gunzip -c "$f" > "$RAW/MNIST/raw/$(basename "$f" .gz)"; done
+  DATA=$RAW
   for amp in "" "--amp"; do
     name=mnist_gpu${amp:+_amp}
     start=$(date +%s)

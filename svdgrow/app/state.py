@@ -305,6 +305,23 @@ def open_run_folder(r: RunState, resumed: bool) -> None:
     logger.info("run folder %s: %s on %s, %d params, %d steps, %d process(es) x batch %d",
                 r.dir, r.cfg.dataset, r.device, count_params(r.model), r.total_steps,
                 r.ranks.size, r.cfg.batch_size)  # fmt: skip
+    _warn_unreachable_budget(r)
+
+
+def _warn_unreachable_budget(r: RunState) -> None:
+    """Say so when the budget schedule ends after resizing stops (a short run, a subset)."""
+    cfg = r.cfg
+    if cfg.target_params is None or r.start_params <= cfg.target_params or not r.ranks.main:
+        return
+    last = int(cfg.resize_until * r.total_steps)
+    if cfg.shrink_start + cfg.shrink_steps > last:
+        logger.warning(
+            "the budget reaches --target-params %d at step %d, but resizing stops at step %d "
+            "(--resize-until %g of %d steps): the network will end larger than the target; "
+            "lower --shrink-steps (or --shrink-start) or train longer",
+            cfg.target_params, cfg.shrink_start + cfg.shrink_steps, last, cfg.resize_until,
+            r.total_steps,
+        )  # fmt: skip
 
 
 def _open_folder(r: RunState, resumed: bool) -> None:

@@ -49,3 +49,13 @@ def test_distilled_loss():
     assert kd > 0  # a different teacher: a positive KL term
     kd.backward()
     assert net.weight.grad is not None and other.weight.grad is None  # the teacher is not trained
+
+
+def test_unreachable_budget_is_announced(tmp_path, data_dir, caplog):
+    argv = ["train", "--dataset", "mnist", "--subset", "400", "--test-subset", "100",
+            "--batch-size", "50", "--epochs", "1", "--threads", "1", "--no-progress",
+            "--checkpoint-minutes", "0", "--no-download", "--data-dir", str(data_dir),
+            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    with caplog.at_level("WARNING", logger="svdgrow"):
+        assert main(argv) == 0  # the recipe: 2,000 shrink steps, 8 steps in all
+    assert any("will end larger than the target" in r.message for r in caplog.records)

@@ -465,11 +465,16 @@ def main() -> int:
             print(f"  {cell['params']:,} params, {100 * cell['test_acc']:.2f}%, "
                   f"{cell['elapsed']:.0f} s", flush=True)  # fmt: skip
             write_tables(out, load_results(out), meta)
-        if not progressed:  # the rest waits on cells other copies are running (or failed)
-            waiting_on_others = any(_claimed(out / "runs" / "{}-{}-{}-s{}".format(*k))
-                                    for k in todo if k not in failed)  # fmt: skip
-            if not waiting_on_others:
-                print(f"cannot run {todo}: the runs they depend on failed or are not among "
+        if not progressed:  # the rest is run by other copies, or waits for cells they run
+            results = load_results(out)
+            claimed = {k for k in todo if _claimed(out / "runs" / "{}-{}-{}-s{}".format(*k))}
+            blocked = [k for k in todo if k not in claimed
+                       and cell_extra(args, k[2], k[0], k[1], results) is None]  # fmt: skip
+            if not blocked:  # every cell left is another copy's: leave them to it
+                print(f"the cells left are run by other copies: {sorted(claimed)}", flush=True)
+                break
+            if not claimed:
+                print(f"cannot run {blocked}: the runs they depend on failed or are not among "
                       f"--methods (--match {args.match})", file=sys.stderr)  # fmt: skip
                 return 1
             time.sleep(30)

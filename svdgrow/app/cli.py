@@ -277,9 +277,12 @@ def new_run_config(args: dict[str, Any], spec_file: str | None = None) -> TrainC
             recipe = {k: v for k, v in recipe.items() if k in ("preset", "epochs")}
         filled = {k: v for k, v in recipe.items() if k not in args}
         args.update(filled)
+        cfg = TrainConfig(**args)
+        cfg.validate()  # a bad flag is one error line, without the recipe line before it
         if filled:
-            logger.info("the %s recipe: %s", args.get("dataset", _DEFAULTS["dataset"]),
+            logger.info("the %s recipe: %s", cfg.dataset,
                         " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items()))  # fmt: skip
+        return cfg
     return TrainConfig(**args)
 
 

@@ -60,7 +60,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _torchrun(*argv: str, restarts: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT), "OMP_NUM_THREADS": "1"}
+    # one compile thread per rank: no inductor worker pool in the children (a rank once died
+    # with "terminate called without an active exception" under --compile on the loaded CI box)
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT), "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", "--max-restarts", str(restarts), *argv]  # fmt: skip
     return subprocess.run(cmd, cwd=PKG_ROOT, env=env, capture_output=True, text=True, timeout=300)

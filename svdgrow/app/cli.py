@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a light ResNet on MNIST or Fashion-MNIST while svdgrow resizes its layer "
             "widths. Without --preset or --spec the dataset's tuned recipe runs: "
-            + "; ".join(f"{d}: {_recipe_text(r)}" for d, r in RECIPES.items())
+            + "; ".join(f"{d}: {_as_flags(r)}" for d, r in RECIPES.items())
             + ". Otherwise every unset flag takes the default shown (or, with --resume or "
             "--baseline-from, the value of that run)."
         ),
@@ -124,11 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _recipe_text(recipe: dict[str, Any]) -> str:
-    flags = {k: v for k, v in recipe.items() if k != "preset"}
-    return f"--preset {recipe['preset']} " + " ".join(
-        f"--{k.replace('_', '-')} {v:g}" for k, v in flags.items()
-    )
+def _as_flags(settings: dict[str, Any]) -> str:
+    """``{"target_params": 6000}`` -> ``--target-params 6000`` (numbers in short form)."""
+    return " ".join(f"--{k.replace('_', '-')} {v if isinstance(v, str) else format(v, 'g')}"
+                    for k, v in settings.items())  # fmt: skip
 
 
 def _what_to_train(g: Any) -> None:
@@ -280,8 +279,7 @@ def new_run_config(args: dict[str, Any], spec_file: str | None = None) -> TrainC
         cfg = TrainConfig(**args)
         cfg.validate()  # a bad flag is one error line, without the recipe line before it
         if filled:
-            logger.info("the %s recipe: %s", cfg.dataset,
-                        " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items()))  # fmt: skip
+            logger.info("the %s recipe: %s", cfg.dataset, _as_flags(filled))
         return cfg
     return TrainConfig(**args)
 

@@ -60,6 +60,32 @@ inline void check_batched_svd_args(at::TensorList mats, std::optional<int64_t> k
 }
 
 // ---------------------------------------------------------------------------------------------
+// pivoted_cholesky
+// ---------------------------------------------------------------------------------------------
+
+// Checks the arguments of pivoted_cholesky: square float32/float64 matrices on one device, one
+// pivot count per matrix with 0 <= r[i] <= n_i, block >= 1.
+inline void check_pivoted_cholesky_args(at::TensorList grams, at::IntArrayRef r, int64_t block) {
+  TORCH_CHECK(grams.size() == r.size(), "pivoted_cholesky: grams has ", grams.size(),
+              " entries but r has ", r.size(), "; pass one pivot count per matrix");
+  TORCH_CHECK(block >= 1, "pivoted_cholesky: block must be >= 1, got ", block);
+  for (size_t i = 0; i < grams.size(); ++i) {
+    const at::Tensor& g = grams[i];
+    TORCH_CHECK(g.defined(), "pivoted_cholesky: grams[", i, "] is an undefined tensor");
+    TORCH_CHECK(g.dim() == 2 && g.size(0) == g.size(1), "pivoted_cholesky: grams[", i,
+                "] must be a square matrix, got shape ", g.sizes());
+    TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble,
+                "pivoted_cholesky: grams[", i, "] must be float32 or float64, got ",
+                g.scalar_type());
+    TORCH_CHECK(g.device() == grams[0].device(), "pivoted_cholesky: all grams must be on one ",
+                "device; grams[0] is on ", grams[0].device(), " but grams[", i, "] is on ",
+                g.device());
+    TORCH_CHECK(r[i] >= 0 && r[i] <= g.size(0), "pivoted_cholesky: asked for ", r[i],
+                " pivots of grams[", i, "], which has ", g.size(0), " columns");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // slice_copy: src[i] viewed as [R, C, B] (docs/design.md, "Kernels: slice_copy")
 // ---------------------------------------------------------------------------------------------
 

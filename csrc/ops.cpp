@@ -30,4 +30,7 @@ TORCH_LIBRARY(svdgrow, m) {
   m.def(
       "slice_copy_(Tensor[] src, Tensor(a!)[] dst, Tensor?[] row_index, "
       "Tensor?[] col_index, int[] block, Tensor?[] fill) -> ()");
+  // The first r[i] greedy pivots of each PSD matrix, in the order chosen: the columns that
+  // column-pivoted QR of A would pick for grams[i] = A^T A ("Kernels: pivoted_cholesky").
+  m.def("pivoted_cholesky(Tensor[] grams, int[] r, int block=64) -> Tensor[]");
 }

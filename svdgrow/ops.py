@@ -1,13 +1,17 @@
 """Python entry points to the svdgrow kernels (``torch.ops.svdgrow.*``).
 
-Two operators, each with a CPU kernel (``csrc/cpu``), a CUDA kernel where built (``csrc/cuda``),
-a fake (meta) implementation registered here so that ``torch.compile`` and shape propagation see
-through them, and an autograd registration that refuses to differentiate them:
+Three operators, each with a CPU kernel (``csrc/cpu``), a fake (meta) implementation registered
+here so that ``torch.compile`` and shape propagation see through them, and an autograd
+registration that refuses to differentiate them; the first two also have a CUDA kernel where
+built (``csrc/cuda``):
 
 * :func:`batched_svd`: singular values and vectors of many matrices of different shapes in one
   call.
 * :func:`slice_copy`: keep, reorder and add rows / channels of many tensors (weights, biases,
   optimizer state) in one pass.
+* :func:`pivoted_cholesky`: the greedy pivots of many PSD matrices (which channels a prune
+  keeps) in one call, CPU only (a GPU runs ``svdgrow.surgery.pivots``' batched tensor version,
+  which never waits for the host).
 
 Their contracts (the ``[R, C, B]`` layout, accuracy, aliasing, threads): ``docs/design.md``,
 section "Kernels".
@@ -22,7 +26,7 @@ from torch import Tensor
 
 import svdgrow._C  # noqa: F401  (loads the library that defines torch.ops.svdgrow.*)
 
-__all__ = ["batched_svd", "slice_copy", "make_index"]
+__all__ = ["batched_svd", "make_index", "pivoted_cholesky", "slice_copy"]
 
 _EMPTY_MATS = "batched_svd: mats is an empty list; pass at least one 2-D matrix"
 
@@ -175,6 +179,41 @@ def slice_copy(
     return outs
 
 
+def pivoted_cholesky(grams: Sequence[Tensor], r: Sequence[int], block: int = 64) -> list[Tensor]:
+    """The first ``r[i]`` pivots of a greedy pivoted Cholesky of each PSD matrix, in one call.
+
+    For ``grams[i] = A^T A`` these are the columns that column-pivoted QR (Gram-Schmidt) of
+    ``A`` would choose: each pivot is the column with the largest residual after projecting out
+    the ones chosen before (the first of equal ones). The kernel is the blocked algorithm of
+    :func:`svdgrow.surgery.pivots.pivoted_cholesky` (``block`` pivots per panel, then one BLAS
+    update of the rest) in float64, without its per-pivot Python steps; matrices run in
+    parallel. Once a matrix's residual is exhausted (rank below ``r[i]``) the remaining pivots
+    follow the rounding, as there. ``docs/design.md``, "Kernels: pivoted_cholesky".
+
+    Args:
+        grams (Sequence[Tensor[n_i, n_i]]): symmetric PSD float32/float64 matrices, on the CPU.
+        r (Sequence[int]): pivots wanted per matrix, ``0 <= r[i] <= n_i``.
+        block (int): pivots per panel.
+
+    Returns:
+        list[Tensor[r_i]] (int64): the pivots of each matrix in the order chosen.
+
+    Raises:
+        ValueError: when ``r`` does not have one entry per matrix.
+        RuntimeError: on a matrix that is not square, not float32/float64, or not on the
+            device of the first; on ``r[i]`` out of range. The message names the index.
+    """
+    grams, r = list(grams), [int(x) for x in r]
+    if len(r) != len(grams):
+        raise ValueError(
+            f"pivoted_cholesky: grams has {len(grams)} entries but r has {len(r)}; pass one "
+            "pivot count per matrix"
+        )
+    if not grams:
+        return []
+    return list(torch.ops.svdgrow.pivoted_cholesky.default(grams, r, block))
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd: neither op is differentiable. Without a registration autograd would attach its
 # "not implemented" node, whose backward only warns and lets the gradient silently stop.
@@ -195,7 +234,7 @@ def _no_context(ctx, inputs, output) -> None:
     pass
 
 
-for _op in ("batched_svd", "slice_copy"):
+for _op in ("batched_svd", "slice_copy", "pivoted_cholesky"):
     torch.library.register_autograd(
         f"svdgrow::{_op}", _refuse_backward(_op), setup_context=_no_context
     )
@@ -319,3 +358,23 @@ def _slice_copy__fake(src, dst, row_index, col_index, block, fill):
             f"slice_copy_: dst[{i}] must have shape {tuple(shape)}, got {tuple(d.shape)}",
         )
     return None
+
+
+@torch.library.register_fake("svdgrow::pivoted_cholesky")
+def _pivoted_cholesky_fake(grams, r, block=64):
+    _check(
+        len(grams) == len(r), f"pivoted_cholesky: grams has {len(grams)} entries but r has {len(r)}"
+    )
+    _check(block >= 1, f"pivoted_cholesky: block must be >= 1, got {block}")
+    out = []
+    for i, (g, k) in enumerate(zip(grams, r, strict=True)):
+        _check(
+            g.dim() == 2 and g.shape[0] == g.shape[1],
+            f"pivoted_cholesky: grams[{i}] must be a square matrix, got shape {tuple(g.shape)}",
+        )
+        _check(
+            0 <= k <= g.shape[0],
+            f"pivoted_cholesky: asked for {k} pivots of grams[{i}], which has {g.shape[0]} columns",
+        )
+        out.append(g.new_empty((k,), dtype=torch.int64))
+    return out

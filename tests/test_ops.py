@@ -938,3 +938,89 @@ def test_fake_shapes_under_fake_mode():
         assert shapes == [(2,), (2,), (6, 2), (3, 2), (2, 4), (2, 8)]
         out = ops.slice_copy(*_slice_sample())
         assert [tuple(t.shape) for t in out] == [(3, 4, 2, 2), (3,), (5, 8)]
+
+
+# ---------------------------------------------------------------------------------------------
+# pivoted_cholesky (CPU kernel against the reference in svdgrow.surgery.pivots)
+# ---------------------------------------------------------------------------------------------
+
+
+def _greedy_qr_pivots(A: torch.Tensor, r: int) -> list[int]:
+    """Column-pivoted Gram-Schmidt of A, one column at a time: the definition of the pivots."""
+    A = A.clone()
+    out = []
+    for _ in range(r):
+        norms = (A * A).sum(0)
+        norms[out] = -1.0
+        j = int(torch.argmax(norms))
+        out.append(j)
+        q = A[:, j] / norms[j].sqrt()
+        A = A - q[:, None] * (q @ A)[None, :]
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 150),
+    frac=st.floats(0.0, 1.0),
+    block=st.sampled_from([1, 3, 64]),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_pivoted_cholesky_matches_reference(n, frac, block, seed, dtype):
+    """Full-rank matrices with distinct column norms: the kernel's pivots are exactly those of
+    the one-column-at-a-time definition and of the Python blocked version, for any block."""
+    from svdgrow.surgery.pivots import pivoted_cholesky as reference
+
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n + 5, n, generator=g, dtype=torch.float64)
+    A = A * torch.linspace(1.0, 3.0, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    r = round(frac * n)
+    (piv,) = ops.pivoted_cholesky([(A.T @ A).to(dtype)], [r], block=block)
+    assert piv.dtype == torch.int64 and piv.shape == (r,)
+    if dtype == torch.float64:
+        assert piv.tolist() == _greedy_qr_pivots(A, r)
+    assert piv.tolist() == reference((A.T @ A).to(dtype), r, block=block).tolist()
+
+
+def test_pivoted_cholesky_many_sizes_in_one_call_and_rank_deficient():
+    """Many matrices in one call (run in parallel) each give their own pivots; a rank-k matrix
+    picks k independent columns first, then distinct ones to reach r."""
+    from svdgrow.surgery.pivots import pivoted_cholesky as reference
+
+    g = torch.Generator().manual_seed(3)
+    grams, rs = [], []
+    for n in (5, 40, 130, 7, 1, 300):
+        A = torch.randn(n + 3, n, generator=g, dtype=torch.float64)
+        grams.append(A.T @ A)
+        rs.append(max(0, n - 2))
+    out = ops.pivoted_cholesky(grams, rs)
+    for G, r, piv in zip(grams, rs, out, strict=True):
+        assert piv.tolist() == reference(G, r).tolist()
+    A = torch.randn(4, 30, generator=g, dtype=torch.float64)  # rank 4
+    (piv,) = ops.pivoted_cholesky([A.T @ A], [10])
+    assert len(set(piv.tolist())) == 10
+    assert torch.linalg.matrix_rank(A[:, piv[:4]]) == 4
+
+
+def test_pivoted_cholesky_bad_input():
+    G = torch.eye(4)
+    with pytest.raises(ValueError, match="grams has 1 entries but r has 2"):
+        ops.pivoted_cholesky([G], [1, 2])
+    with pytest.raises(RuntimeError, match=r"asked for 5 pivots of grams\[0\]"):
+        ops.pivoted_cholesky([G], [5])
+    with pytest.raises(RuntimeError, match=r"grams\[1\] must be a square matrix"):
+        ops.pivoted_cholesky([G, torch.zeros(3, 4)], [1, 1])
+    with pytest.raises(RuntimeError, match="must be float32 or float64"):
+        ops.pivoted_cholesky([torch.eye(3, dtype=torch.int64)], [1])
+    with pytest.raises(RuntimeError, match="block must be >= 1"):
+        ops.pivoted_cholesky([G], [1], block=0)
+    assert ops.pivoted_cholesky([], []) == []
+
+
+def test_opcheck_pivoted_cholesky():
+    A = torch.randn(9, 6, dtype=torch.float64)
+    grams = [A.T @ A, torch.eye(3)]
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.svdgrow.pivoted_cholesky.default, (grams, [4, 2]),
+                          test_utils=quick)  # fmt: skip

@@ -511,9 +511,8 @@ def test_one_slice_copy_call_per_resize(monkeypatch):
 
 @pytest.mark.parametrize("batched", ["auto", "padded"])
 def test_batched_pivoting_matches_one_group_at_a_time(batched):
-    """pivoted_cholesky_batched (on the CPU: one batch per size shared by several matrices, the
-    others one at a time) and the padded batch it uses on GPUs (run here on the CPU) give the
-    per-group choices."""
+    """pivoted_cholesky_batched (on the CPU: the svdgrow.ops.pivoted_cholesky kernel) and the
+    padded batch it uses on GPUs (run here on the CPU) give the per-group choices."""
     fn = surgery.pivoted_cholesky_batched if batched == "auto" else _pivoted_cholesky_padded
     g = torch.Generator().manual_seed(9)
     grams, rs = [], []

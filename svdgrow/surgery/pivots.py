@@ -6,24 +6,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._utils import all_finite
 
 __all__ = [
-    "BATCH_MIN",
-    "BATCH_SIZE_MAX",
     "complement",
     "grow_rows",
     "pivoted_cholesky",
     "pivoted_cholesky_batched",
     "solve_spd",
 ]
-
-
-#: On the CPU, :func:`pivoted_cholesky_batched` batches matrices of one size up to this many
-#: channels...
-BATCH_SIZE_MAX = 128
-#: ... when at least this many have it.
-BATCH_MIN = 4
 
 
 def pivoted_cholesky(G: Tensor, r: int, block: int = 64) -> Tensor:
@@ -34,6 +26,8 @@ def pivoted_cholesky(G: Tensor, r: int, block: int = 64) -> Tensor:
     the Schur complement of the rows not chosen yet is updated in one matrix product and the
     chosen rows leave it; each step's column costs ``O(n * block)`` instead of ``O(n * t)``.
     The pivots are those of the one-column-at-a-time algorithm (up to rounding in near ties).
+    The reference version of the ``svdgrow.ops.pivoted_cholesky`` kernel, which
+    :func:`pivoted_cholesky_batched` runs on the CPU.
 
     Args:
         G (Tensor[n, n]): symmetric positive semi-definite.
@@ -73,11 +67,10 @@ def pivoted_cholesky(G: Tensor, r: int, block: int = 64) -> Tensor:
 def pivoted_cholesky_batched(grams: list[Tensor], rs: list[int]) -> list[Tensor]:
     """:func:`pivoted_cholesky` of several Gram matrices at once.
 
-    On a GPU one padded batch (:func:`_pivoted_cholesky_padded`): every step is a handful of
-    batched ops for all groups, with no host synchronisation. On the CPU the matrices of one
-    size (at most :data:`BATCH_SIZE_MAX` channels, :data:`BATCH_MIN` of them or more: a
-    DenseNet's many equal layers) go as one batch without padding, the others one at a time
-    (the blocked :func:`pivoted_cholesky`, faster for large ones).
+    On the CPU one ``svdgrow.ops.pivoted_cholesky`` kernel call for all (the blocked algorithm
+    without per-pivot Python steps, matrices in parallel); on a GPU one padded batch
+    (:func:`_pivoted_cholesky_padded`): every step is a handful of batched ops for all groups,
+    with no host synchronisation.
 
     Args:
         grams: PSD matrices ``Tensor[n_i, n_i]``, on one device.
@@ -93,21 +86,12 @@ def pivoted_cholesky_batched(grams: list[Tensor], rs: list[int]) -> list[Tensor]
             "the features a prune is fitted on hold NaN/inf (the model's activations overflow "
             "on this batch); nothing was changed"
         )
+    for g, r in zip(grams, rs, strict=True):
+        if r > g.shape[0]:
+            raise ValueError(f"pivoted selection: asked for {r} columns out of {g.shape[0]}")
     if grams[0].device.type != "cpu":
         return _pivoted_cholesky_padded(grams, rs)
-    out: list[Tensor | None] = [None] * len(grams)
-    by_size: dict[int, list[int]] = {}
-    for i, g in enumerate(grams):
-        by_size.setdefault(g.shape[0], []).append(i)
-    for n, idx in by_size.items():
-        if len(idx) >= BATCH_MIN and n <= BATCH_SIZE_MAX:
-            piv = _pivoted_cholesky_padded([grams[i] for i in idx], [rs[i] for i in idx])
-            for i, p in zip(idx, piv, strict=True):
-                out[i] = p
-        else:
-            for i in idx:
-                out[i] = pivoted_cholesky(grams[i], rs[i])
-    return out
+    return ops.pivoted_cholesky(grams, rs)
 
 
 def _pivoted_cholesky_padded(grams: list[Tensor], rs: list[int]) -> list[Tensor]:

@@ -930,3 +930,19 @@ def test_network_change_simulates_the_resize(mode):
         actual = float((m(x) - y0).norm() / y0.norm())
     assert actual > 1e-3
     assert predicted == pytest.approx(actual, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_all_finite_finds_any_nan_or_infinity(dtype, bad):
+    """The check before every commit: one NaN or infinity anywhere in any tensor is found;
+    huge finite values, empty and integer tensors are not refused."""
+    from svdgrow._utils import all_finite
+
+    big = torch.finfo(dtype).max
+    tensors = [torch.full((7, 3), big, dtype=dtype), torch.empty(0), torch.arange(4),
+               torch.randn(50).to(dtype)]  # fmt: skip
+    if bad is not None:
+        tensors[3][17] = bad
+    assert bool(all_finite(tensors)) is (bad is None)
+    assert bool(all_finite([])) is True

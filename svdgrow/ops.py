@@ -199,7 +199,8 @@ def pivoted_cholesky(grams: Sequence[Tensor], r: Sequence[int], block: int = 64)
         list[Tensor[r_i]] (int64): the pivots of each matrix in the order chosen.
 
     Raises:
-        ValueError: when ``r`` does not have one entry per matrix.
+        ValueError: when ``r`` does not have one entry per matrix, or the matrices are not on
+            the CPU.
         RuntimeError: on a matrix that is not square, not float32/float64, or not on the
             device of the first; on ``r[i]`` out of range. The message names the index.
     """
@@ -211,6 +212,12 @@ def pivoted_cholesky(grams: Sequence[Tensor], r: Sequence[int], block: int = 64)
         )
     if not grams:
         return []
+    if grams[0].device.type != "cpu":
+        raise ValueError(
+            f"pivoted_cholesky: runs on the CPU, got grams on {grams[0].device}; move them "
+            "with .cpu(), or call svdgrow.surgery.pivoted_cholesky_batched (a batched GPU "
+            "version)"
+        )
     return list(torch.ops.svdgrow.pivoted_cholesky.default(grams, r, block))
 
 

@@ -1016,6 +1016,8 @@ def test_pivoted_cholesky_bad_input():
     with pytest.raises(RuntimeError, match="block must be >= 1"):
         ops.pivoted_cholesky([G], [1], block=0)
     assert ops.pivoted_cholesky([], []) == []
+    with pytest.raises(ValueError, match="runs on the CPU, got grams on meta"):
+        ops.pivoted_cholesky([torch.eye(3, device="meta")], [1])
 
 
 def test_opcheck_pivoted_cholesky():

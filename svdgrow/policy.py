@@ -47,6 +47,10 @@ class Policy:
         max_prune_fraction: at most this fraction of a group's channels goes per step.
         budget: optional ceiling on the network's cost (parameters or FLOPs).
         budget_kind: ``"params"`` or ``"flops"`` (forward FLOPs on the example input).
+        flops_budget: optional second ceiling, on forward FLOPs per example input, that the
+            widths must fit as well as a ``budget_kind="params"`` budget: the cut then weighs
+            each channel by what it saves of every ceiling still exceeded, each relative to
+            its ceiling.
     """
 
     energy_eps: float = 1e-2
@@ -56,6 +60,7 @@ class Policy:
     max_prune_fraction: float = 0.5
     budget: float | None = None
     budget_kind: str = "params"
+    flops_budget: float | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.energy_eps < 1.0:
@@ -72,6 +77,13 @@ class Policy:
             raise ValueError(f"budget_kind must be 'params' or 'flops', got {self.budget_kind!r}")
         if self.budget is not None and self.budget <= 0:
             raise ValueError(f"budget must be positive or None, got {self.budget}")
+        if self.flops_budget is not None and self.flops_budget <= 0:
+            raise ValueError(f"flops_budget must be positive or None, got {self.flops_budget}")
+        if self.flops_budget is not None and self.budget_kind != "params":
+            raise ValueError(
+                "flops_budget is a second ceiling beside a parameter budget; with "
+                "budget_kind='flops' set budget instead"
+            )
 
     # ------------------------------------------------------------------------------------------
     def floor(self, n: int) -> int:
@@ -85,30 +97,41 @@ class Policy:
         cost: Callable[[dict[str, int]], float] | None = None,
         widths: dict[str, int] | None = None,
         budget: float | None = None,
+        flops_cost: Callable[[dict[str, int]], float] | None = None,
+        flops_budget: float | None = None,
     ) -> list[Decision]:
         """Decide a width for every analysed group.
 
         Args:
             spectra: from :meth:`svdgrow.Resizer.analyse`.
-            cost: ``cost(widths by group name) -> float`` of the whole network (needed with a
-                budget).
+            cost: ``cost(widths by group name) -> float`` of the whole network in
+                ``budget_kind`` (needed with a budget).
             widths: the current widths of all groups (needed with a budget).
             budget: overrides ``self.budget`` for this step.
+            flops_cost: the network's forward FLOPs as a function of the widths (needed with a
+                FLOPs ceiling).
+            flops_budget: overrides ``self.flops_budget`` for this step.
 
         Returns:
             one :class:`Decision` per spectrum, in order.
         """
         budget = self.budget if budget is None else budget
+        flops_budget = self.flops_budget if flops_budget is None else flops_budget
+        ceilings = []
+        if budget is not None:
+            ceilings.append((self.budget_kind, cost, float(budget)))
+        if flops_budget is not None:
+            ceilings.append(("flops", flops_cost, float(flops_budget)))
         draft = _Draft()
         for s in spectra:
             self._decide_group(s, draft)
-        if budget is None:
+        if not ceilings:
             for _, name, w, _ in draft.grows:
                 draft.target[name] = w
         else:
-            if cost is None or widths is None:
+            if any(fn is None for _, fn, _ in ceilings) or widths is None:
                 raise ValueError("a budget needs a cost function and the current widths")
-            self._fit_budget(spectra, draft, cost, {**widths, **draft.target}, float(budget))
+            self._fit_budget(spectra, draft, ceilings, {**widths, **draft.target})
         out = []
         for s in spectra:
             w = draft.target[s.name]
@@ -161,69 +184,79 @@ class Policy:
                 )
             draft.reasons[s.name] = f"all {n} directions needed (eps={eps:g}); {why}"
 
-    def _fit_budget(self, spectra, draft: _Draft, cost, plan: dict[str, int], budget: float):
-        """Bring the planned widths under ``budget``, then take the grow options that fit.
+    def _fit_budget(self, spectra, draft: _Draft, ceilings, plan: dict[str, int]):
+        """Bring the planned widths under every ceiling, then take the grow options that fit.
 
-        While ``cost(plan)`` exceeds the budget, one more channel is removed network-wide from
-        the group that loses the least relative energy per unit of cost saved (a lazy heap:
-        a popped score is recomputed and pushed back when it went stale), never below a
-        group's :meth:`floor`. Grow options are then taken, strongest first, while the cost
-        stays within the budget.
+        While a cost exceeds its ceiling, one more channel is removed network-wide from the
+        group that loses the least relative energy per unit of cost saved (each cost still
+        above its ceiling counted relative to that ceiling; with one ceiling, per unit of that
+        cost), via a lazy heap: a popped score is recomputed and pushed back when it went
+        stale; never below a group's :meth:`floor`. Grow options are then taken, strongest
+        first, while every cost stays within its ceiling.
 
         Args:
             spectra: the analysed groups.
             draft: the energy rule's targets, reasons and grow options; updated in place.
-            cost: the network's cost as a function of all widths.
+            ceilings: ``(kind, cost function of all widths, ceiling)`` per budget.
             plan: every group's width with the energy rule's targets applied; updated in place.
-            budget: the ceiling.
         """
         by_name = {s.name: s for s in spectra}
-        kind = self.budget_kind
-        start_cost = cost(plan)
-        if start_cost > budget:
-            taken, cur = self._cut_to_budget(by_name, cost, plan, budget)
+        kinds = "+".join(k for k, _, _ in ceilings)
+        what = " and ".join(f"{k}={b:.6g}" for k, _, b in ceilings)
+        start = [fn(plan) for _, fn, _ in ceilings]
+        if any(c > b for c, (_, _, b) in zip(start, ceilings, strict=True)):
+            taken, cur = self._cut_to_budget(by_name, ceilings, plan)
+            planned = ", ".join(f"{c:.6g}" for c in start)
             for name, k in taken.items():
                 s = by_name[name]
                 n_kept = s.energy_kept.numel()
                 kept = float(s.energy_kept[min(plan[name], n_kept) - 1]) if n_kept else 1.0
                 draft.reasons[name] += (
-                    f"; budget {kind}={budget:.6g} (planned {start_cost:.6g}): {k} more "
-                    f"channel(s) removed, lowest energy lost per {kind} saved -> {plan[name]} "
-                    f"(energy kept {kept:.6f})"
+                    f"; budget {what} (planned {planned}): {k} more channel(s) removed, lowest "
+                    f"energy lost per {kinds} saved -> {plan[name]} (energy kept {kept:.6f})"
                 )
                 draft.target[name] = plan[name]
-            if cur > budget:
+            if any(c > b for c, (_, _, b) in zip(cur, ceilings, strict=True)):
+                reached = ", ".join(f"{c:.6g}" for c in cur)
                 for s in spectra:
                     draft.reasons[s.name] += (
-                        f"; budget {kind}={budget:.6g} not reached this step ({cur:.6g} after "
-                        "the floors)"
+                        f"; budget {what} not reached this step ({reached} after the floors)"
                     )
         for _, name, w, msg in sorted(draft.grows):
             old = plan[name]
             plan[name] = w
-            c = cost(plan)
-            if c <= budget:
+            over = [(k, c, b) for k, fn, b in ceilings if (c := fn(plan)) > b]
+            if not over:
                 draft.target[name] = w
             else:
                 plan[name] = old
+                k, c, b = over[0]
                 draft.reasons[name] = (
-                    f"{msg}; growth blocked: {kind} would be {c:.6g} > budget {budget:.6g}"
+                    f"{msg}; growth blocked: {k} would be {c:.6g} > budget {b:.6g}"
                 )
 
-    def _cut_to_budget(self, by_name, cost, plan: dict[str, int], budget: float):
+    def _cut_to_budget(self, by_name, ceilings, plan: dict[str, int]):
         """Remove single channels from ``plan`` (in place), cheapest first, until it fits
-        ``budget`` or every group is at its floor. Returns (channels taken per group, the
-        cost reached)."""
+        every ceiling or every group is at its floor. Returns (channels taken per group, the
+        costs reached)."""
         taken: dict[str, int] = {}
+
+        def costs() -> list[float]:
+            return [fn(plan) for _, fn, _ in ceilings]
 
         def score(name: str) -> float | None:  # relative energy lost per unit of cost saved
             w = plan[name]
             if w <= self.floor(by_name[name].width):
                 return None
-            cur = cost(plan)
+            cur = costs()
             plan[name] = w - 1
-            saved = cur - cost(plan)
+            after = costs()
             plan[name] = w
+            over = [i for i, (_, _, b) in enumerate(ceilings) if cur[i] > b]
+            if len(ceilings) == 1:
+                saved = cur[0] - after[0]  # in the cost's own unit, as before a second ceiling
+            else:
+                saved = sum((cur[i] - after[i]) / ceilings[i][2] for i in over)
             if saved <= 0:
                 return None
             s = by_name[name]
@@ -231,10 +264,13 @@ class Policy:
                 return 0.0 / saved
             return float(s.energy[w - 1]) / s.total_energy / saved
 
+        def fits(cur: list[float]) -> bool:
+            return all(c <= b for c, (_, _, b) in zip(cur, ceilings, strict=True))
+
         heap = [(sc, name) for name in by_name if (sc := score(name)) is not None]
         heapq.heapify(heap)
-        cur = cost(plan)
-        while cur > budget and heap:
+        cur = costs()
+        while not fits(cur) and heap:
             _, name = heapq.heappop(heap)
             fresh = score(name)
             if fresh is None:
@@ -244,7 +280,7 @@ class Policy:
                 continue
             plan[name] -= 1
             taken[name] = taken.get(name, 0) + 1
-            cur = cost(plan)
+            cur = costs()
             nxt = score(name)
             if nxt is not None:
                 heapq.heappush(heap, (nxt, name))

@@ -68,6 +68,10 @@ class StepReport:
         cost_before: the cost before, when a budget was used.
         cost_after: the cost after, when a budget was used.
         budget: the budget, when one was used.
+        flops_before: forward FLOPs per example input before, when a FLOPs ceiling was used
+            beside a parameter budget.
+        flops_after: the same after.
+        flops_budget: that ceiling.
         warnings: approximations the surgery had to make (e.g. a dropped bias correction).
         seconds: time spent in 'analyse', 'decide', 'apply'.
         index: group name -> for every new channel, the old channel it came from (-1: grown),
@@ -87,6 +91,9 @@ class StepReport:
     cost_before: float | None = None
     cost_after: float | None = None
     budget: float | None = None
+    flops_before: float | None = None
+    flops_after: float | None = None
+    flops_budget: float | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     index: dict[str, list[int]] = field(default_factory=dict)
@@ -107,6 +114,11 @@ class StepReport:
             lines[0] += (
                 f"; {self.cost_kind} {self.cost_before:.4g} -> {self.cost_after:.4g} "
                 f"(budget {self.budget:.4g})"
+            )
+        if self.flops_budget is not None:
+            lines[0] += (
+                f"; flops {self.flops_before:.4g} -> {self.flops_after:.4g} "
+                f"(budget {self.flops_budget:.4g})"
             )
         for d in self.decisions:
             lines.append(
@@ -247,12 +259,16 @@ class Resizer:
         ctx = self.context()
         return analyse_groups(ctx.modules, groups, ctx.widths, grams)
 
-    def step(self, data=None, budget: float | None = None) -> StepReport:
+    def step(
+        self, data=None, budget: float | None = None, flops_budget: float | None = None
+    ) -> StepReport:
         """Analyse, decide and apply one resize (stages 2-5).
 
         Args:
             data: a batch (tensor or tuple) for ``mode="data"``.
             budget: overrides the policy's budget for this step (a shrinking schedule).
+            flops_budget: overrides the policy's ``flops_budget`` (a second ceiling, forward
+                FLOPs on the example input, beside a parameter budget) for this step.
 
         Returns:
             a :class:`StepReport`.
@@ -268,7 +284,9 @@ class Resizer:
         budget = self.policy.budget if budget is None else budget
         widths = self.widths()
         cost = self.cost(self.policy.budget_kind) if budget is not None else None
-        decisions = self.policy.decide(spectra, cost, widths, budget)
+        flops_budget = self.policy.flops_budget if flops_budget is None else flops_budget
+        flops = self.cost("flops") if flops_budget is not None else None
+        decisions = self.policy.decide(spectra, cost, widths, budget, flops, flops_budget)
         t2 = time.perf_counter()
         new = {d.group: d.new_width for d in decisions if d.action != "keep"}
         report = self._resize(new, data, decisions, grams)
@@ -278,6 +296,10 @@ class Resizer:
             report.cost_before = cost(None)
             report.cost_after = cost({d.group: d.new_width for d in decisions})
             report.budget = float(budget)
+        if flops is not None:
+            report.flops_before = flops(None)
+            report.flops_after = flops({d.group: d.new_width for d in decisions})
+            report.flops_budget = float(flops_budget)
         report.widths_before = widths
         report.seconds = {"analyse": t1 - t0, "decide": t2 - t1, "apply": t3 - t2}
         self.history.append(report)

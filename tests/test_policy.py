@@ -107,6 +107,49 @@ def test_budget_ranks_removals_by_energy_lost_per_cost_saved():
     assert got <= best[0] * 1.05 + 1e-12
 
 
+def test_two_ceilings_params_and_flops():
+    """A FLOPs ceiling beside the parameter budget: both are met; the cut follows what each
+    channel saves of the ceilings still exceeded; a loose FLOPs ceiling changes nothing."""
+    sv = [1.0 / (i + 1) for i in range(16)]
+    A, B = spec("A", sv, gid=0), spec("B", sv, gid=1)
+    params = lambda w: 10.0 * w["A"] + 10.0 * w["B"]  # noqa: E731  (a channel costs the same)
+    flops = lambda w: 100.0 * w["A"] + 1.0 * w["B"]  # noqa: E731  (but A's are 100x the FLOPs)
+    pol = Policy(energy_eps=1e-9, min_width=1, max_prune_fraction=0.75, grow_threshold=2.0)
+    widths = {"A": 16, "B": 16}
+    one_only = pol.decide([A, B], cost=params, widths=widths, budget=250.0)
+    assert params({"A": one_only[0].new_width, "B": one_only[1].new_width}) <= 250.0
+    loose = pol.decide([A, B], params, widths, 250.0, flops_cost=flops, flops_budget=1e9)
+    assert [d.new_width for d in loose] == [d.new_width for d in one_only]
+    dA, dB = pol.decide([A, B], params, widths, 250.0, flops_cost=flops, flops_budget=900.0)
+    plan = {"A": dA.new_width, "B": dB.new_width}
+    assert params(plan) <= 250.0 and flops(plan) <= 900.0
+    assert dA.new_width < dB.new_width  # A's channels are what the FLOPs ceiling wants gone
+    assert "params=250 and flops=900" in dA.reason and "per params+flops saved" in dA.reason
+    # growth must fit both ceilings
+    flat = spec("A", [1.0] * 8, cap=100)
+    d = one(Policy(), flat, cost=lambda w: 10.0 * w["A"], widths={"A": 8}, budget=200.0,
+            flops_cost=lambda w: 5.0 * w["A"], flops_budget=45.0)  # fmt: skip
+    assert d.action == "keep" and "growth blocked: flops would be 50 > budget 45" in d.reason
+    with pytest.raises(ValueError, match="flops_budget is a second ceiling"):
+        Policy(budget_kind="flops", flops_budget=10.0)
+    with pytest.raises(ValueError, match="flops_budget must be positive"):
+        Policy(flops_budget=0.0)
+
+
+def test_step_with_a_flops_ceiling_meets_both():
+    torch.manual_seed(1)
+    m = Net()
+    x = torch.randn(2, 2, 5, 5)
+    rs = Resizer(
+        m, x, graph=graph(), policy=Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=0.5)
+    )
+    p0, f0 = rs.param_count(), flops(m, x)
+    rep = rs.step(budget=0.95 * p0, flops_budget=0.7 * f0)
+    assert rep.params_after <= 0.95 * p0
+    assert rep.flops_after == pytest.approx(flops(m, x)) and flops(m, x) <= 0.7 * f0
+    assert rep.flops_budget == pytest.approx(0.7 * f0) and "flops" in str(rep)
+
+
 def test_budget_blocks_growth_and_reports_when_unreachable():
     flat = spec("A", [1.0] * 8, cap=100)
     cost = lambda w: 10.0 * w["A"]  # noqa: E731

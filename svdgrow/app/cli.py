@@ -180,6 +180,9 @@ def _resizing(g: Any) -> None:
     _flag(g, "--target-params", "global parameter budget to shrink to (e.g. 12000, 12k); it "
           "falls geometrically from the start size over --shrink-steps, then caps growth",
           type=_count)  # fmt: skip
+    _flag(g, "--target-mflops", "a second budget, forward MFLOPs per sample (e.g. 0.3): it falls "
+          "from the starting network's FLOPs on the same schedule as --target-params, and the "
+          "widths must fit both", type=float)  # fmt: skip
     _flag(g, "--shrink-steps", "steps over which the budget reaches --target-params", type=int)
     _flag(g, "--shrink-start", "step at which the budget starts falling (until then it is the "
           "starting size: the network trains at full width first)", type=int)  # fmt: skip

@@ -63,6 +63,9 @@ class TrainConfig:
         resize_until: stop resizing after this fraction of all steps.
         mode: where the fold's moments come from: ``data`` (the current batch) or ``weights``.
         target_params: the parameter budget to shrink to (None: energy policy only).
+        target_mflops: a second budget, forward MFLOPs per sample, that falls on the same
+            schedule as ``target_params`` (from the starting network's FLOPs) and caps the
+            widths as well (None: parameters only).
         shrink_steps: steps over which the budget falls geometrically to ``target_params``.
         shrink_start: the step at which the budget starts falling (before it, the budget is
             the starting size and the energy epsilon ``shrink_energy_eps``).
@@ -115,6 +118,7 @@ class TrainConfig:
     resize_until: float = 0.6
     mode: str = "data"
     target_params: int | None = None
+    target_mflops: float | None = None
     shrink_steps: int = 600
     shrink_start: int = 0
     start_scale: float | None = None
@@ -225,6 +229,9 @@ class TrainConfig:
         if self.distill > 0 and self.target_params is None:
             raise ValueError("--distill takes its teacher when the budget starts to fall: give "
                              "--target-params too")  # fmt: skip
+        if self.target_mflops is not None and self.target_params is None:
+            raise ValueError("--target-mflops is a second budget beside the parameter budget: "
+                             "give --target-params too")  # fmt: skip
         if self.start_scale is not None and self.target_params is None:
             raise ValueError("--start-scale is a multiple of --target-params: give both")
         if self.target_params is not None and self.resize_every == 0:
@@ -279,6 +286,7 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("resize_every", lambda v: _count(v) and v >= 0, "an integer >= 0 (0: never resize)"),
     ("resize_until", lambda v: _finite(v) and 0 <= v <= 1, "a fraction of all steps in [0, 1]"),
     ("target_params", lambda v: v is None or (_count(v) and v >= 1), "a count >= 1"),
+    ("target_mflops", lambda v: v is None or (_finite(v) and v > 0), "a number of MFLOPs > 0"),
     ("shrink_steps", lambda v: _count(v) and v >= 0, "an integer >= 0"),
     ("shrink_start", lambda v: _count(v) and v >= 0, "an integer >= 0 (a step)"),
     ("start_scale", lambda v: v is None or (_finite(v) and v > 0), "a number > 0"),

@@ -212,6 +212,11 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
         return
     budget = budget_at(r.step, r.start_params, cfg.target_params, cfg.shrink_steps,
                        cfg.shrink_start)  # fmt: skip
+    flops_budget = None  # per sample; the Resizer counts FLOPs on its example batch
+    if cfg.target_mflops is not None:
+        flops_budget = budget_at(r.step, r.start_flops, round(cfg.target_mflops * 1e6),
+                                 cfg.shrink_steps, cfg.shrink_start)  # fmt: skip
+    budgets = (budget, flops_budget)
     shrinking = cfg.target_params is not None and r.step <= cfg.shrink_start + cfg.shrink_steps
     # the energy epsilon follows the schedule too (Policy has no per-step argument for it)
     r.resizer.policy.energy_eps = cfg.shrink_energy_eps if shrinking else r.eps_after
@@ -230,25 +235,29 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
         def on_rank0() -> StepReport:
             t1 = time.perf_counter()
             try:
-                return _resize_here(r, x, y, budget, probe)
+                return _resize_here(r, x, y, budgets, probe)
             finally:
                 probe["rank0_seconds"] = time.perf_counter() - t1  # probes included
 
         report = _resize_everywhere(r, on_rank0, probe)
     else:
-        report = _resize_here(r, x, y, budget, probe)
+        report = _resize_here(r, x, y, budgets, probe)
     _time(r, "resize", t0)
     r.resize_checks += 1
     probe["step_seconds"] = r.step_clock[0] / max(1, r.step_clock[1])  # a step's time, lately
     r.step_clock = [0.0, 0]
     if report.changed and r.ranks.main:
-        _log_resize(r, report, budget, params_before, probe)
+        _log_resize(r, report, budgets, params_before, probe)
 
 
 def _resize_here(
-    r: RunState, x: torch.Tensor, y: torch.Tensor, budget: float | None, probe: dict[str, Any]
+    r: RunState, x: torch.Tensor, y: torch.Tensor, budgets: tuple, probe: dict[str, Any]
 ) -> StepReport:
-    """The resize in this process: probe, ``Resizer.step``, renormalise, probe again."""
+    """The resize in this process: probe, ``Resizer.step``, renormalise, probe again.
+    ``budgets``: ``(parameters, forward FLOPs per sample)``, each None when not set."""
+    budget, flops_budget = budgets
+    if flops_budget is not None:  # the Resizer's FLOPs are those of its example batch
+        flops_budget = flops_budget * r.resizer.example_input.shape[0]
     cfg = r.cfg
     graph = r.resizer.graph
     norms = row_norm_snapshot(r.model, graph) if cfg.renorm else {}
@@ -260,7 +269,8 @@ def _resize_here(
         )
     t0 = time.perf_counter()
     try:
-        report = r.resizer.step(data=x if cfg.mode == "data" else None, budget=budget)
+        report = r.resizer.step(data=x if cfg.mode == "data" else None, budget=budget,
+                                flops_budget=flops_budget)  # fmt: skip
     except FloatingPointError as exc:  # NaN/inf weights: nothing was resized
         raise TrainingDiverged(f"training diverged by step {r.step}: {exc}") from None
     probe["renorm"] = renormalize_rows_(r.model, graph, r.optimizer, norms) if cfg.renorm else {}
@@ -298,19 +308,20 @@ def _resize_everywhere(r: RunState, resize_here: Any, probe: dict[str, Any]) -> 
 
 
 def _log_resize(
-    r: RunState, report: StepReport, budget: float | None, params_before: int, probe: dict
+    r: RunState, report: StepReport, budgets: tuple, params_before: int, probe: dict
 ) -> None:
     rep = report.as_dict()
     keys = ("step_seconds", "sync_seconds", "check_seconds", "checksums")
     dist = {k: probe[k] for k in keys if k in probe}
     r.log.write(
         "resize", step=r.step, epoch=r.epoch + r.batch_in_epoch / r.steps_per_epoch,
-        budget=budget, params_before=params_before, params=count_params(r.model),
+        budget=budgets[0], params_before=params_before, params=count_params(r.model),
         flops=count_flops(r.model), widths=r.widths(),
         decisions=[d for d in rep["decisions"] if d.get("action") != "keep"],
         batch_loss_before=probe["loss_before"], batch_loss_after=probe["loss_after"],
         warnings=rep["warnings"], seconds=probe["seconds"], seconds_by_stage=rep["seconds"],
         renorm=probe["renorm"], elapsed=r.elapsed(), lr=r.lr, **dist,
+        **({"flops_budget": budgets[1]} if budgets[1] is not None else {}),
     )  # fmt: skip
 
 

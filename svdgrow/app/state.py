@@ -78,6 +78,7 @@ class RunState:
     start_params: int
     steps_per_epoch: int
     stats: EpochStats
+    start_flops: int = 0  # forward FLOPs per sample of the starting network (with target_mflops)
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -263,6 +264,8 @@ def setup_run(
     )  # fmt: skip
     if resizer is not None:
         r.eps_after = resizer.policy.energy_eps
+    if cfg.target_mflops is not None:  # from the spec, so a resumed run gets the same schedule
+        r.start_flops = count_flops(build_model(start_spec))
     if ckpt is not None:
         r.restore(ckpt)
     wrap_model(r)

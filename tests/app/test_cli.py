@@ -194,6 +194,14 @@ CASES = {
         lambda c: c.train("--target-params", "9k", "--resize-every", "0"),
         "--target-params needs resizing",
     ),
+    "target-mflops without target": (
+        lambda c: c.train("--preset", "quick", "--target-mflops", "0.3"),
+        "--target-mflops is a second budget beside the parameter budget: give --target-params",
+    ),
+    "target-mflops 0": (
+        lambda c: c.train("--target-mflops", "0", "--target-params", "9k"),
+        "--target-mflops must be a number of MFLOPs > 0, got 0.0",
+    ),
     "start-scale without target": (
         lambda c: c.train("--preset", "quick", "--start-scale", "4"),
         "--start-scale is a multiple of --target-params: give both",

@@ -34,6 +34,25 @@ def test_start_scale_and_shrink_start(tmp_path, data_dir):
     assert end["params"] <= 3000
 
 
+def test_target_mflops_caps_flops_beside_params(tmp_path, data_dir):
+    """--target-mflops: a FLOPs budget on the same schedule; the end fits both budgets, and
+    the resize events log it."""
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--preset", "mnist-2m", "--target-params", "3000",
+            "--target-mflops", "0.2", "--start-scale", "3", "--shrink-steps", "12",
+            "--resize-every", "3", "--resize-until", "1", "--subset", "400", "--test-subset",
+            "100", "--batch-size", "50", "--epochs", "3", "--threads", "1", "--seed", "0",
+            "--no-progress", "--checkpoint-minutes", "0", "--no-download", "--data-dir",
+            str(data_dir), "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    events = read_log(run)
+    resizes = [e for e in events if e["event"] == "resize"]
+    assert resizes and all("flops_budget" in e for e in resizes)
+    assert resizes[-1]["flops_budget"] == 200_000
+    last = [e for e in events if e["event"] == "epoch"][-1]
+    assert last["params"] <= 3000 and last["flops"] <= 200_000  # uniform at 3k: 251k FLOPs
+
+
 def test_distilled_loss():
     torch.manual_seed(0)
     net = torch.nn.Linear(5, 3)

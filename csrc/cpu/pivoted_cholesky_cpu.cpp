@@ -4,8 +4,9 @@
 // the blocked one of svdgrow/surgery/pivots.py (pivoted_cholesky), whose per-pivot steps are a
 // dozen small tensor ops each when run from Python: here a panel of `block` pivots is chosen
 // with plain loops over the panel's columns (O(rows * block) per pivot), then the Schur
-// complement of the rows not chosen yet is updated with one BLAS product. Matrices are
-// independent and go to at::parallel_for; the GEMM inside a worker runs single-threaded.
+// complement of the rows not chosen yet is updated with one BLAS product. Matrices of 256 rows
+// or more run one after the other (their GEMMs use every thread); the smaller ones go to
+// at::parallel_for, where the GEMM inside a worker runs single-threaded.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -22,6 +23,8 @@ namespace {
 using at::Tensor;
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+// From this many rows on, a matrix's panel updates are large enough for a multi-threaded GEMM.
+constexpr int64_t kLargeMatrix = 256;
 
 // The first `r` greedy pivots of one PSD matrix (its float64 copy), in the order chosen.
 std::vector<int64_t> pivots_one(const Tensor& gram, int64_t r, int64_t block) {
@@ -95,8 +98,20 @@ std::vector<Tensor> pivoted_cholesky_cpu(at::TensorList grams, at::IntArrayRef r
   const int64_t n = static_cast<int64_t>(grams.size());
   std::vector<Tensor> inputs(grams.begin(), grams.end());
   std::vector<std::vector<int64_t>> orders(n);
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) orders[i] = pivots_one(inputs[i], r[i], block);
+  // Large matrices one after the other, so that their Schur updates use every thread; the
+  // small ones (a DenseNet's many groups) side by side, each single-threaded.
+  std::vector<int64_t> small;
+  for (int64_t i = 0; i < n; ++i) {
+    if (inputs[i].size(0) >= kLargeMatrix) {
+      orders[i] = pivots_one(inputs[i], r[i], block);
+    } else {
+      small.push_back(i);
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      orders[small[k]] = pivots_one(inputs[small[k]], r[small[k]], block);
+    }
   });
   std::vector<Tensor> out;
   out.reserve(n);

@@ -74,3 +74,24 @@ def test_a_claimed_cell_is_busy(tmp_path):
         assert frontier._claimed(run)
         assert frontier.run_cell(["false"], run, tmp_path / "log") == "busy"
     assert not frontier._claimed(run)
+
+
+def test_queue_file_stages(tmp_path):
+    """benchmarks/frontier_queue.py: one stage per line, comments and blank lines skipped,
+    quoted --variant flags kept whole; and the committed queue parses into frontier's CLI."""
+    qpath = _PATH.parent / "frontier_queue.py"
+    spec = importlib.util.spec_from_file_location("frontier_queue", qpath)
+    queue = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(queue)
+    f = tmp_path / "q.txt"
+    f.write_text(
+        '# a comment\n\n--budgets 3000 --variant "a=--x 1 --y 2" --seeds 0\n  # indented\n'
+    )
+    assert queue.read_queue(f) == [
+        ["--budgets", "3000", "--variant", "a=--x 1 --y 2", "--seeds", "0"]
+    ]
+    stages = queue.read_queue(_PATH.parent / "frontier_queue.txt")
+    assert stages and all("--dataset" in s and "--methods" in s for s in stages)
+    assert all(
+        v.count("=") >= 1 for s in stages for i, v in enumerate(s) if s[i - 1] == "--variant"
+    )

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -143,11 +144,22 @@ def test_resume_on_another_number_of_processes_is_refused(ddp_run, capsys):
     assert "torchrun --nproc_per_node 2 -m svdgrow train --resume" in err
 
 
+#: A rank of a torch.compile'd run under torchrun (gloo, two ranks on this 2-core box) has
+#: aborted in 2 of ~10 full-suite runs while compiling, before any resize: std::terminate in a
+#: torch thread, not an svdgrow error (no Python traceback; see docs/TEAM_NOTES.md). Only that
+#: exact failure is retried, once, in a fresh run folder.
+_UPSTREAM_ABORT = "terminate called without an active exception"
+
+
 def test_compile_under_torchrun(args, tmp_path):
-    run = tmp_path / "run"
-    argv = [*args, "--compile", "aot_eager", "--run-dir", str(run), "--epochs", "1",
-            "--subset", "500", "--resize-every", "3", "--shrink-steps", "6"]  # fmt: skip
-    out = _torchrun("-m", "svdgrow", *argv)
+    for attempt in range(2):
+        run = tmp_path / f"run{attempt}"
+        argv = [*args, "--compile", "aot_eager", "--run-dir", str(run), "--epochs", "1",
+                "--subset", "500", "--resize-every", "3", "--shrink-steps", "6"]  # fmt: skip
+        out = _torchrun("-m", "svdgrow", *argv)
+        if out.returncode == 0 or _UPSTREAM_ABORT not in out.stderr or attempt == 1:
+            break
+        warnings.warn(f"a rank aborted ({_UPSTREAM_ABORT}); retrying", stacklevel=1)
     assert out.returncode == 0, out.stderr[-3000:]
     resizes = _events(run, "resize")
     assert len(resizes) >= 2

@@ -252,11 +252,11 @@ class Policy:
             plan[name] = w - 1
             after = costs()
             plan[name] = w
-            over = [i for i, (_, _, b) in enumerate(ceilings) if cur[i] > b]
             if len(ceilings) == 1:
                 saved = cur[0] - after[0]  # in the cost's own unit, as before a second ceiling
-            else:
-                saved = sum((cur[i] - after[i]) / ceilings[i][2] for i in over)
+            else:  # each ceiling still exceeded, relative to it
+                saved = sum((c - a) / b for c, a, (_, _, b) in zip(cur, after, ceilings, strict=True)
+                            if c > b)  # fmt: skip
             if saved <= 0:
                 return None
             s = by_name[name]

@@ -222,6 +222,8 @@ def baseline_config(source: str | os.PathLike, **overrides: Any) -> TrainConfig:
     base.bn = None
     base.resize_every = 0
     base.target_params = None
+    base.target_mflops = None  # the budgets and what needs one go with the resizing
+    base.distill = 0.0
     base.start_scale = None
     base.run_dir = None
     base.baseline_of = str(run_dir)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from svdgrow.app.cli import main
 from svdgrow.app.loop import _distilled
 from svdgrow.app.models import count_params, narrow_spec, preset_spec
-from svdgrow.app.rundir import read_log
+from svdgrow.app.rundir import read_json, read_log
 
 
 def test_start_scale_and_shrink_start(tmp_path, data_dir):
@@ -36,10 +36,12 @@ def test_start_scale_and_shrink_start(tmp_path, data_dir):
 
 def test_target_mflops_caps_flops_beside_params(tmp_path, data_dir):
     """--target-mflops: a FLOPs budget on the same schedule; the end fits both budgets, and
-    the resize events log it."""
+    the resize events log it. A --baseline-from run of it (and of --distill) trains the final
+    widths without either."""
     run = tmp_path / "run"
     argv = ["train", "--dataset", "mnist", "--preset", "mnist-2m", "--target-params", "3000",
-            "--target-mflops", "0.2", "--start-scale", "3", "--shrink-steps", "12",
+            "--target-mflops", "0.2", "--distill", "0.3", "--start-scale", "3",
+            "--shrink-steps", "12",
             "--resize-every", "3", "--resize-until", "1", "--subset", "400", "--test-subset",
             "100", "--batch-size", "50", "--epochs", "3", "--threads", "1", "--seed", "0",
             "--no-progress", "--checkpoint-minutes", "0", "--no-download", "--data-dir",
@@ -51,6 +53,13 @@ def test_target_mflops_caps_flops_beside_params(tmp_path, data_dir):
     assert resizes[-1]["flops_budget"] == 200_000
     last = [e for e in events if e["event"] == "epoch"][-1]
     assert last["params"] <= 3000 and last["flops"] <= 200_000  # uniform at 3k: 251k FLOPs
+    base = tmp_path / "baseline"
+    assert (
+        main(["train", "--baseline-from", str(run), "--run-dir", str(base), "--no-progress"]) == 0
+    )
+    config = read_json(base / "config.json")["config"]
+    assert config["target_mflops"] is None and config["distill"] == 0.0
+    assert [e["params"] for e in read_log(base) if e["event"] == "epoch"][-1] == last["params"]
 
 
 def test_distilled_loss():

@@ -15,14 +15,19 @@ from svdgrow.app.models import count_params, narrow_spec, preset_spec
 from svdgrow.app.rundir import read_json, read_log
 
 
+def _small_run(data_dir, run, *flags: str) -> list[str]:
+    """``svdgrow train`` of mnist-2m to a 3,000-parameter budget on 400 images, plus ``flags``."""
+    return ["train", "--dataset", "mnist", "--preset", "mnist-2m", "--target-params", "3000",
+            *flags, "--resize-until", "1", "--subset", "400", "--test-subset", "100",
+            "--batch-size", "50", "--threads", "1", "--seed", "0", "--no-progress",
+            "--checkpoint-minutes", "0", "--no-download", "--data-dir", str(data_dir),
+            "--run-dir", str(run)]  # fmt: skip
+
+
 def test_start_scale_and_shrink_start(tmp_path, data_dir):
     run = tmp_path / "run"
-    argv = ["train", "--dataset", "mnist", "--preset", "mnist-2m", "--target-params", "3000",
-            "--start-scale", "3", "--shrink-start", "16", "--shrink-steps", "8",
-            "--resize-every", "4", "--resize-until", "1", "--subset", "400", "--test-subset",
-            "100", "--batch-size", "50", "--epochs", "4", "--threads", "1", "--seed", "0",
-            "--no-progress", "--checkpoint-minutes", "0", "--no-download", "--data-dir",
-            str(data_dir), "--run-dir", str(run)]  # fmt: skip
+    argv = _small_run(data_dir, run, "--start-scale", "3", "--shrink-start", "16",
+                      "--shrink-steps", "8", "--resize-every", "4", "--epochs", "4")  # fmt: skip
     assert main(argv) == 0
     events = read_log(run)
     start = next(e for e in events if e["event"] == "start")
@@ -39,13 +44,9 @@ def test_target_mflops_caps_flops_beside_params(tmp_path, data_dir):
     the resize events log it. A --baseline-from run of it (and of --distill) trains the final
     widths without either."""
     run = tmp_path / "run"
-    argv = ["train", "--dataset", "mnist", "--preset", "mnist-2m", "--target-params", "3000",
-            "--target-mflops", "0.2", "--distill", "0.3", "--start-scale", "3",
-            "--shrink-steps", "12",
-            "--resize-every", "3", "--resize-until", "1", "--subset", "400", "--test-subset",
-            "100", "--batch-size", "50", "--epochs", "3", "--threads", "1", "--seed", "0",
-            "--no-progress", "--checkpoint-minutes", "0", "--no-download", "--data-dir",
-            str(data_dir), "--run-dir", str(run)]  # fmt: skip
+    argv = _small_run(data_dir, run, "--target-mflops", "0.2", "--distill", "0.3",
+                      "--start-scale", "3", "--shrink-steps", "12", "--resize-every", "3",
+                      "--epochs", "3")  # fmt: skip
     assert main(argv) == 0
     events = read_log(run)
     resizes = [e for e in events if e["event"] == "resize"]

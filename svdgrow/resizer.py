@@ -30,16 +30,18 @@ from torch import nn
 from .compiled import after_resize, is_compiled, unwrap_compiled
 from .cost import CostModel
 from .policy import Decision, Policy
-from .spectrum import GroupSpectrum, analyse_groups
+from .spectrum import GroupSpectrum, analyse_groups, feature_spectra
 from .surgery import (
     GroupChange,
     ResizeContext,
     build_plan,
+    capture_features,
     check_finite,
     check_resizable,
     check_targets,
     commit_plan,
     consumer_input_sizes,
+    data_pivot_gram,
     detect_activation,
     plan_prunes,
     prefer_measured,
@@ -155,6 +157,15 @@ class Resizer:
         activation: the elementwise activation weights mode pushes its predicted
             pre-activations through; default: the model's, when it uses one kind of activation
             module (:func:`svdgrow.surgery.detect_activation`), else linear.
+        spectrum: what the policy reads: ``"weights"`` (the singular values of each group's
+            producer weights, scaled by the BatchNorm after them) or ``"features"`` (the
+            eigenvalues of the covariance of what the group's consumers read on its channels,
+            after BatchNorm and activation, measured on the batch passed to :meth:`step`,
+            each consumer's channels weighted by the norms of the weight columns that read
+            them: the matrix data mode's pivoted Cholesky chooses the kept channels from). The
+            weight spectrum of a group is capped by its producers' input dimension (a
+            3x3 stem on one input channel has rank 9 whatever its width); the feature
+            spectrum is not. See docs/design.md, "Stage 2: spectrum".
     """
 
     def __init__(
@@ -170,7 +181,15 @@ class Resizer:
         ridge: float = 1e-3,
         max_samples: int = 16384,
         activation=DETECT,
+        spectrum: str = "weights",
     ):
+        if spectrum not in ("weights", "features"):
+            raise ValueError(f"spectrum must be 'weights' or 'features', got {spectrum!r}")
+        if spectrum == "features" and mode in ("weights", "magnitude"):
+            raise ValueError(
+                f"spectrum='features' is measured on a batch, which mode={mode!r} never takes: "
+                "use mode='data' or 'auto' (and pass data to step())"
+            )
         if mode not in ("auto", "weights", "data", "magnitude"):
             raise ValueError(f"mode must be 'auto', 'weights', 'data' or 'magnitude', got {mode!r}")
         self._compiled = is_compiled(model)  # torch.compile'd: resize the module it runs
@@ -179,6 +198,7 @@ class Resizer:
         self.policy = policy if policy is not None else Policy()
         self.optimizer = optimizer
         self.mode = mode
+        self.spectrum = spectrum
         self.strict = strict
         self.ridge = ridge
         self.max_samples = max_samples
@@ -243,21 +263,42 @@ class Resizer:
         return model
 
     # ------------------------------------------------------------------------------------------
-    def analyse(self, groups: list[Group] | None = None, grams=None) -> list[GroupSpectrum]:
+    def analyse(
+        self, groups: list[Group] | None = None, grams=None, data=None
+    ) -> list[GroupSpectrum]:
         """Stage 2: the spectrum of every resizable group.
 
         Args:
             groups: the groups to analyse (default: every resizable group).
             grams: a dict to fill with the producers' Gram matrices formed on the way (see
-                :func:`svdgrow.spectrum.analyse_groups`), for the same step's weights mode.
+                :func:`svdgrow.spectrum.analyse_groups`), for the same step's weights mode
+                (``spectrum="weights"`` only).
+            data: the batch a ``spectrum="features"`` resizer measures on (required there).
 
         Returns:
             one :class:`GroupSpectrum` per group: name, width, singular values, cumulative
             energy kept at each rank, and the input-dimension cap.
+
+        Raises:
+            ValueError: ``spectrum="features"`` without ``data``.
         """
+        return self._analyse(groups, grams, data)[0]
+
+    def _analyse(self, groups, grams, data):
+        """:meth:`analyse`, and the features it measured (None with the weight spectrum), which
+        the same step's data-mode fold reuses while the weights stay as they are."""
         groups = self.resizable() if groups is None else groups
         ctx = self.context()
-        return analyse_groups(ctx.modules, groups, ctx.widths, grams)
+        if self.spectrum == "weights":
+            return analyse_groups(ctx.modules, groups, ctx.widths, grams), None
+        if data is None:
+            raise ValueError(
+                "spectrum='features' reads each group's spectrum from a batch: pass data=... "
+                "to step() (or analyse())"
+            )
+        feats = capture_features(ctx, groups, data, self.max_samples, self.generator)
+        mats = [data_pivot_gram(ctx, g, *feats) for g in groups]
+        return feature_spectra(ctx.modules, groups, ctx.widths, mats), feats
 
     def step(
         self, data=None, budget: float | None = None, flops_budget: float | None = None
@@ -265,7 +306,7 @@ class Resizer:
         """Analyse, decide and apply one resize (stages 2-5).
 
         Args:
-            data: a batch (tensor or tuple) for ``mode="data"``.
+            data: a batch (tensor or tuple) for ``mode="data"`` and ``spectrum="features"``.
             budget: overrides the policy's budget for this step (a shrinking schedule).
             flops_budget: overrides the policy's ``flops_budget`` (a second ceiling, forward
                 FLOPs on the example input, beside a parameter budget) for this step.
@@ -279,7 +320,7 @@ class Resizer:
         t0 = time.perf_counter()
         check_finite(self.model)
         grams: dict = {}  # the producers' Gram matrices, valid until the weights change
-        spectra = self.analyse(grams=grams)
+        spectra, feats = self._analyse(None, grams, data)
         t1 = time.perf_counter()
         budget = self.policy.budget if budget is None else budget
         widths = self.widths()
@@ -289,7 +330,7 @@ class Resizer:
         decisions = self.policy.decide(spectra, cost, widths, budget, flops, flops_budget)
         t2 = time.perf_counter()
         new = {d.group: d.new_width for d in decisions if d.action != "keep"}
-        report = self._resize(new, data, decisions, grams)
+        report = self._resize(new, data, decisions, grams, feats)
         t3 = time.perf_counter()
         if cost is not None:
             report.cost_kind = self.policy.budget_kind
@@ -327,14 +368,16 @@ class Resizer:
         return report
 
     # ------------------------------------------------------------------------------------------
-    def _resize(self, new_widths: dict[str, int], data, decisions, grams=None) -> StepReport:
+    def _resize(
+        self, new_widths: dict[str, int], data, decisions, grams=None, feats=None
+    ) -> StepReport:
         """Stages 4-5 for ``new_widths``: plan the prunes and grows, build and commit."""
         ctx = self.context()
         widths_before, params_before = self.widths(), self.param_count()
         targets = check_targets(ctx, new_widths, self._frozen)
         mode = self.mode if self.mode != "auto" else ("data" if data is not None else "weights")
         prunes = {gid: w for gid, w in targets.items() if w < ctx.widths[gid]}
-        changes = self._plan_prunes(ctx, mode, prunes, data, grams)
+        changes = self._plan_prunes(ctx, mode, prunes, data, grams, feats)
         fallbacks = {ch.group.name: ch.note for ch in changes.values() if ch.note}
         for name, why in fallbacks.items():
             logger.info("group %r: %s", name, why)
@@ -369,7 +412,7 @@ class Resizer:
             fallbacks=fallbacks,
         )
 
-    def _plan_prunes(self, ctx, mode: str, prunes: dict[int, int], data, grams):
+    def _plan_prunes(self, ctx, mode: str, prunes: dict[int, int], data, grams, feats=None):
         """Plan the prunes in ``mode``; ``mode="auto"`` without data measures the weights fold
         against magnitude pruning on the example input (:func:`svdgrow.surgery.prefer_measured`)."""
         if mode == "weights" and prunes and self._input_sizes is None:  # for padded convs
@@ -386,6 +429,7 @@ class Resizer:
             generator=self.generator,
             input_sizes=self._input_sizes,
             grams=grams,
+            features=feats,
         )
         if self.mode == "auto" and mode == "weights" and changes:
             magnitude = plan_prunes("magnitude", ctx, prunes)

@@ -23,6 +23,7 @@ __all__ = [
     "effective_bias",
     "group_matrix",
     "analyse_groups",
+    "feature_spectra",
     "producer_matrix",
     "input_dim",
     "singular_values",
@@ -307,6 +308,38 @@ def analyse_groups(
         _spectrum(modules, g, widths[g.id], e, t)
         for g, e, t in zip(groups, energies, totals, strict=True)
     ]
+
+
+def feature_spectra(
+    modules: dict[str, nn.Module], groups: list[Group], widths: dict[int, int], mats: list[Tensor]
+) -> list[GroupSpectrum]:
+    """Spectra of ``groups`` read in feature space: the eigenvalues of one PSD matrix per group
+    (``n x n``, what its consumers read on its ``n`` channels; see
+    :func:`svdgrow.surgery.data_pivot_gram`) take the place of ``sigma**2``. Every channel has
+    an energy (``n`` of them, whatever the producers' input dimension); the cap (for growth)
+    stays :func:`group_cap`.
+
+    Args:
+        modules: ``dict(model.named_modules())``.
+        groups: the groups.
+        widths: current width of every group id.
+        mats (list[Tensor[n_i, n_i]]): one symmetric PSD matrix per group, float64.
+
+    Raises:
+        FloatingPointError: when a matrix holds a NaN or an infinity (the batch or the weights
+            do).
+    """
+    out = []
+    for g, m in zip(groups, mats, strict=True):
+        if not bool(all_finite([m])):
+            raise FloatingPointError(
+                f"group {g.name!r}: its features on this batch hold NaN/inf; refusing to "
+                "resize. Fix the training run (lower the learning rate, clip gradients) or "
+                "reload a checkpoint."
+            )
+        energy = _eigenvalues(m.double().cpu())
+        out.append(_spectrum(modules, g, widths[g.id], energy, float(energy.sum())))
+    return out
 
 
 def _spectrum(modules, g: Group, width: int, energy: Tensor, total: float) -> GroupSpectrum:

@@ -177,6 +177,10 @@ def _resizing(g: Any) -> None:
           "net trains undisturbed", type=float)  # fmt: skip
     _flag(g, "--mode", "fit the pruning fold on the current batch (data) or on moments "
           "predicted from the weights alone (weights)", choices=["weights", "data"])  # fmt: skip
+    _flag(g, "--spectrum", "what the width policy reads: each group's weight spectrum "
+          "(weights) or the spectrum of what its consumers read on it, after BatchNorm and the "
+          "activation, on the current batch (features; needs --mode data)",
+          choices=["weights", "features"])  # fmt: skip
     _flag(g, "--target-params", "global parameter budget to shrink to (e.g. 12000, 12k); it "
           "falls geometrically from the start size over --shrink-steps, then caps growth",
           type=_count)  # fmt: skip

@@ -62,6 +62,9 @@ class TrainConfig:
         resize_every: call the resizer every this many steps (0: never resize).
         resize_until: stop resizing after this fraction of all steps.
         mode: where the fold's moments come from: ``data`` (the current batch) or ``weights``.
+        spectrum: what the width policy reads: ``weights`` (each group's weight spectrum) or
+            ``features`` (the spectrum of what its consumers read on it, measured on the current
+            batch; needs ``mode='data'``). See ``svdgrow.Resizer``.
         target_params: the parameter budget to shrink to (None: energy policy only).
         target_mflops: a second budget, forward MFLOPs per sample, that falls on the same
             schedule as ``target_params`` (from the starting network's FLOPs) and caps the
@@ -117,6 +120,7 @@ class TrainConfig:
     resize_every: int = 20
     resize_until: float = 0.6
     mode: str = "data"
+    spectrum: str = "weights"
     target_params: int | None = None
     target_mflops: float | None = None
     shrink_steps: int = 600
@@ -226,6 +230,9 @@ class TrainConfig:
                 good = False
             if not good:
                 raise ValueError(f"--{name.replace('_', '-')} must be {must}, got {value!r}")
+        if self.spectrum == "features" and self.mode != "data":
+            raise ValueError("--spectrum features is measured on the current batch: it needs "
+                             "--mode data")  # fmt: skip
         if self.distill > 0 and self.target_params is None:
             raise ValueError("--distill takes its teacher when the budget starts to fall: give "
                              "--target-params too")  # fmt: skip
@@ -273,6 +280,7 @@ def _count(v: Any) -> bool:
 _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optimizer", lambda v: v in DEFAULT_LR, "sgd, adam or adamw"),
     ("mode", lambda v: v in ("weights", "data"), "weights or data"),
+    ("spectrum", lambda v: v in ("weights", "features"), "weights or features"),
     ("epochs", lambda v: _count(v) and v >= 1, "an integer >= 1"),
     ("batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),
     ("eval_batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),

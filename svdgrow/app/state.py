@@ -249,7 +249,8 @@ def setup_run(
     if cfg.resize_every > 0:
         example = train_ds.batch(torch.arange(min(len(train_ds), 8), device=device))[0]
         policy = cfg.make_policy()
-        resizer = Resizer(model, example, policy=policy, optimizer=optimizer, mode=cfg.mode)
+        resizer = Resizer(model, example, policy=policy, optimizer=optimizer, mode=cfg.mode,
+                          spectrum=cfg.spectrum)  # fmt: skip
     # the generators a checkpoint carries: batch order and augmentation; the resizer's draws
     generators = {"data": data_gen}
     if resizer is not None:

@@ -221,6 +221,7 @@ def plan_prunes(
     generator: torch.Generator | None = None,
     input_sizes: dict[str, tuple[int, int]] | None = None,
     grams: dict[int, dict[str, Tensor]] | None = None,
+    features: tuple[Moments, dict[tuple[int, str], int]] | None = None,
 ) -> dict[int, GroupChange]:
     """Plan every prune of one resize.
 
@@ -241,6 +242,8 @@ def plan_prunes(
             consumer (see :func:`~svdgrow.surgery.patches.consumer_input_sizes`).
         grams: weights mode: the producers' ``G_p G_p^T`` stage 2 formed on the same weights
             (see :func:`svdgrow.spectrum.analyse_groups`).
+        features: data mode: :func:`capture_features`'s result on ``data`` for these groups (or
+            more), measured on the same weights (a feature spectrum's); captured here when None.
 
     Returns:
         group id -> its :class:`GroupChange`.
@@ -258,7 +261,9 @@ def plan_prunes(
     if mode == "data":
         if data is None:
             raise ValueError("mode='data' prunes need a batch: pass data=... to step() or apply()")
-        feats, offsets = capture_features(ctx, groups, data, max_samples, generator)
+        if features is None:
+            features = capture_features(ctx, groups, data, max_samples, generator)
+        feats, offsets = features
     else:
         feats, offsets = predict_features(
             ctx, groups, activation, generator=generator, input_sizes=input_sizes, grams=grams

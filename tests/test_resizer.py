@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nets import CatNet, ConvNet, convnet_graph, quick, randomise_bn
+from nets import CatNet, ConvNet, convnet_graph, quick, randomise_bn, rel_change
 from svdgrow.app import models
 from svdgrow.cost import CostModel
 from svdgrow.optim_state import check_state_shapes
@@ -255,3 +255,95 @@ def test_cost_model_built_once_stays_exact_after_resizes(kind):
         assert rs.cost()(None) == pytest.approx(fresh(None), rel=1e-9)
         assert kind != "params" or rs.cost()(None) == sum(p.numel() for p in m.parameters())
     assert len(rs._costs) == 1 and first(None) > rs.cost()(None)
+
+
+# --- spectrum="features" ----------------------------------------------------------------------
+def _stem_net(width: int = 16, seed: int = 0) -> nn.Sequential:
+    """A 1-channel 3x3 stem wider than its input dimension (9), a second conv, a linear head."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                      nn.Conv2d(width, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10))  # fmt: skip
+    randomise_bn(m, 1)
+    return m.eval()
+
+
+def test_feature_spectrum_is_not_capped_by_the_input_dimension():
+    """The stem's weight spectrum has 9 directions at width 16; after BatchNorm and ReLU its
+    features have 16, and the ones past 9 carry energy the weight spectrum calls absent."""
+    m, x = _stem_net(), torch.randn(16, 1, 12, 12)
+    w = {s.name: s for s in Resizer(m, x, mode="data").analyse()}
+    f = {s.name: s for s in Resizer(m, x, mode="data", spectrum="features").analyse(data=x)}
+    assert w.keys() == f.keys()
+    stem_w, stem_f = w["0"], f["0"]
+    assert stem_w.cap == stem_f.cap == 9 and stem_w.energy.numel() == 9
+    assert stem_w.rank_for(1e-9) <= 9
+    assert stem_f.energy.numel() == 16 and stem_f.rank_for(1e-6) > 9
+    for s in f.values():
+        assert torch.all(s.energy[:-1] >= s.energy[1:]) and float(s.energy[-1]) >= 0
+        assert float(s.energy_kept[-1]) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_feature_spectrum_prunes_a_duplicated_channel_exactly():
+    """A stem channel copied onto another is one feature direction: the feature spectrum has a
+    zero energy, the policy prunes one channel, and the fold keeps the output."""
+    m, x = _stem_net(), torch.randn(16, 1, 12, 12)
+    with torch.no_grad():
+        for t in (m[0].weight, m[0].bias, m[1].weight, m[1].bias, m[1].running_mean,
+                  m[1].running_var):  # fmt: skip
+            t[5] = t[2]
+        before = m(x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    rs = Resizer(m, x, policy=Policy(energy_eps=1e-10, min_width=1), optimizer=opt, mode="data",
+                 spectrum="features")  # fmt: skip
+    stem = next(s for s in rs.analyse(data=x) if s.name == "0")
+    assert stem.rank_for(1e-10) == 15
+    report = rs.step(data=x)
+    d = next(d for d in report.decisions if d.group == "0")
+    assert (d.action, d.old_width, d.new_width) == ("prune", 16, 15)
+    assert not {2, 5} <= set(report.index["0"])  # one of the twins went
+    with torch.no_grad():
+        assert rel_change(m(x), before) < 1e-5
+    check_state_shapes(opt)
+    m(x).sum().backward()
+    opt.step()  # the optimizer steps the resized model
+
+
+def test_feature_spectrum_measures_the_batch_once_per_step(monkeypatch):
+    """The features the spectrum is read from are the ones the same step's fold uses."""
+    import svdgrow.resizer as resizer_mod
+    import svdgrow.surgery.prune as prune_mod
+
+    calls = []
+    real = resizer_mod.capture_features
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(resizer_mod, "capture_features", counting)
+    monkeypatch.setattr(prune_mod, "capture_features", counting)
+    m, x = _stem_net(), torch.randn(16, 1, 12, 12)
+    rs = Resizer(m, x, policy=Policy(budget=1200), mode="data", spectrum="features")
+    report = rs.step(data=x)
+    assert report.params_after <= 1200 < report.params_before
+    assert len(calls) == 1
+
+
+def test_feature_spectrum_refuses_what_it_cannot_measure():
+    m, x = _stem_net(), torch.randn(4, 1, 12, 12)
+    with pytest.raises(ValueError, match="spectrum must be 'weights' or 'features', got 'x'"):
+        Resizer(m, x, spectrum="x")
+    for mode in ("weights", "magnitude"):
+        with pytest.raises(ValueError, match=f"mode={mode!r} never takes"):
+            Resizer(m, x, mode=mode, spectrum="features")
+    rs = Resizer(m, x, spectrum="features")
+    with pytest.raises(ValueError, match="pass data=... to step"):
+        rs.step()
+    with torch.no_grad():
+        x_bad = x.clone()
+        x_bad[0, 0, 0, 0] = float("nan")
+    widths = rs.widths()
+    with pytest.raises(FloatingPointError, match="features on this batch hold NaN"):
+        rs.step(data=x_bad)
+    assert rs.widths() == widths

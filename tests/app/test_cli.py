@@ -198,6 +198,14 @@ CASES = {
         lambda c: c.train("--preset", "quick", "--target-mflops", "0.3"),
         "--target-mflops is a second budget beside the parameter budget: give --target-params",
     ),
+    "spectrum features in weights mode": (
+        lambda c: c.train("--spectrum", "features", "--mode", "weights"),
+        "--spectrum features is measured on the current batch: it needs --mode data",
+    ),
+    "spectrum unknown": (
+        lambda c: c.train("--spectrum", "activations"),
+        "argument --spectrum: invalid choice: 'activations'",
+    ),
     "target-mflops 0": (
         lambda c: c.train("--target-mflops", "0", "--target-params", "9k"),
         "--target-mflops must be a number of MFLOPs > 0, got 0.0",

@@ -88,3 +88,19 @@ def test_unreachable_budget_is_announced(tmp_path, data_dir, caplog):
     with caplog.at_level("WARNING", logger="svdgrow"):
         assert main(argv) == 0  # the recipe: 2,000 shrink steps, 8 steps in all
     assert any("will end larger than the target" in r.message for r in caplog.records)
+
+
+def test_feature_spectrum_run_reaches_the_budget(tmp_path, data_dir):
+    """--spectrum features: the run shrinks to the budget on the policy's feature spectra, and
+    ends at other widths than the same run on weight spectra (the flag reaches the Resizer)."""
+    ends = {}
+    for spectrum in ("weights", "features"):
+        run = tmp_path / spectrum
+        argv = _small_run(data_dir, run, "--spectrum", spectrum, "--start-scale", "3",
+                          "--shrink-steps", "12", "--resize-every", "3", "--epochs", "2")  # fmt: skip
+        assert main(argv) == 0
+        assert read_json(run / "config.json")["config"]["spectrum"] == spectrum
+        last = [e for e in read_log(run) if e["event"] == "epoch"][-1]
+        assert last["params"] <= 3000
+        ends[spectrum] = read_json(run / "final_spec.json")
+    assert ends["weights"] != ends["features"]

@@ -191,11 +191,8 @@ class Policy:
         group that loses the least relative energy per unit of cost saved (each cost still
         above its ceiling counted relative to that ceiling; with one ceiling, per unit of that
         cost), via a lazy heap: a popped score is recomputed and pushed back when it went
-        stale; never below a group's :meth:`floor`. The last cut, the one that brings the
-        widths under every ceiling, is the channel that loses the least energy among those
-        whose removal alone does so (per unit saved, a wide channel can win and overshoot the
-        ceiling by hundreds of parameters to close a gap of a few). Grow options are then
-        taken, strongest first, while every cost stays within its ceiling.
+        stale; never below a group's :meth:`floor`. Grow options are then taken, strongest
+        first, while every cost stays within its ceiling.
 
         Args:
             spectra: the analysed groups.
@@ -208,7 +205,7 @@ class Policy:
         what = " and ".join(f"{k}={b:.6g}" for k, _, b in ceilings)
         start = [fn(plan) for _, fn, _ in ceilings]
         if any(c > b for c, (_, _, b) in zip(start, ceilings, strict=True)):
-            taken, cur, closer = self._cut_to_budget(by_name, ceilings, plan)
+            taken, cur = self._cut_to_budget(by_name, ceilings, plan)
             planned = ", ".join(f"{c:.6g}" for c in start)
             for name, k in taken.items():
                 s = by_name[name]
@@ -218,11 +215,6 @@ class Policy:
                     f"; budget {what} (planned {planned}): {k} more channel(s) removed, lowest "
                     f"energy lost per {kinds} saved -> {plan[name]} (energy kept {kept:.6f})"
                 )
-                if name == closer:
-                    draft.reasons[name] += (
-                        "; its last channel the least energy lost among the single cuts that "
-                        "bring the widths under the budget"
-                    )
                 draft.target[name] = plan[name]
             if any(c > b for c, (_, _, b) in zip(cur, ceilings, strict=True)):
                 reached = ", ".join(f"{c:.6g}" for c in cur)
@@ -246,10 +238,8 @@ class Policy:
     def _cut_to_budget(self, by_name, ceilings, plan: dict[str, int]):
         """Remove single channels from ``plan`` (in place), cheapest first, until it fits
         every ceiling or every group is at its floor. Returns (channels taken per group, the
-        costs reached, the group whose channel closed the gap in place of the greedy choice
-        or None)."""
+        costs reached)."""
         taken: dict[str, int] = {}
-        closer = None
 
         def costs() -> list[float]:
             return [fn(plan) for _, fn, _ in ceilings]
@@ -277,29 +267,6 @@ class Policy:
         def fits(cur: list[float]) -> bool:
             return all(c <= b for c, (_, _, b) in zip(cur, ceilings, strict=True))
 
-        def lost(name: str) -> float:  # relative energy the next channel of ``name`` carries
-            s, w = by_name[name], plan[name]
-            if s.total_energy <= 0 or w > s.energy.numel():
-                return 0.0
-            return float(s.energy[w - 1]) / s.total_energy
-
-        def fits_after_cut(name: str) -> bool:
-            plan[name] -= 1
-            ok = fits(costs())
-            plan[name] += 1
-            return ok
-
-        def closing_cut(greedy: str) -> str | None:
-            """When the greedy cut would bring the plan under every ceiling, the channel that
-            does so losing the least energy: any one cut that fits finishes the step, so the
-            cost per unit saved no longer matters (it would take a wide channel to close a gap
-            of a few parameters)."""
-            if not fits_after_cut(greedy):
-                return None
-            closing = [n for n in by_name
-                       if plan[n] > self.floor(by_name[n].width) and fits_after_cut(n)]  # fmt: skip
-            return min(closing, key=lambda n: (lost(n), n != greedy))
-
         heap = [(sc, name) for name in by_name if (sc := score(name)) is not None]
         heapq.heapify(heap)
         cur = costs()
@@ -311,17 +278,13 @@ class Policy:
             if heap and fresh > heap[0][0] + 1e-18:
                 heapq.heappush(heap, (fresh, name))
                 continue
-            last = closing_cut(name)
-            if last is not None and last != name:
-                heapq.heappush(heap, (fresh, name))
-                name = closer = last
             plan[name] -= 1
             taken[name] = taken.get(name, 0) + 1
             cur = costs()
             nxt = score(name)
             if nxt is not None:
                 heapq.heappush(heap, (nxt, name))
-        return taken, cur, closer
+        return taken, cur
 
 
 @dataclass

@@ -409,6 +409,16 @@ def test_dataset_alone_runs_its_recipe(dataset):
     assert (cfg.epochs, cfg.target_params, cfg.start_scale) == (3, 9000, 4.0)
 
 
+def test_recipe_follows_a_weights_mode_flag():
+    """The Fashion recipe reads feature spectra, which need the batch: --mode weights drops
+    that part of the recipe (instead of failing on a combination the user did not ask for)."""
+    cfg = _config_of(["train", "--dataset", "fashion-mnist", "--mode", "weights"])
+    assert (cfg.mode, cfg.spectrum, cfg.target_params) == ("weights", "weights", 60000)
+    cfg.validate()
+    cfg = _config_of(["train", "--dataset", "fashion-mnist"])
+    assert (cfg.mode, cfg.spectrum) == ("data", "features")
+
+
 def test_recipe_without_resizing_trains_the_preset():
     cfg = _config_of(["train", "--dataset", "mnist", "--resize-every", "0"])
     assert (cfg.preset, cfg.target_params, cfg.start_scale, cfg.epochs) == ("mnist-2m", None,

@@ -11,6 +11,7 @@
 #   bench_svd.txt  python benchmarks/bench_svd.py --device cuda (and any file it wrote)
 #   mnist_gpu*/  the main job (svdgrow train --dataset mnist) on the GPU, plain and --amp,
 #                with its log and summary (needs the dataset in $DATA, default data_gz/)
+#   fashion_gpu/ 2 epochs of the Fashion-MNIST recipe (its feature spectra on the GPU)
 #   summary.txt  one line per step with its exit status
 # Needs: an NVIDIA GPU, nvcc (CUDA_HOME, or nvcc on PATH), and a Python with torch installed
 # (.venv is used when present). Nothing is downloaded (pip --no-index --no-deps).
@@ -98,6 +99,12 @@ if [ -d "$DATA/MNIST" ]; then
   RAW=${TMPDIR:-/tmp}/svdgrow_data
   mkdir -p "$RAW/MNIST/raw"
   for f in "$DATA"/MNIST/*.gz; do gunzip -c "$f" > "$RAW/MNIST/raw/$(basename "$f" .gz)"; done
+  if [ -d "$DATA/FashionMNIST" ]; then
+    mkdir -p "$RAW/FashionMNIST/raw"
+    for f in "$DATA"/FashionMNIST/*.gz; do
+      gunzip -c "$f" > "$RAW/FashionMNIST/raw/$(basename "$f" .gz)"
+    done
+  fi
   DATA=$RAW
   for amp in "" "--amp"; do
     name=mnist_gpu${amp:+_amp}
@@ -110,6 +117,17 @@ if [ -d "$DATA/MNIST" ]; then
     rm -rf "$OUT/$name/checkpoints"
     summary "train $name: rc=$rc ($(( $(date +%s) - start )) s)"
   done
+  # the Fashion-MNIST recipe reads feature spectra (captured on the GPU batch): 2 epochs of it
+  if [ -d "$DATA/FashionMNIST/raw" ]; then
+    start=$(date +%s)
+    timeout 300 "$PY" -m svdgrow train --dataset fashion-mnist --epochs 2 --shrink-steps 400 \
+      --device cuda --no-download --data-dir "$DATA" --run-dir "$OUT/fashion_gpu" \
+      --no-progress > "$OUT/fashion_gpu.txt" 2>&1
+    rc=$?
+    tail -n 3 "$OUT/fashion_gpu.txt"
+    rm -rf "$OUT/fashion_gpu/checkpoints"
+    summary "train fashion_gpu (feature spectra, 2 epochs): rc=$rc ($(( $(date +%s) - start )) s)"
+  fi
 else
   summary "train: no dataset folder $DATA (copy ../shared/data/gz there), skipped"
 fi

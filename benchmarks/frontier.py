@@ -81,6 +81,7 @@ def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None 
         if (run_dir / "config.json").is_file():  # an interrupted svdgrow train
             cmd = [sys.executable, "-m", "svdgrow", "train", "--resume", str(run_dir),
                    "--no-progress"]  # fmt: skip
+        commit = _commit()  # the code this (re)start of the cell imports
         with open(log, "a") as fh:
             fh.write(f"\n$ {' '.join(cmd)}\n")
             fh.flush()
@@ -90,6 +91,7 @@ def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None 
             print(f"  cell failed (exit {rc}); see {log}", file=sys.stderr)
             return None
         cell = {k: summary.get(k) for k in CELL_KEYS}
+        cell["commit"] = commit  # of its last (re)start; a resumed cell may have begun on another
         _atomic_write(run_dir / "cell.json", json.dumps(cell))
         return cell
     finally:
@@ -314,9 +316,14 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
         dict(zip(("dataset", "budget", "method", "seed"), k, strict=True), **v)
         for k, v in sorted(results.items())
     ]
+    commits = sorted({r["commit"] for r in rows if r.get("commit")})
+    untagged = sum(1 for r in rows if not r.get("commit"))
+    code = f"svdgrow commits the cells ran: {', '.join(commits) or 'none recorded'}"
+    if commits and untagged:
+        code += f" ({untagged} older cells did not record theirs)"
     lines = [
         f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch "
-        f"{meta['machine']['torch']}; svdgrow {meta['machine'].get('svdgrow_commit')}; "
+        f"{meta['machine']['torch']}; {code}; "
         f"{meta['epochs']} epochs, {meta['threads']} thread(s) per run.",
         "",
         "| dataset | budget | method | seeds | params | MFLOPs/sample | test acc (mean ± sd) "

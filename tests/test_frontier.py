@@ -51,6 +51,9 @@ def test_results_tables_and_comparison(tmp_path):
     _cell(tmp_path, "fashion-mnist-60000-midlong-s1", 58000, 0.933)
     _cell(tmp_path, "fashion-mnist-60000-uniform-s0", 57000, 0.925)
     _cell(tmp_path, "fashion-mnist-60000-uniform-s1", 57000, 0.927)
+    d = tmp_path / "runs" / "fashion-mnist-60000-uniform-s1"
+    (d / "cell.json").write_text(json.dumps({**json.loads((d / "cell.json").read_text()),
+                                             "commit": "abc1234"}))  # fmt: skip
     (tmp_path / "runs" / "mnist-3000-mid-s0").mkdir()  # unfinished: no cell.json
     results = frontier.load_results(tmp_path)
     assert sorted(results) == [("fashion-mnist", 60000, "midlong", 0),
@@ -62,6 +65,7 @@ def test_results_tables_and_comparison(tmp_path):
     table = (tmp_path / "frontier.md").read_text()
     row = next(line for line in table.splitlines() if "| midlong | 58,500 |" in line)
     assert "+0.600" in row  # 93.2 - 92.6 (uniform's only size: the nearest)
+    assert "commits the cells ran: abc1234 (3 older cells did not record theirs)" in table
     assert json.loads((tmp_path / "frontier.json").read_text())["cells"][0]["params"] == 59000
 
 

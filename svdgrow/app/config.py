@@ -28,8 +28,12 @@ _SEARCH = {"start_scale": 4.0, "shrink_steps": 2000, "resize_every": 10, "energy
            "epochs": 15}  # fmt: skip
 RECIPES: dict[str, dict[str, Any]] = {
     "mnist": {"preset": "mnist-2m", "target_params": 6000, **_SEARCH},
-    "fashion-mnist": {"preset": "fashion-500k", "target_params": 60000, **_SEARCH,
-                      "spectrum": "features"},  # fmt: skip
+    "fashion-mnist": {
+        "preset": "fashion-500k",
+        "target_params": 60000,
+        **_SEARCH,
+        "spectrum": "features",
+    },
 }
 """What ``svdgrow train --dataset D`` runs when no ``--preset``/``--spec`` is given: the large
 preset narrowed uniformly to ``start_scale`` x the budget, shrunk to ``target_params`` over

@@ -281,7 +281,7 @@ def new_run_config(args: dict[str, Any], spec_file: str | None = None) -> TrainC
         recipe = dict(RECIPES[args.get("dataset", _DEFAULTS["dataset"])])
         if args.get("resize_every") == 0:  # no resizing asked for: the preset as it is
             recipe = {k: v for k, v in recipe.items() if k in ("preset", "epochs")}
-        if args.get("mode", "data") != "data":  # the feature spectrum is measured on the batch
+        if args.get("mode", _DEFAULTS["mode"]) != "data":  # features are measured on the batch
             recipe.pop("spectrum", None)
         filled = {k: v for k, v in recipe.items() if k not in args}
         args.update(filled)

@@ -17,6 +17,8 @@ Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
 - ``uniform2``: the uniform size on the other side of that target (whole widths leave gaps of
   up to ~20% between uniform sizes): the comparison interpolates between the two.
 - ``found``: the widths the ``--match`` method's run of seed 0 found, trained from scratch.
+  ``found-NAME`` does the same for method NAME's seed 0 (so two methods' widths can both be
+  retrained at one budget: ``found`` cells of earlier sittings keep their name).
 - ``--variant NAME=FLAGS``: any other svdgrow setting, run as method NAME.
 - ``tp``: Torch-Pruning's global group-magnitude pruning of the large preset to the budget on
   the shrink's schedule (benchmarks/tp_train.py; ``pip install -r requirements-bench.txt``).
@@ -223,10 +225,11 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
         return ["--preset", PRESET[dataset], *budget_flags, *args.variant[method].split()]
     if method == "tp":  # benchmarks/tp_train.py (see tp_cmd)
         return []
-    if method == "found":  # the --match method's seed-0 widths from scratch
-        if (dataset, budget, args.match, 0) not in results:
+    if method == "found" or method.startswith("found-"):  # a method's seed-0 widths, from scratch
+        source = args.match if method == "found" else method.removeprefix("found-")
+        if (dataset, budget, source, 0) not in results:
             return None
-        src = Path(args.out) / "runs" / f"{dataset}-{budget}-{args.match}-s0"
+        src = Path(args.out) / "runs" / f"{dataset}-{budget}-{source}-s0"
         return ["--baseline-from", str(src)]
     raise ValueError(f"unknown method {method!r}")
 
@@ -435,7 +438,9 @@ def main() -> int:
         return 0
     methods = [m.split(":")[0] for m in args.methods]
     n_seeds = {m.split(":")[0]: int(m.split(":")[1]) for m in args.methods if ":" in m}
-    n_seeds.setdefault("found", 1)
+    for m in methods:  # retraining found widths: one seed unless asked
+        if m == "found" or m.startswith("found-"):
+            n_seeds.setdefault(m, 1)
     args.methods = methods
     cells = [
         (args.dataset, budget, method, seed)

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -99,3 +100,17 @@ def test_queue_file_stages(tmp_path):
     assert all(
         v.count("=") >= 1 for s in stages for i, v in enumerate(s) if s[i - 1] == "--variant"
     )
+
+
+def test_found_cells_name_their_source(tmp_path):
+    """``found`` retrains the --match method's seed-0 widths; ``found-NAME`` those of NAME, and
+    neither can run before its source has finished."""
+    args = SimpleNamespace(out=str(tmp_path), match="midlong", shrink_flags="", variant={},
+                           methods=["found", "found-feat"])  # fmt: skip
+    key = ("fashion-mnist", 60000)
+    assert frontier.cell_extra(args, "found-feat", *key, results={}) is None
+    results = {(*key, "feat", 0): {}, (*key, "midlong", 0): {}}
+    feat = frontier.cell_extra(args, "found-feat", *key, results=results)
+    assert feat == ["--baseline-from", str(tmp_path / "runs" / "fashion-mnist-60000-feat-s0")]
+    match = frontier.cell_extra(args, "found", *key, results=results)
+    assert match == ["--baseline-from", str(tmp_path / "runs" / "fashion-mnist-60000-midlong-s0")]

@@ -61,6 +61,10 @@ from svdgrow.app.models import count_params, narrow_spec, preset_spec, scale_spe
 
 PRESET = {"mnist": "mnist-2m", "fashion-mnist": "fashion-500k"}
 DEFAULT_OUT = Path(__file__).parent / "results" / "frontier_cpu"
+# -P: the cells import the svdgrow this script imports (PYTHONPATH or the installed one), not a
+# svdgrow/ folder that happens to sit in the working directory; a frozen checkout on PYTHONPATH
+# then really is the code the cells run while the work tree changes.
+SVDGROW = [sys.executable, "-P", "-m", "svdgrow"]
 
 
 CELL_KEYS = ("params", "test_acc", "elapsed", "start_params", "flops")
@@ -81,7 +85,7 @@ def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None 
         if cell is not None:  # finished by another copy meanwhile
             return cell
         if (run_dir / "config.json").is_file():  # an interrupted svdgrow train
-            cmd = [sys.executable, "-m", "svdgrow", "train", "--resume", str(run_dir),
+            cmd = [*SVDGROW, "train", "--resume", str(run_dir),
                    "--no-progress"]  # fmt: skip
         commit = _commit()  # the code this (re)start of the cell imports
         with open(log, "a") as fh:
@@ -145,7 +149,7 @@ def _summary(run_dir: Path) -> dict[str, Any] | None:
     if not (run_dir / "log.jsonl").is_file():
         return None
     out = subprocess.run(
-        [sys.executable, "-m", "svdgrow", "summary", "--json", str(run_dir)],
+        [*SVDGROW, "summary", "--json", str(run_dir)],
         capture_output=True,
         text=True,
     )
@@ -154,7 +158,7 @@ def _summary(run_dir: Path) -> dict[str, Any] | None:
 
 def train_cmd(args, dataset: str, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "svdgrow", "train", "--dataset", dataset, "--epochs", str(args.epochs),
+        *SVDGROW, "train", "--dataset", dataset, "--epochs", str(args.epochs),
         "--seed", str(seed), "--threads", str(args.threads), "--data-dir", args.data_dir,
         "--run-dir", str(run_dir), "--no-progress", *args.train_flags.split(), *extra,
     ]  # fmt: skip

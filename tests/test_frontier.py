@@ -7,6 +7,8 @@ import fcntl
 import importlib.util
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -114,3 +116,16 @@ def test_found_cells_name_their_source(tmp_path):
     assert feat == ["--baseline-from", str(tmp_path / "runs" / "fashion-mnist-60000-feat-s0")]
     match = frontier.cell_extra(args, "found", *key, results=results)
     assert match == ["--baseline-from", str(tmp_path / "runs" / "fashion-mnist-60000-midlong-s0")]
+
+
+def test_cells_import_the_svdgrow_of_the_benchmark_not_of_the_working_directory(tmp_path):
+    # a frozen checkout on PYTHONPATH must be what the cells run, even when they are started
+    # from a repository root whose svdgrow/ is being edited
+    decoy = tmp_path / "svdgrow"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the working-directory svdgrow')\n")
+    (decoy / "__main__.py").write_text("")
+    out = subprocess.run([*frontier.SVDGROW, "train", "--help"], cwd=tmp_path, env=os.environ,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "--target-params" in out.stdout

@@ -32,14 +32,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         "preset": "fashion-500k",
         "target_params": 60000,
         **_SEARCH,
+        "shrink_steps": 1000,
         "spectrum": "features",
     },
 }
 """What ``svdgrow train --dataset D`` runs when no ``--preset``/``--spec`` is given: the large
 preset narrowed uniformly to ``start_scale`` x the budget, shrunk to ``target_params`` over
-``shrink_steps``; on Fashion-MNIST the policy reads feature spectra (the settings measured
-best by benchmarks/frontier.py; docs/design.md, "Benchmarks"). Flags given on the command line
-override their part (``--mode weights`` drops the feature spectrum, which needs the batch)."""
+``shrink_steps``; on Fashion-MNIST the policy reads feature spectra and the shrink takes 1,000
+steps (the settings measured best by benchmarks/frontier.py; docs/design.md, "Where a run
+starts"). Flags given on the command line override their part (``--mode weights`` drops the
+feature spectrum, which needs the batch)."""
 
 
 @dataclass

@@ -292,27 +292,67 @@ def uniform_at(points: list[tuple[float, float, float, int]], params: float):
     return acc, var, f"{a[0]:,.0f}..{b[0]:,.0f} (interpolated)"
 
 
+RECIPE_METHOD = {"mnist": "midlong", "fashion-mnist": "f4s"}
+"""The frontier method each dataset's default recipe (svdgrow.app.config.RECIPES) is."""
+
+
+def versus_uniform(groups: dict[tuple, list[dict]], ds: str, budget: int, method: str):
+    """``method`` against uniform narrowing at the same (dataset, budget) and the method's own
+    mean size: (mean params, uniform's label, accuracy difference, its standard error (Welch),
+    difference / SE, the ratio of the method's mean time to that of every uniform run at that
+    budget); None without uniform runs there."""
+    us = [groups[k] for k in ((ds, budget, "uniform"), (ds, budget, "uniform2")) if k in groups]
+    if not us:
+        return None
+    params, acc, var, _ = _stats(groups[ds, budget, method])
+    u_acc, u_var, label = uniform_at([_stats(u) for u in us], params)
+    se = math.sqrt(var + u_var)
+    z = (acc - u_acc) / se if se > 0 else float("nan")
+    ta = statistics.mean(r["elapsed"] for r in groups[ds, budget, method])
+    tb = statistics.mean(r["elapsed"] for u in us for r in u)  # both uniform sizes
+    return params, label, acc - u_acc, se, z, ta / tb
+
+
 def compare_rows(groups: dict[tuple, list[dict]]) -> list[str]:
-    """Each method against uniform narrowing at the same (dataset, budget) and the method's own
-    mean size: the difference of mean test accuracy with its standard error (Welch), and the
-    ratio of its mean time to that of every uniform run at that budget."""
+    """Each method against uniform narrowing (see :func:`versus_uniform`)."""
     lines = [
         "| dataset | budget | method | params | uniform at | acc diff (points) | SE | diff/SE "
         "| time / uniform |",
         "|---|---:|---|---:|---|---:|---:|---:|---:|",
     ]
-    for (ds, budget, method), rs in sorted(groups.items()):
-        us = [groups[k] for k in ((ds, budget, "uniform"), (ds, budget, "uniform2")) if k in groups]
-        if method.startswith("uniform") or not us:
+    for ds, budget, method in sorted(groups):
+        vs = None if method.startswith("uniform") else versus_uniform(groups, ds, budget, method)
+        if vs is None:
             continue
-        params, acc, var, _ = _stats(rs)
-        u_acc, u_var, label = uniform_at([_stats(u) for u in us], params)
-        se = math.sqrt(var + u_var)
-        z = (acc - u_acc) / se if se > 0 else float("nan")
-        ta = statistics.mean(r["elapsed"] for r in rs)
-        tb = statistics.mean(r["elapsed"] for u in us for r in u)  # both uniform sizes
+        params, label, diff, se, z, ratio = vs
         lines.append(f"| {ds} | {budget:,} | {method} | {params:,.0f} | {label} | "
-                     f"{acc - u_acc:+.3f} | {se:.3f} | {z:+.1f} | {ta / tb:.2f} |")  # fmt: skip
+                     f"{diff:+.3f} | {se:.3f} | {z:+.1f} | {ratio:.2f} |")  # fmt: skip
+    return lines
+
+
+def recipe_rows(groups: dict[tuple, list[dict]]) -> list[str]:
+    """The headline: each dataset's default recipe (:data:`RECIPE_METHOD`) at every budget,
+    beside uniform narrowing and Torch-Pruning at that budget."""
+    lines = [
+        "| dataset | budget | recipe | seeds | params | test acc (mean ± sd) | vs uniform "
+        "(points, SE) | Torch-Pruning | time / uniform |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for ds, budget in sorted({(k[0], k[1]) for k in groups}):
+        method = RECIPE_METHOD.get(ds)
+        if (ds, budget, method) not in groups:
+            continue
+        rs = groups[ds, budget, method]
+        acc, sd = _mean_sd([100 * r["test_acc"] for r in rs])
+        params = statistics.mean(r["params"] for r in rs)
+        vs = versus_uniform(groups, ds, budget, method)
+        versus, ratio = ("-", "-") if vs is None else (
+            f"{vs[2]:+.2f} ({vs[4]:+.1f} SE)", f"{vs[5]:.2f}")  # fmt: skip
+        tp = groups.get((ds, budget, "tp"))
+        tp_txt = "-" if not tp else (f"{statistics.mean(100 * r['test_acc'] for r in tp):.2f}"
+                                     f" ({len(tp)} seed{'s' if len(tp) > 1 else ''})")  # fmt: skip
+        lines.append(f"| {ds} | {budget:,} | {method} | {len(rs)} | {params:,.0f} | "
+                     f"{acc:.2f} ± {sd:.2f} | {versus} | {tp_txt} | {ratio} |")  # fmt: skip
     return lines
 
 
@@ -350,6 +390,11 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
             f"{acc:.2f} ± {sd:.2f} | {statistics.mean(r['elapsed'] for r in rs):.0f} |"
         )
     lines += [
+        "",
+        "The default recipe of each dataset (`svdgrow train --dataset D --target-params B`; "
+        "vs uniform: interpolated to the recipe's size, SE of the difference):",
+        "",
+        *recipe_rows(groups),
         "",
         "Against uniform narrowing at the same size (SE: standard error of the "
         "difference; NaN with one seed):",

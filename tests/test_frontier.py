@@ -129,3 +129,22 @@ def test_cells_import_the_svdgrow_of_the_benchmark_not_of_the_working_directory(
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "--target-params" in out.stdout
+
+
+def test_recipe_table_leads_with_the_default_recipe(tmp_path):
+    recipe = frontier.RECIPE_METHOD["mnist"]
+    _cell(tmp_path, f"mnist-6000-{recipe}-s0", 5800, 0.995)
+    _cell(tmp_path, f"mnist-6000-{recipe}-s1", 5800, 0.993)
+    _cell(tmp_path, "mnist-6000-late-s0", 5800, 0.990)  # not the recipe: not in the headline
+    _cell(tmp_path, "mnist-6000-uniform-s0", 5800, 0.990)
+    _cell(tmp_path, "mnist-6000-uniform-s1", 5800, 0.992)
+    _cell(tmp_path, "mnist-6000-tp-s0", 5900, 0.985)
+    frontier.write_tables(tmp_path, frontier.load_results(tmp_path),
+                          {"machine": {"cpu": "x", "cores": 2, "torch": "t"}, "epochs": 1,
+                           "threads": 1})  # fmt: skip
+    table = (tmp_path / "frontier.md").read_text()
+    head = table[table.index("default recipe") : table.index("Against uniform")]
+    rows = [line for line in head.splitlines() if line.startswith("| mnist")]
+    assert len(rows) == 1 and f"| {recipe} | 2 | 5,800 | 99.40 ± 0.14 |" in rows[0]
+    assert "+0.30 (+2.1 SE)" in rows[0]  # 99.4 - 99.1, SE sqrt(0.02 / 2 + 0.02 / 2)
+    assert "98.50 (1 seed)" in rows[0]

@@ -415,7 +415,7 @@ def plot(out: Path, groups: dict[tuple, list[dict]]) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     datasets = sorted({k[0] for k in groups})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(8.5 * len(datasets), 4.5), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
         lines: dict[str, list[list[dict]]] = {}  # uniform and uniform2 make one line
         for (d, _, method), rs in groups.items():
@@ -423,19 +423,24 @@ def plot(out: Path, groups: dict[tuple, list[dict]]) -> None:
                 lines.setdefault(method.rstrip("2") if method == "uniform2" else method, []).append(
                     rs
                 )
-        for method, cells in sorted(lines.items()):
+        for i, (method, cells) in enumerate(sorted(lines.items())):
             pts = sorted(cells, key=lambda rs: statistics.mean(r["params"] for r in rs))
             xs = [statistics.mean(r["params"] for r in rs) for rs in pts]
             ys = [statistics.mean(100 * r["test_acc"] for r in rs) for rs in pts]
             es = [statistics.stdev([100 * r["test_acc"] for r in rs]) if len(rs) > 1 else 0
                   for rs in pts]  # fmt: skip
-            style = {"color": "black", "linewidth": 2} if method == "uniform" else {}
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method, **style)
+            style = ({"color": "black", "linewidth": 2} if method == "uniform" else
+                     {"color": "tab:red", "linewidth": 2.5} if method == RECIPE_METHOD.get(ds) else
+                     {"alpha": 0.6, "linewidth": 1})  # fmt: skip
+            if method == RECIPE_METHOD.get(ds):
+                method = f"{method} (default recipe)"
+            marker = "osD^v"[i // 10 % 5]  # the colour cycle has 10 colours
+            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=method, **style)
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(ds)
-        ax.legend()
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)

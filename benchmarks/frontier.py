@@ -70,7 +70,42 @@ SVDGROW = [sys.executable, "-P", "-m", "svdgrow"]
 CELL_KEYS = ("params", "test_acc", "elapsed", "start_params", "flops")
 
 
-def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None | str:
+def speed_reference(threads: int = 1, steps: int = 30) -> float:
+    """Seconds this machine takes, now, for a fixed CPU workload (``steps`` training steps of a
+    small convolutional network at batch 64 on ``threads`` threads; best of 3).
+
+    Recorded in each cell as ``ref_s`` right after the run, under the load it ran under (the
+    other copies still running), so that times measured on different hosts or sittings can be
+    compared as ``elapsed / ref_s``: the "AMD EPYC" this project's sessions are given differs in
+    speed from one session to the next by up to ~1.8x (the same 120k Fashion network trained at
+    87 s/epoch in one session and 157 s/epoch in another)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(32 * 14 * 14, 10),
+        )  # fmt: skip
+        x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+            best = min(best, time.perf_counter() - t0)
+        return best
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_cell(
+    cmd: list[str], run_dir: Path, log: Path, threads: int = 1
+) -> dict[str, Any] | None | str:
     """Run (or resume) one ``svdgrow train``: its cell record, None when it failed, or "busy"
     when another copy of this script holds the cell."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +133,7 @@ def run_cell(cmd: list[str], run_dir: Path, log: Path) -> dict[str, Any] | None 
             return None
         cell = {k: summary.get(k) for k in CELL_KEYS}
         cell["commit"] = commit  # of its last (re)start; a resumed cell may have begun on another
+        cell["ref_s"] = round(speed_reference(threads), 4)  # see speed_reference
         _atomic_write(run_dir / "cell.json", json.dumps(cell))
         return cell
     finally:
@@ -300,7 +336,7 @@ def versus_uniform(groups: dict[tuple, list[dict]], ds: str, budget: int, method
     """``method`` against uniform narrowing at the same (dataset, budget) and the method's own
     mean size: (mean params, uniform's label, accuracy difference, its standard error (Welch),
     difference / SE, the ratio of the method's mean time to that of every uniform run at that
-    budget); None without uniform runs there."""
+    budget (:func:`time_ratio`)); None without uniform runs there."""
     us = [groups[k] for k in ((ds, budget, "uniform"), (ds, budget, "uniform2")) if k in groups]
     if not us:
         return None
@@ -308,9 +344,21 @@ def versus_uniform(groups: dict[tuple, list[dict]], ds: str, budget: int, method
     u_acc, u_var, label = uniform_at([_stats(u) for u in us], params)
     se = math.sqrt(var + u_var)
     z = (acc - u_acc) / se if se > 0 else float("nan")
-    ta = statistics.mean(r["elapsed"] for r in groups[ds, budget, method])
-    tb = statistics.mean(r["elapsed"] for u in us for r in u)  # both uniform sizes
-    return params, label, acc - u_acc, se, z, ta / tb
+    return params, label, acc - u_acc, se, z, time_ratio(groups[ds, budget, method], us)
+
+
+def time_ratio(rs: list[dict], us: list[list[dict]]) -> str:
+    """The mean time of the runs ``rs`` over that of every uniform run in ``us`` (both sizes):
+    of ``elapsed / ref_s`` (see :func:`speed_reference`) over the cells that recorded ``ref_s``
+    when both sides have some, else of the wall times, marked ``*`` (the cells may come from
+    sittings of different speed)."""
+    pooled = [r for u in us for r in u]
+    timed = [[r for r in c if r.get("ref_s")] for c in (rs, pooled)]
+    if all(timed):
+        norm = [statistics.mean(r["elapsed"] / r["ref_s"] for r in c) for c in timed]
+        return f"{norm[0] / norm[1]:.2f}"
+    ta, tb = (statistics.mean(r["elapsed"] for r in c) for c in (rs, pooled))
+    return f"{ta / tb:.2f}*"
 
 
 def compare_rows(groups: dict[tuple, list[dict]]) -> list[str]:
@@ -326,7 +374,7 @@ def compare_rows(groups: dict[tuple, list[dict]]) -> list[str]:
             continue
         params, label, diff, se, z, ratio = vs
         lines.append(f"| {ds} | {budget:,} | {method} | {params:,.0f} | {label} | "
-                     f"{diff:+.3f} | {se:.3f} | {z:+.1f} | {ratio:.2f} |")  # fmt: skip
+                     f"{diff:+.3f} | {se:.3f} | {z:+.1f} | {ratio} |")  # fmt: skip
     return lines
 
 
@@ -347,7 +395,7 @@ def recipe_rows(groups: dict[tuple, list[dict]]) -> list[str]:
         params = statistics.mean(r["params"] for r in rs)
         vs = versus_uniform(groups, ds, budget, method)
         versus, ratio = ("-", "-") if vs is None else (
-            f"{vs[2]:+.2f} ({vs[4]:+.1f} SE)", f"{vs[5]:.2f}")  # fmt: skip
+            f"{vs[2]:+.2f} ({vs[4]:+.1f} SE)", vs[5])  # fmt: skip
         tp = groups.get((ds, budget, "tp"))
         tp_txt = "-" if not tp else (f"{statistics.mean(100 * r['test_acc'] for r in tp):.2f}"
                                      f" ({len(tp)} seed{'s' if len(tp) > 1 else ''})")  # fmt: skip
@@ -398,6 +446,10 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
         "",
         "Against uniform narrowing at the same size (SE: standard error of the "
         "difference; NaN with one seed):",
+        "",
+        "Time ratios compare `elapsed / ref_s` (the machine's speed recorded after each cell) "
+        "over the cells that recorded it; those marked * are wall-time ratios of cells that did "
+        "not, and may mix sittings on hosts of different speed.",
         "",
         *compare_rows(groups),
     ]
@@ -520,7 +572,7 @@ def main() -> int:
             print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
             cmd = (tp_cmd(args, key[0], key[3], run_dir, key[1]) if key[2] == "tp"
                    else train_cmd(args, key[0], key[3], run_dir, extra))  # fmt: skip
-            cell = run_cell(cmd, run_dir, out / "runs.log")
+            cell = run_cell(cmd, run_dir, out / "runs.log", args.threads)
             if cell == "busy":
                 print("  claimed by another copy", flush=True)
                 continue

@@ -148,3 +148,18 @@ def test_recipe_table_leads_with_the_default_recipe(tmp_path):
     assert len(rows) == 1 and f"| {recipe} | 2 | 5,800 | 99.40 ± 0.14 |" in rows[0]
     assert "+0.30 (+2.1 SE)" in rows[0]  # 99.4 - 99.1, SE sqrt(0.02 / 2 + 0.02 / 2)
     assert "98.50 (1 seed)" in rows[0]
+
+
+def test_time_ratio_uses_the_recorded_machine_speed():
+    fast = {"elapsed": 100.0, "ref_s": 1.0}  # a run on a host twice as fast ...
+    slow = {"elapsed": 200.0, "ref_s": 2.0}  # ... as this one: the same work
+    assert frontier.time_ratio([fast], [[slow]]) == "1.00"
+    assert frontier.time_ratio([{"elapsed": 100.0}], [[slow]]) == "0.50*"  # raw, marked
+    assert frontier.time_ratio([{**fast, "elapsed": 130.0}], [[slow], [slow]]) == "1.30"
+    # cells without a recorded speed are left out where both sides have timed ones
+    assert frontier.time_ratio([fast, {"elapsed": 999.0}], [[slow]]) == "1.00"
+
+
+def test_speed_reference_times_a_fixed_workload():
+    short, longer = frontier.speed_reference(steps=2), frontier.speed_reference(steps=8)
+    assert 0 < short < longer

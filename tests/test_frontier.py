@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from svdgrow.app.config import RECIPES
 from svdgrow.app.models import count_params, narrow_spec, preset_spec
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
@@ -163,3 +164,16 @@ def test_time_ratio_uses_the_recorded_machine_speed():
 def test_speed_reference_times_a_fixed_workload():
     short, longer = frontier.speed_reference(steps=2), frontier.speed_reference(steps=8)
     assert 0 < short < longer
+
+
+@pytest.mark.parametrize("dataset", sorted(frontier.RECIPE_METHOD))
+def test_the_headline_method_ran_the_recipe(dataset):
+    # RECIPE_METHOD names the frontier cells the README's headline reports as the default
+    # recipe: their recorded config must be what `svdgrow train --dataset D` runs today
+    runs = _PATH.parent / "results" / "frontier_cpu" / "runs"
+    budget = RECIPES[dataset]["target_params"]
+    cfg = runs / f"{dataset}-{budget}-{frontier.RECIPE_METHOD[dataset]}-s0" / "config.json"
+    if not cfg.is_file():
+        pytest.skip(f"{cfg} not in this checkout")
+    ran = json.loads(cfg.read_text())["config"]
+    assert {k: ran[k] for k in RECIPES[dataset]} == RECIPES[dataset]

@@ -439,6 +439,10 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
         )
     lines += [
         "",
+        "Time ratios compare `elapsed / ref_s` (the machine's speed recorded after each cell) "
+        "over the cells that recorded it; those marked * are wall-time ratios of cells that did "
+        "not, and may mix sittings on hosts of different speed.",
+        "",
         "The default recipe of each dataset (`svdgrow train --dataset D --target-params B`; "
         "vs uniform: interpolated to the recipe's size, SE of the difference):",
         "",
@@ -446,10 +450,6 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
         "",
         "Against uniform narrowing at the same size (SE: standard error of the "
         "difference; NaN with one seed):",
-        "",
-        "Time ratios compare `elapsed / ref_s` (the machine's speed recorded after each cell) "
-        "over the cells that recorded it; those marked * are wall-time ratios of cells that did "
-        "not, and may mix sittings on hosts of different speed.",
         "",
         *compare_rows(groups),
     ]

@@ -51,6 +51,13 @@ class Policy:
             widths must fit as well as a ``budget_kind="params"`` budget: the cut then weighs
             each channel by what it saves of every ceiling still exceeded, each relative to
             its ceiling.
+        fill_budget: treat the budget as a size to reach, not only a ceiling: after the grow
+            options, every group that needs all its directions (none pruned this step) and is
+            below its cap grows too, by up to ``ceil(n * grow_fraction)``, the group with the
+            highest ``sigma_min**2 / mean(sigma**2)`` first, while every cost stays within its
+            ceiling (a group takes fewer channels when the full step would not fit). Without
+            it a growing run stops growing once no spectrum reaches ``grow_threshold``, below
+            its budget. No effect without a budget.
     """
 
     energy_eps: float = 1e-2
@@ -61,6 +68,7 @@ class Policy:
     budget: float | None = None
     budget_kind: str = "params"
     flops_budget: float | None = None
+    fill_budget: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.energy_eps < 1.0:
@@ -182,6 +190,9 @@ class Policy:
                     f"sigma_min^2/mean(sigma^2)={share:.4f} < "
                     f"grow_threshold={self.grow_threshold:g}"
                 )
+                if self.fill_budget and self.grow_fraction > 0:
+                    add = min(math.ceil(n * self.grow_fraction), s.cap - n)
+                    draft.fills.append((-share, s.name, n, add))
             draft.reasons[s.name] = f"all {n} directions needed (eps={eps:g}); {why}"
 
     def _fit_budget(self, spectra, draft: _Draft, ceilings, plan: dict[str, int]):
@@ -234,6 +245,28 @@ class Policy:
                 draft.reasons[name] = (
                     f"{msg}; growth blocked: {k} would be {c:.6g} > budget {b:.6g}"
                 )
+        for _, name, n, add in sorted(draft.fills):
+            if plan[name] != n:  # cut to fit a ceiling this step
+                continue
+            took = self._fill_one(name, n, add, ceilings, plan)
+            if took:
+                draft.target[name] = n + took
+                costs = ", ".join(f"{k} {fn(plan):.6g} <= {b:.6g}" for k, fn, b in ceilings)
+                draft.reasons[name] += (
+                    f"; filling the budget (fill_budget): +{took} (of up to {add}, "
+                    f"grow_fraction={self.grow_fraction:g}) -> {costs}"
+                )
+
+    @staticmethod
+    def _fill_one(name: str, n: int, add: int, ceilings, plan: dict[str, int]) -> int:
+        """The most channels, at most ``add``, that group ``name`` (``n`` wide) can take with
+        every cost within its ceiling; ``plan`` updated in place."""
+        for k in range(add, 0, -1):
+            plan[name] = n + k
+            if all(fn(plan) <= b for _, fn, b in ceilings):
+                return k
+        plan[name] = n
+        return 0
 
     def _cut_to_budget(self, by_name, ceilings, plan: dict[str, int]):
         """Remove single channels from ``plan`` (in place), cheapest first, until it fits
@@ -296,19 +329,23 @@ class _Draft:
         reasons: group name -> why.
         grows: grow options ``(-share, group name, width, reason)``; the budget takes them
             strongest first.
+        fills: with ``fill_budget``, the full groups below the grow threshold
+            ``(-share, group name, width, channels it may add)``, taken after ``grows``.
     """
 
     target: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     grows: list[tuple[float, str, int, str]] = field(default_factory=list)
+    fills: list[tuple[float, str, int, int]] = field(default_factory=list)
 
 
 def budget_at(
     step: int, start_params: int, target: int | None, shrink_steps: int, shrink_start: int = 0
 ) -> int | None:
-    """The parameter budget at ``step`` of a shrinking schedule: ``start_params`` until
+    """The parameter budget at ``step`` of a resizing schedule: ``start_params`` until
     ``shrink_start``, then geometric to ``target``, reached at ``shrink_start + shrink_steps``
-    and kept after.
+    and kept after. It falls when the network starts above the target and rises when it
+    starts below (a growing run, whose policy fills the budget as it rises).
 
     Args:
         step: the training step.
@@ -323,7 +360,7 @@ def budget_at(
     if target is None:
         return None
     step -= shrink_start
-    if shrink_steps <= 0 or step >= shrink_steps or start_params <= target:
+    if shrink_steps <= 0 or step >= shrink_steps or start_params == target or start_params <= 0:
         return int(target)
     frac = max(0, step) / shrink_steps
     return int(round(start_params * (target / start_params) ** frac))

@@ -168,6 +168,35 @@ def test_budget_blocks_growth_and_reports_when_unreachable():
     assert d.new_width == 6 and "not reached" in d.reason
 
 
+def test_fill_budget_grows_full_groups_below_the_threshold_to_the_budget():
+    # every direction needed, the smallest weak: no grow option; filling grows A first (its
+    # share is the higher) by up to ceil(n * grow_fraction), then B as far as the budget allows
+    A = spec("A", [3, 2.5, 2, 1.5, 1.0, 0.9, 0.8, 0.7], cap=100, gid=0)
+    B = spec("B", [3, 2.5, 2, 1.5, 0.5, 0.4, 0.3, 0.2], cap=100, gid=1)
+    P = spec("P", [1.0, 0.5, 1e-6, 1e-6], cap=100, gid=2)  # prunes: never filled
+    cost = lambda w: 10.0 * w["A"] + 10.0 * w["B"] + 10.0 * w["P"]  # noqa: E731
+    widths = {"A": 8, "B": 8, "P": 4}
+    kw = dict(cost=cost, widths=widths, budget=215.0)
+    pol = Policy(energy_eps=1e-3, grow_threshold=0.9, grow_fraction=0.25, min_width=1)
+    dA, dB, dP = pol.decide([A, B, P], **kw)
+    assert (dA.action, dB.action) == ("keep", "keep")  # without fill_budget: stalls
+    pol.fill_budget = True
+    dA, dB, dP = pol.decide([A, B, P], **kw)
+    assert dP.action == "prune" and dP.new_width == 2
+    assert (dA.new_width, dB.new_width) == (10, 9)  # 100 + 90 + 20 = 210; B +2 would be 220
+    assert cost({"A": 10, "B": 9, "P": 2}) <= 215.0
+    assert "filling the budget (fill_budget): +1 (of up to 2" in dB.reason
+    # the budget is a ceiling still: nothing grows past it, and at it nothing grows
+    dA, dB, _ = pol.decide([A, B, P], cost=cost, widths=widths, budget=180.0)
+    assert (dA.new_width, dB.new_width) == (8, 8)
+    # no budget: nothing to fill
+    dA, dB, _ = pol.decide([A, B, P])
+    assert (dA.new_width, dB.new_width) == (8, 8)
+    # at the cap: not filled
+    capped = spec("A", [3, 2.5, 2, 1.5, 1.0, 0.9, 0.8, 0.7], cap=8)
+    assert one(pol, capped, cost=lambda w: w["A"], widths={"A": 8}, budget=1e9).new_width == 8
+
+
 def test_invalid_policies():
     for kw in (
         {"energy_eps": 1.0},
@@ -236,7 +265,8 @@ def test_budget_at_falls_geometrically_then_holds():
     assert budget_at(10, 1000, 100, 10) == 100
     assert budget_at(50, 1000, 100, 10) == 100
     assert budget_at(3, 1000, 100, 0) == 100  # no schedule: the target at once
-    assert budget_at(3, 50, 100, 10) == 100  # already below the target
+    assert budget_at(3, 50, 100, 10) == round(50 * 2**0.3)  # growing: rises geometrically
+    assert budget_at(10, 50, 100, 10) == 100 and budget_at(0, 100, 100, 10) == 100
     steps = [budget_at(s, 10**6, 10**4, 20) for s in range(21)]
     assert all(a > b for a, b in itertools.pairwise(steps)) and steps[-1] == 10**4
 
@@ -245,4 +275,4 @@ def test_budget_at_waits_for_shrink_start():
     assert [budget_at(s, 1000, 100, 10, shrink_start=20) for s in (0, 10, 20)] == [1000] * 3
     assert budget_at(25, 1000, 100, 10, shrink_start=20) == budget_at(5, 1000, 100, 10)
     assert budget_at(30, 1000, 100, 10, shrink_start=20) == 100
-    assert budget_at(0, 50, 100, 10, shrink_start=20) == 100  # growing: the cap at once
+    assert budget_at(0, 50, 100, 10, shrink_start=20) == 50  # growing: the start size first

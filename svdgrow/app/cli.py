@@ -181,9 +181,10 @@ def _resizing(g: Any) -> None:
           "(weights) or the spectrum of what its consumers read on it, after BatchNorm and the "
           "activation, on the current batch (features; needs --mode data)",
           choices=["weights", "features"])  # fmt: skip
-    _flag(g, "--target-params", "global parameter budget to shrink to (e.g. 12000, 12k); it "
-          "falls geometrically from the start size over --shrink-steps, then caps growth",
-          type=_count)  # fmt: skip
+    _flag(g, "--target-params", "global parameter budget (e.g. 12000, 12k); it moves "
+          "geometrically from the start size over --shrink-steps: falls when the network "
+          "starts larger (a shrinking run), rises when it starts smaller (a growing run, which "
+          "grows its fullest layers to fill it)", type=_count)  # fmt: skip
     _flag(g, "--target-mflops", "a second budget, forward MFLOPs per sample (e.g. 0.3): it falls "
           "from the starting network's FLOPs on the same schedule as --target-params, and the "
           "widths must fit both", type=float)  # fmt: skip

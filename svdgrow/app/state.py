@@ -249,6 +249,9 @@ def setup_run(
     if cfg.resize_every > 0:
         example = train_ds.batch(torch.arange(min(len(train_ds), 8), device=device))[0]
         policy = cfg.make_policy()
+        if (cfg.target_params is not None and count_params(start_spec) < cfg.target_params
+                and "fill_budget" not in cfg.policy):  # fmt: skip
+            policy.fill_budget = True  # a growing run reaches its budget (Policy.fill_budget)
         resizer = Resizer(model, example, policy=policy, optimizer=optimizer, mode=cfg.mode,
                           spectrum=cfg.spectrum)  # fmt: skip
     # the generators a checkpoint carries: batch order and augmentation; the resizer's draws
@@ -315,13 +318,13 @@ def open_run_folder(r: RunState, resumed: bool) -> None:
 def _warn_unreachable_budget(r: RunState) -> None:
     """Say so when the budget schedule ends after resizing stops (a short run, a subset)."""
     cfg = r.cfg
-    if cfg.target_params is None or r.start_params <= cfg.target_params or not r.ranks.main:
+    if cfg.target_params is None or r.start_params == cfg.target_params or not r.ranks.main:
         return
     last = int(cfg.resize_until * r.total_steps)
     if cfg.shrink_start + cfg.shrink_steps > last:
         logger.warning(
             "the budget reaches --target-params %d at step %d, but resizing stops at step %d "
-            "(--resize-until %g of %d steps): the network will end larger than the target; "
+            "(--resize-until %g of %d steps): the network will not reach the target; "
             "lower --shrink-steps (or --shrink-start) or train longer",
             cfg.target_params, cfg.shrink_start + cfg.shrink_steps, last, cfg.resize_until,
             r.total_steps,

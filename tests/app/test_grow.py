@@ -56,3 +56,33 @@ def test_grow_inside_train_keeps_the_loss_and_trains_the_new_directions(tmp_path
         new_cols = w[:, SMALL["stem"] :]
         assert new_cols.numel() and bool(new_cols.abs().sum() > 0)
     assert torch.isfinite(torch.tensor(end["test_acc"]))
+
+
+def test_a_growing_run_fills_its_budget_as_it_rises(tmp_path, data_dir):
+    """Below its budget the run's policy fills it (Policy.fill_budget): the budget rises from
+    the start size to --target-params over --shrink-steps, every resize stays within it, and
+    the run ends within one grow step of the target instead of stalling where no spectrum
+    reaches grow_threshold (set out of reach here)."""
+    spec = tmp_path / "small.json"
+    spec.write_text(json.dumps(SMALL))
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--spec", str(spec), "--target-params", "3000",
+            "--shrink-steps", "16", "--resize-every", "4", "--resize-until", "0.8",
+            "--policy", '{"grow_threshold": 2.0}', "--energy-eps", "1e-4",
+            "--subset", "800", "--test-subset", "200", "--batch-size", "50", "--epochs", "2",
+            "--threads", "1", "--seed", "0", "--no-progress", "--checkpoint-minutes", "0",
+            "--no-download", "--data-dir", str(data_dir), "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    events = read_log(run)
+    start = next(e for e in events if e["event"] == "start")
+    resizes = [e for e in events if e["event"] == "resize"]
+    assert start["params"] < 3000 and resizes
+    for e in resizes:
+        assert e["params"] <= e["budget"], (e["step"], e["params"], e["budget"])
+        for d in e["decisions"]:
+            if d["action"] == "grow":
+                assert "filling the budget (fill_budget)" in d["reason"]
+    budgets = [e["budget"] for e in resizes]
+    assert budgets == sorted(budgets) and budgets[0] < 3000 and budgets[-1] == 3000
+    end = next(e for e in events if e["event"] == "end")
+    assert 0.85 * 3000 <= end["params"] <= 3000, end["params"]

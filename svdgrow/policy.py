@@ -57,7 +57,11 @@ class Policy:
             highest ``sigma_min**2 / mean(sigma**2)`` first, while every cost stays within its
             ceiling (a group takes fewer channels when the full step would not fit). Without
             it a growing run stops growing once no spectrum reaches ``grow_threshold``, below
-            its budget. No effect without a budget.
+            its budget. With it, growth also goes strictly in order of need: a grow option
+            or fill that does not fit whole takes what fits and the weaker ones wait for the
+            next step (without it they skip ahead, so a cheap group can take every rise of a
+            budget while an expensive one, a residual stream, never fits). No effect without
+            a budget.
     """
 
     energy_eps: float = 1e-2
@@ -203,7 +207,8 @@ class Policy:
         above its ceiling counted relative to that ceiling; with one ceiling, per unit of that
         cost), via a lazy heap: a popped score is recomputed and pushed back when it went
         stale; never below a group's :meth:`floor`. Grow options are then taken, strongest
-        first, while every cost stays within its ceiling.
+        first, while every cost stays within its ceiling (one that does not fit is skipped;
+        with ``fill_budget`` it takes what fits and the rest wait, then the fills likewise).
 
         Args:
             spectra: the analysed groups.
@@ -233,18 +238,31 @@ class Policy:
                     draft.reasons[s.name] += (
                         f"; budget {what} not reached this step ({reached} after the floors)"
                     )
+        waiting = None  # fill_budget: the strongest option that did not fit; the rest wait
         for _, name, w, msg in sorted(draft.grows):
             old = plan[name]
+            if waiting is not None:
+                draft.reasons[name] = f"{msg}; growth waits: {waiting} is needed more"
+                continue
             plan[name] = w
             over = [(k, c, b) for k, fn, b in ceilings if (c := fn(plan)) > b]
             if not over:
                 draft.target[name] = w
-            else:
-                plan[name] = old
-                k, c, b = over[0]
-                draft.reasons[name] = (
-                    f"{msg}; growth blocked: {k} would be {c:.6g} > budget {b:.6g}"
-                )
+                continue
+            plan[name] = old
+            k, c, b = over[0]
+            took = self._fill_one(name, old, w - old, ceilings, plan) if self.fill_budget else 0
+            if took:
+                draft.target[name] = old + took
+                costs = ", ".join(f"{k} {fn(plan):.6g} <= {b:.6g}" for k, fn, b in ceilings)
+                draft.reasons[name] = f"{msg}; +{took} of +{w - old} fit (fill_budget) -> {costs}"
+                waiting = repr(name)  # it asked for more than fit
+                continue
+            draft.reasons[name] = f"{msg}; growth blocked: {k} would be {c:.6g} > budget {b:.6g}"
+            if self.fill_budget:  # a cheaper, less needed group must not take its room
+                waiting = repr(name)
+        if waiting is not None:
+            return
         for _, name, n, add in sorted(draft.fills):
             if plan[name] != n:  # cut to fit a ceiling this step
                 continue
@@ -256,6 +274,8 @@ class Policy:
                     f"; filling the budget (fill_budget): +{took} (of up to {add}, "
                     f"grow_fraction={self.grow_fraction:g}) -> {costs}"
                 )
+            if took < add:  # the budget is full for this group; the weaker ones wait
+                break
 
     @staticmethod
     def _fill_one(name: str, n: int, add: int, ceilings, plan: dict[str, int]) -> int:

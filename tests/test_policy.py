@@ -197,6 +197,35 @@ def test_fill_budget_grows_full_groups_below_the_threshold_to_the_budget():
     assert one(pol, capped, cost=lambda w: w["A"], widths={"A": 8}, budget=1e9).new_width == 8
 
 
+def test_fill_budget_grows_in_order_of_need_so_a_costly_group_is_not_starved():
+    # S (every direction strongly used, expensive: a residual stream) is needed more than C
+    # (cheap, weaker). Skipping ahead, C takes every small rise of the budget and S never fits;
+    # with fill_budget C waits until S has grown
+    S = spec("S", [1.0, 1.0], cap=100, gid=0)
+    C = spec("C", [1.0, 0.9, 0.85, 0.8], cap=100, gid=1)
+    cost = lambda w: 40.0 * w["S"] + 5.0 * w["C"]  # noqa: E731
+    widths = {"S": 2, "C": 4}
+    pol = Policy(energy_eps=1e-3, grow_threshold=0.5, grow_fraction=0.5, min_width=1)
+    dS, dC = pol.decide([S, C], cost=cost, widths=widths, budget=115.0)  # room 15: C's +2 fits
+    assert (dS.new_width, dC.new_width) == (2, 6)
+    assert "growth blocked" in dS.reason
+    pol.fill_budget = True
+    dS, dC = pol.decide([S, C], cost=cost, widths=widths, budget=115.0)
+    assert (dS.new_width, dC.new_width) == (2, 4)
+    assert "growth waits: 'S' is needed more" in dC.reason
+    # room for S's whole step (+1): S grows, then C takes what is left (+1 of its +2)
+    dS, dC = pol.decide([S, C], cost=cost, widths=widths, budget=145.0)
+    assert (dS.new_width, dC.new_width) == (3, 5)
+    # a partial step: S asks +2 (ceil(3 * 0.5)), the budget holds +1; C still waits
+    S3 = spec("S", [1.0, 1.0, 1.0], cap=100, gid=0)
+    dS, dC = pol.decide([S3, C], cost=cost, widths={"S": 3, "C": 4}, budget=185.0)
+    assert (dS.new_width, dC.new_width) == (4, 4)
+    assert "+1 of +2 fit (fill_budget)" in dS.reason
+    # room for both: both grow
+    dS, dC = pol.decide([S, C], cost=cost, widths=widths, budget=1000.0)
+    assert (dS.new_width, dC.new_width) == (3, 6)
+
+
 def test_invalid_policies():
     for kw in (
         {"energy_eps": 1.0},

@@ -192,8 +192,10 @@ def _resizing(g: Any) -> None:
     _flag(g, "--shrink-start", "step at which the budget starts falling (until then it is the "
           "starting size: the network trains at full width first)", type=int)  # fmt: skip
     _flag(g, "--start-scale", "start from the preset (or --spec) narrowed uniformly to F times "
-          "--target-params parameters, then shrink to the budget (never widened; default: "
-          "the architecture as it is)", type=float, metavar="F")  # fmt: skip
+          "--target-params parameters, then shrink to the budget (F > 1) or grow to it (F < 1, "
+          "e.g. 0.25: the budget then rises over --shrink-steps and fills up); never widened "
+          "past the architecture; default: the architecture as it is", type=float,
+          metavar="F")  # fmt: skip
     _flag(g, "--energy-eps", "energy policy epsilon after the budget schedule (or throughout "
           "without --target-params): keep the directions holding 1-eps of a group's energy "
           f"(default: the Policy's, {policy_eps})", type=float)  # fmt: skip

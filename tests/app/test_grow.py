@@ -86,3 +86,24 @@ def test_a_growing_run_fills_its_budget_as_it_rises(tmp_path, data_dir):
     assert budgets == sorted(budgets) and budgets[0] < 3000 and budgets[-1] == 3000
     end = next(e for e in events if e["event"] == "end")
     assert 0.85 * 3000 <= end["params"] <= 3000, end["params"]
+
+
+def test_a_start_scale_below_one_grows_the_preset_to_its_budget(tmp_path, data_dir):
+    """--start-scale 0.25 narrows the preset to a quarter of --target-params and grows it back:
+    the documented way to run a growing search from the command line."""
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--preset", "mnist-2m", "--start-scale", "0.25",
+            "--target-params", "6000", "--shrink-steps", "16", "--resize-every", "4",
+            "--resize-until", "0.8", "--energy-eps", "1e-4", "--subset", "800",
+            "--test-subset", "200", "--batch-size", "50", "--epochs", "2", "--threads", "1",
+            "--seed", "0", "--no-progress", "--checkpoint-minutes", "0", "--no-download",
+            "--data-dir", str(data_dir), "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    events = read_log(run)
+    start = next(e for e in events if e["event"] == "start")
+    assert start["params"] <= 0.3 * 6000, start["params"]
+    grows = [d for e in events if e["event"] == "resize" for d in e["decisions"]
+             if d["action"] == "grow"]  # fmt: skip
+    assert grows and all(d["new_width"] > d["old_width"] for d in grows)
+    end = next(e for e in events if e["event"] == "end")
+    assert 0.85 * 6000 <= end["params"] <= 6000, end["params"]

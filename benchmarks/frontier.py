@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,7 @@ def run_cell(
         cell = {k: summary.get(k) for k in CELL_KEYS}
         cell["commit"] = commit  # of its last (re)start; a resumed cell may have begun on another
         cell["ref_s"] = round(speed_reference(threads), 4)  # see speed_reference
+        cell["cpu"] = cpu_model()  # hosts differ between sittings
         _atomic_write(run_dir / "cell.json", json.dumps(cell))
         return cell
     finally:
@@ -274,15 +276,25 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
     raise ValueError(f"unknown method {method!r}")
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """This host's CPU model name (/proc/cpuinfo), else what :mod:`platform` says."""
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
+            return next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
     except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": None,
+        return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "gpu": None,
             "svdgrow_commit": _commit()}  # fmt: skip
+
+
+def cells_hosts(rows: list[dict]) -> str:
+    """The CPUs the cells ran on, with counts (cells record theirs since session 10; the
+    sessions before ran on hosts that all reported a 2-core "AMD EPYC")."""
+    counts = Counter(r.get("cpu") or "not recorded" for r in rows)
+    return ", ".join(f"{cpu} ({n})" for cpu, n in sorted(counts.items()))
 
 
 def _commit() -> str | None:
@@ -417,7 +429,9 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
     if commits and untagged:
         code += f" ({untagged} older cells did not record theirs)"
     lines = [
-        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch "
+        f"Cells' hosts (cells before session 10 did not record theirs; those sessions' hosts "
+        f"all reported a 2-core AMD EPYC): {cells_hosts(rows)}. Tables written on "
+        f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch "
         f"{meta['machine']['torch']}; {code}; "
         f"{meta['epochs']} epochs, {meta['threads']} thread(s) per run.",
         "",

@@ -177,3 +177,9 @@ def test_the_headline_method_ran_the_recipe(dataset):
         pytest.skip(f"{cfg} not in this checkout")
     ran = json.loads(cfg.read_text())["config"]
     assert {k: ran[k] for k in RECIPES[dataset]} == RECIPES[dataset]
+
+
+def test_the_table_names_the_hosts_the_cells_ran_on():
+    rows = [{"cpu": "Intel(R) Xeon(R) Processor"}, {"cpu": "Intel(R) Xeon(R) Processor"}, {}]
+    assert frontier.cells_hosts(rows) == "Intel(R) Xeon(R) Processor (2), not recorded (1)"
+    assert frontier.cpu_model()

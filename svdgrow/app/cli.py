@@ -286,6 +286,13 @@ def new_run_config(args: dict[str, Any], spec_file: str | None = None) -> TrainC
             recipe = {k: v for k, v in recipe.items() if k in ("preset", "epochs")}
         if args.get("mode", _DEFAULTS["mode"]) != "data":  # features are measured on the batch
             recipe.pop("spectrum", None)
+        if args.get("start_scale", recipe.get("start_scale", 1.0)) < 1 and "spectrum" in recipe:
+            # a growing run: feature spectra prune the channels just grown (docs/design.md,
+            # "Growth"); the weight spectrum grows without that
+            recipe.pop("spectrum")
+            logger.info("--start-scale below 1 grows the network: reading weight spectra (the "
+                        "recipe's feature spectra prune new channels); --spectrum features "
+                        "overrides")  # fmt: skip
         filled = {k: v for k, v in recipe.items() if k not in args}
         args.update(filled)
         cfg = TrainConfig(**args)

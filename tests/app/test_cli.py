@@ -419,6 +419,17 @@ def test_recipe_follows_a_weights_mode_flag():
     assert (cfg.mode, cfg.spectrum) == ("data", "features")
 
 
+def test_a_growing_recipe_reads_weight_spectra():
+    """--start-scale below 1 grows: the Fashion recipe's feature spectra would prune the new
+    channels at the next resize, so that part of the recipe is dropped unless asked for."""
+    cfg = _config_of(["train", "--dataset", "fashion-mnist", "--start-scale", "0.25"])
+    assert (cfg.spectrum, cfg.start_scale, cfg.shrink_steps) == ("weights", 0.25, 1000)
+    cfg = _config_of(["train", "--dataset", "fashion-mnist", "--start-scale", "0.25",
+                      "--spectrum", "features"])  # fmt: skip
+    assert cfg.spectrum == "features"
+    assert _config_of(["train", "--dataset", "fashion-mnist"]).spectrum == "features"
+
+
 def test_recipe_without_resizing_trains_the_preset():
     cfg = _config_of(["train", "--dataset", "mnist", "--resize-every", "0"])
     assert (cfg.preset, cfg.target_params, cfg.start_scale, cfg.epochs) == ("mnist-2m", None,

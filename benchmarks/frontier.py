@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -174,11 +175,18 @@ def load_results(out: Path) -> dict[tuple, dict]:
     results = {}
     for d in sorted((out / "runs").glob("*-s*")):
         cell = _cell(d)
-        if cell is None:
+        key = _cell_key(d.name)
+        if cell is None or key is None:
             continue
-        dataset, budget, method, seed = d.name.rsplit("-", 3)
-        results[(dataset, int(budget), method, int(seed[1:]))] = cell
+        results[key] = cell
     return results
+
+
+def _cell_key(name: str) -> tuple[str, int, str, int] | None:
+    """(dataset, budget, method, seed) of a run folder named ``DATASET-BUDGET-METHOD-sSEED``;
+    the dataset and the method may hold hyphens (``fashion-mnist``, ``found-f4s``)."""
+    m = re.fullmatch(r"(.+?)-(\d+)-(.+)-s(\d+)", name)
+    return (m[1], int(m[2]), m[3], int(m[4])) if m else None
 
 
 def _summary(run_dir: Path) -> dict[str, Any] | None:

@@ -183,3 +183,15 @@ def test_the_table_names_the_hosts_the_cells_ran_on():
     rows = [{"cpu": "Intel(R) Xeon(R) Processor"}, {"cpu": "Intel(R) Xeon(R) Processor"}, {}]
     assert frontier.cells_hosts(rows) == "Intel(R) Xeon(R) Processor (2), not recorded (1)"
     assert frontier.cpu_model()
+
+
+def test_run_folders_with_hyphens_in_dataset_and_method_are_read(tmp_path):
+    # "fashion-mnist-120000-found-f4s-s0" split from the right gave budget "found": every
+    # frontier.py start crashed once such a cell had finished
+    for name in ("fashion-mnist-120000-found-f4s-s0", "mnist-3000-midlong-s2", "notacell-s1"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "cell.json").write_text(json.dumps({"params": 1}))
+    assert sorted(frontier.load_results(tmp_path)) == [
+        ("fashion-mnist", 120000, "found-f4s", 0),
+        ("mnist", 3000, "midlong", 2),
+    ]

@@ -195,3 +195,18 @@ def test_run_folders_with_hyphens_in_dataset_and_method_are_read(tmp_path):
         ("fashion-mnist", 120000, "found-f4s", 0),
         ("mnist", 3000, "midlong", 2),
     ]
+
+
+def test_the_readme_shows_the_committed_frontier_tables():
+    # README.md copies benchmarks/results/frontier_cpu/frontier.md's tables by hand; a row that
+    # changed in one and not the other is a figure without its command
+    root = _PATH.parents[1]
+    table = root / "benchmarks" / "results" / "frontier_cpu" / "frontier.md"
+    readme = root / "README.md"
+    if not (table.is_file() and readme.is_file()):
+        pytest.skip("no committed frontier table or README beside the tests")
+    text = readme.read_text()
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| ")]
+    assert rows, f"{table} has no table rows"
+    missing = [row for row in rows if row not in text]
+    assert not missing, f"README.md lacks {len(missing)} frontier.md rows, first: {missing[0]}"

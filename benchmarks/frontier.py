@@ -299,8 +299,7 @@ def machine() -> dict[str, Any]:
 
 
 def cells_hosts(rows: list[dict]) -> str:
-    """The CPUs the cells ran on, with counts (cells record theirs since session 10; the
-    sessions before ran on hosts that all reported a 2-core "AMD EPYC")."""
+    """The CPUs the cells ran on, with counts ("not recorded" for cells older than the record)."""
     counts = Counter(r.get("cpu") or "not recorded" for r in rows)
     return ", ".join(f"{cpu} ({n})" for cpu, n in sorted(counts.items()))
 

@@ -254,7 +254,7 @@ class Policy:
             took = self._fill_one(name, old, w - old, ceilings, plan) if self.fill_budget else 0
             if took:
                 draft.target[name] = old + took
-                costs = ", ".join(f"{k} {fn(plan):.6g} <= {b:.6g}" for k, fn, b in ceilings)
+                costs = self._costs_text(ceilings, plan)
                 draft.reasons[name] = f"{msg}; +{took} of +{w - old} fit (fill_budget) -> {costs}"
                 waiting = repr(name)  # it asked for more than fit
                 continue
@@ -269,13 +269,18 @@ class Policy:
             took = self._fill_one(name, n, add, ceilings, plan)
             if took:
                 draft.target[name] = n + took
-                costs = ", ".join(f"{k} {fn(plan):.6g} <= {b:.6g}" for k, fn, b in ceilings)
+                costs = self._costs_text(ceilings, plan)
                 draft.reasons[name] += (
                     f"; filling the budget (fill_budget): +{took} (of up to {add}, "
                     f"grow_fraction={self.grow_fraction:g}) -> {costs}"
                 )
             if took < add:  # the budget is full for this group; the weaker ones wait
                 break
+
+    @staticmethod
+    def _costs_text(ceilings, plan: dict[str, int]) -> str:
+        """Every cost of ``plan`` against its ceiling, for a decision's reason."""
+        return ", ".join(f"{k} {fn(plan):.6g} <= {b:.6g}" for k, fn, b in ceilings)
 
     @staticmethod
     def _fill_one(name: str, n: int, add: int, ceilings, plan: dict[str, int]) -> int:

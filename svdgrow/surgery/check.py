@@ -38,6 +38,12 @@ def consumer_inputs(ctx: ResizeContext, names: list[str], example) -> dict[str, 
         names: consumer module names.
         example: an input (or a tuple of inputs) of the model.
     """
+    return _inputs_and_output(ctx, names, example)[0]
+
+
+@torch.no_grad()
+def _inputs_and_output(ctx: ResizeContext, names: list[str], example):
+    """:func:`consumer_inputs`, and the model's output on ``example`` from the same pass."""
     seen: dict[str, Tensor] = {}
 
     def make_hook(name):
@@ -49,11 +55,11 @@ def consumer_inputs(ctx: ResizeContext, names: list[str], example) -> dict[str, 
     hooks = [ctx.modules[n].register_forward_pre_hook(make_hook(n)) for n in names]
     try:
         with eval_mode(ctx.modules[""]) as model:
-            model(*as_args(example))
+            out = model(*as_args(example))
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return seen, out
 
 
 def _restricted(module: nn.Module, x: Tensor, W: Tensor, offset: int, n: int) -> Tensor:
@@ -113,15 +119,24 @@ def output_change(
         ``(squared change, squared output)`` of the part of the output the group's channels
         make, summed over the batch (float).
     """
-    new, shift = pruned
-    n = new.shape[1]
+    errs, ref = _output_changes(module, x, offset, [pruned])
+    return errs[0], ref
+
+
+def _output_changes(module, x, offset, candidates) -> tuple[list[float], float]:
+    """:func:`output_change` of several prunes of the same channels, the output before them
+    computed once: the squared changes, and the squared output."""
+    n, B = candidates[0][0].shape[1:]
     A = module.weight.detach()
-    A = A.reshape(A.shape[0], -1, new.shape[2])[:, offset : offset + n]
+    A = A.reshape(A.shape[0], -1, B)[:, offset : offset + n]
     before = _restricted(module, x, A, offset, n).double()
-    after = _restricted(module, x, new, offset, n).double()
-    if shift is not None:  # the folded constant, per output channel
-        after = after + shift.view(_channel_shape(module, after))
-    return float((after - before).pow(2).sum()), float(before.pow(2).sum())
+    errs = []
+    for new, shift in candidates:
+        after = _restricted(module, x, new, offset, n).double()
+        if shift is not None:  # the folded constant, per output channel
+            after = after + shift.view(_channel_shape(module, after))
+        errs.append(float((after - before).pow(2).sum()))
+    return errs, float(before.pow(2).sum())
 
 
 def _channel_shape(module: nn.Module, out: Tensor) -> list[int]:
@@ -161,14 +176,16 @@ def prefer_measured(
         w = weights[gid]
         pruned["weights", gid, cons] = pruned_columns(ctx, w, cons, o, w.folds.get(cons))
         pruned["magnitude", gid, cons] = pruned_columns(ctx, magnitude[gid], cons, o, None)
-    local = _local_errors(ctx, offsets, pruned, example)
+    local, reference = _local_errors(ctx, offsets, pruned, example)
     pick = {gid: "magnitude" if e_m < e_w else "weights" for gid, (e_w, e_m) in local.items()}
     candidates = {"weights": dict.fromkeys(weights, "weights")}
     candidates["magnitude"] = dict.fromkeys(weights, "magnitude")
     if len(set(pick.values())) > 1:
         candidates["per-group"] = pick
     change = {
-        k: network_change(ctx, {key: pruned[(c[key[0]], *key)] for key in offsets}, example)
+        k: network_change(
+            ctx, {key: pruned[(c[key[0]], *key)] for key in offsets}, example, reference
+        )
         for k, c in candidates.items()
     }
     best = min(change, key=lambda k: (change[k], k != "weights"))  # ties: the fold
@@ -186,28 +203,32 @@ def prefer_measured(
     return chosen
 
 
-def _local_errors(ctx, offsets, pruned, example) -> dict[int, tuple[float, float]]:
+def _local_errors(ctx, offsets, pruned, example):
     """group id -> the relative change of its consumers' outputs on ``example`` with the
-    weights-mode prune and with the magnitude one (0, 0 when they read zeros there)."""
-    inputs = consumer_inputs(ctx, sorted({c for _, c in offsets}), example)
+    weights-mode prune and with the magnitude one (0, 0 when they read zeros there); and the
+    model's output on ``example`` (from the same forward pass)."""
+    inputs, output = _inputs_and_output(ctx, sorted({c for _, c in offsets}), example)
     sums: dict[int, list[float]] = {}
     for (gid, cons), o in offsets.items():
         acc = sums.setdefault(gid, [0.0, 0.0, 0.0])
         if cons not in inputs:
             continue
-        args = (ctx.modules[cons], inputs[cons], o)
-        err, ref = output_change(*args, pruned["weights", gid, cons])
-        acc[0] += err
-        acc[1] += output_change(*args, pruned["magnitude", gid, cons])[0]
+        keys = [("weights", gid, cons), ("magnitude", gid, cons)]
+        (e_w, e_m), ref = _output_changes(
+            ctx.modules[cons], inputs[cons], o, [pruned[k] for k in keys]
+        )
+        acc[0] += e_w
+        acc[1] += e_m
         acc[2] += ref
-    return {
+    local = {
         gid: ((e_w / ref) ** 0.5, (e_m / ref) ** 0.5) if ref > 0 else (0.0, 0.0)
         for gid, (e_w, e_m, ref) in sums.items()
     }
+    return local, output
 
 
 @torch.no_grad()
-def network_change(ctx: ResizeContext, pruned: dict, example) -> float:
+def network_change(ctx: ResizeContext, pruned: dict, example, reference=None) -> float:
     """The relative change of the model's output on ``example`` after some prunes, simulated
     without changing the model: every consumer runs with its columns on each pruned group as
     the prune leaves them (dropped ones zeroed, the fold applied) and its folded constants
@@ -219,6 +240,7 @@ def network_change(ctx: ResizeContext, pruned: dict, example) -> float:
         pruned: (group id, consumer) -> that consumer's columns on that group after its prune
             (:func:`pruned_columns`).
         example: an input (or a tuple of inputs) of the model.
+        reference: the model's output on ``example`` as it is (computed when None).
     """
     weights: dict[str, Tensor] = {}
     shifts: dict[str, Tensor] = {}
@@ -232,7 +254,7 @@ def network_change(ctx: ResizeContext, pruned: dict, example) -> float:
             shifts[cons] = shifts[cons] + shift if cons in shifts else shift
     model = ctx.modules[""]
     with eval_mode(model):
-        y0 = model(*as_args(example))
+        y0 = model(*as_args(example)) if reference is None else reference
         hooks = [ctx.modules[c].register_forward_hook(_add_shift(t)) for c, t in shifts.items()]
         try:
             params = {f"{cons}.weight": W for cons, W in weights.items()}

@@ -116,14 +116,18 @@ def consumer_offsets(ctx: ResizeContext, groups: list[Group]) -> dict[tuple[int,
         ctx: the model now.
         groups: the groups whose consumers are wanted.
     """
+    firsts: dict[str, dict[int, int]] = {}  # consumer -> group id -> first offset
     offsets = {}
     for g in groups:
         for cons in g.consumers:
-            o = 0
-            for seg in ctx.graph.consumers[cons].segments:
-                if seg == g.id and (g.id, cons) not in offsets:
-                    offsets[(g.id, cons)] = o
-                o += ctx.widths[seg]
+            if cons not in firsts:  # one walk over each consumer's segments
+                first, o = {}, 0
+                for seg in ctx.graph.consumers[cons].segments:
+                    first.setdefault(seg, o)
+                    o += ctx.widths[seg]
+                firsts[cons] = first
+            if g.id in firsts[cons]:
+                offsets[(g.id, cons)] = firsts[cons][g.id]
     return offsets
 
 

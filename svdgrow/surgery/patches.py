@@ -142,7 +142,10 @@ def gather_patches(
     sample, pos = pick // (oh * ow), pick % (oh * ow)
     iy = (pos // ow * sh)[:, None] + (taps // kw * dh)[None, :]  # [S, b]
     ix = (pos % ow * sw)[:, None] + (taps % kw * dw)[None, :]
-    return xp[sample[:, None], iy, ix].transpose(1, 2)  # [S, b, c] -> [S, c, b]
+    _, hp, wp, c = xp.shape
+    rows = ((sample[:, None] * hp + iy) * wp + ix).flatten()  # one index per pixel: rows of c
+    patches = xp.reshape(-1, c).index_select(0, rows).reshape(len(pick), len(taps), c)
+    return patches.transpose(1, 2)  # [S, b, c] -> [S, c, b]
 
 
 def patch_fold(
@@ -201,14 +204,22 @@ def patch_fold(
         pick = torch.randperm(total, generator=generator)[:count].to(x.device)
     else:
         pick = torch.arange(total, device=x.device)
-    X = gather_patches(x, module, pick, torch.cat([keep, drop]).to(x.device), taps)
-    XK, E = X[:, :nK], X[:, nK:]  # [S, r, b], [S, n - r, b]
-    E = E - torch.einsum("skb,dk->sdb", XK, M0.to(x))
     U = None
     if qc < nK:  # the kept channels' leading principal directions
         U = torch.linalg.eigh(S_KK)[1][:, -qc:].flip(1)
-        XK = torch.einsum("skb,kq->sqb", XK, U.to(x))
-    C, c = _least_squares(XK.reshape(count, q), E.reshape(count, -1), ridge)
+    # Both sides of the fit are channel mixes of x, z = U^T x_K and e = x_D - M0 x_K, so they
+    # are formed per pixel first (a 1x1 convolution) and their patches gathered after: fewer
+    # multiply-adds than mixing every gathered patch, and qc + |D| channels gathered, not n.
+    # Zero padding maps to zero on both sides, as on the raw patches.
+    nD = len(drop)
+    P = x.new_zeros(qc + nD, x.shape[1])
+    P[:qc, keep.to(x.device)] = (U.T if U is not None else torch.eye(nK, dtype=M0.dtype)).to(x)
+    P[qc:, keep.to(x.device)] = -M0.to(x)
+    P[qc:, drop.to(x.device)] = torch.eye(nD, dtype=x.dtype, device=x.device)
+    y = torch.matmul(P, x.reshape(x.shape[0], x.shape[1], -1)).reshape(-1, len(P), *x.shape[2:])
+    X = gather_patches(y, module, pick, torch.arange(qc + nD, device=x.device), taps)
+    Z, E = X[:, :qc], X[:, qc:]  # [S, qc, b], [S, |D|, b]
+    C, c = _least_squares(Z.reshape(count, q), E.reshape(count, -1), ridge)
     C = C.reshape(len(drop), b, qc, b)
     if U is not None:
         C = torch.einsum("dtqu,kq->dtku", C, U)
@@ -223,8 +234,9 @@ def patch_fold(
 def _least_squares(Z: Tensor, E: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
     """Ridge least squares with an intercept on samples: ``E ~ Z C^T + c``; float32 products,
     float64 solve. Returns ``C`` (Tensor[e, z]) and ``c`` (Tensor[e]), float64."""
-    zm, em = Z.double().mean(0), E.double().mean(0)
-    Zc, Ec = Z - zm.to(Z.dtype), E - em.to(E.dtype)
+    zm, em = Z.mean(0), E.mean(0)  # float32 means: centring, and c to ~1e-7 of |E|
+    Zc, Ec = Z - zm, E - em
+    zm, em = zm.double(), em.double()
     S_zz = (Zc.T @ Zc).double()
     S_ze = (Zc.T @ Ec).double()
     lam = ridge * float(torch.diagonal(S_zz).sum()) / max(S_zz.shape[0], 1) + 1e-12

@@ -230,15 +230,21 @@ def _plan_columns(ctx, name: str, changes, work: Tensor, block: int):
 def fold_columns_(view: Tensor, keep: Tensor, drop: Tensor, M: Tensor, c: Tensor) -> Tensor:
     """``A_K <- A_K + A_D M`` on a consumer weight viewed ``[R, C, B]`` (in place); returns the
     constant ``A_D c`` per row (float64). ``M`` and ``c`` are per channel or per column (see
-    :class:`~svdgrow.surgery.GroupChange`)."""
-    A_drop = view[:, drop, :].double()  # [R, |D|, B]
-    A_keep = view[:, keep, :].double()
+    :class:`~svdgrow.surgery.GroupChange`).
+
+    The product ``A_D M`` is formed in the weight's precision and added in place (float32
+    weights: each entry within about ``1e-6`` of ``|A_D| |M|`` of the float64 product, the
+    rounding the weight itself gets when stored); a per-column ``M`` on a wide consumer is the
+    largest product of a data-mode resize, and float64 tripled its time."""
+    A_drop = view[:, drop, :]  # [R, |D|, B]
     R, n_drop, B = A_drop.shape
+    Mw = M.to(view.dtype)
     if M.shape[0] == n_drop:  # one map for every column of a channel
-        A_keep = A_keep + torch.einsum("rdb,dk->rkb", A_drop, M)
+        update = torch.einsum("rdb,dk->rkb", A_drop, Mw)
     else:
-        A_keep = A_keep + (A_drop.reshape(R, n_drop * B) @ M).reshape(A_keep.shape)
-    view[:, keep, :] = A_keep.to(view.dtype)
+        update = (A_drop.reshape(R, n_drop * B) @ Mw).reshape(R, len(keep), B)
+    view.index_add_(1, keep, update)
+    A_drop = A_drop.double()
     if c.shape[0] == n_drop:
         return torch.einsum("rdb,d->r", A_drop, c)
     return A_drop.reshape(R, n_drop * B) @ c

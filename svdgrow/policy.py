@@ -111,6 +111,7 @@ class Policy:
         budget: float | None = None,
         flops_cost: Callable[[dict[str, int]], float] | None = None,
         flops_budget: float | None = None,
+        hold: dict[str, int] | None = None,
     ) -> list[Decision]:
         """Decide a width for every analysed group.
 
@@ -123,6 +124,9 @@ class Policy:
             flops_cost: the network's forward FLOPs as a function of the widths (needed with a
                 FLOPs ceiling).
             flops_budget: overrides ``self.flops_budget`` for this step.
+            hold: group name -> a width it may not be pruned below this step (neither by the
+                energy rule nor by the budget's cut), e.g. the width a group grew to a few
+                resizes ago (:class:`~svdgrow.Resizer`'s ``hold_grown``).
 
         Returns:
             one :class:`Decision` per spectrum, in order.
@@ -136,6 +140,9 @@ class Policy:
             ceilings.append(("flops", flops_cost, float(flops_budget)))
         draft = _Draft()
         for s in spectra:
+            draft.floors[s.name] = max(
+                self.floor(s.width), min(s.width, (hold or {}).get(s.name, 0))
+            )
             self._decide_group(s, draft)
         if not ceilings:
             for _, name, w, _ in draft.grows:
@@ -156,14 +163,16 @@ class Policy:
         """The energy rule for one group: a prune target, a keep, or a grow option."""
         eps = self.energy_eps
         n = s.width
-        floor = self.floor(n)
+        floor = draft.floors[s.name]
         rank = s.rank_for(eps)
         if rank < n:
             kept = float(s.energy_kept[rank - 1]) if s.energy_kept.numel() else 1.0
             r = max(rank, floor)
             msg = f"energy kept at rank {rank}: {kept:.6f} >= {1 - eps:.6f} (eps={eps:g})"
             if r > rank:
-                if r == max(int(self.min_width), 1):
+                if r > self.floor(n):
+                    why = "hold (grown a few resizes ago)"
+                elif r == max(int(self.min_width), 1):
                     why = f"min_width={self.min_width}"
                 else:
                     why = f"max_prune_fraction={self.max_prune_fraction:g}"
@@ -221,7 +230,7 @@ class Policy:
         what = " and ".join(f"{k}={b:.6g}" for k, _, b in ceilings)
         start = [fn(plan) for _, fn, _ in ceilings]
         if any(c > b for c, (_, _, b) in zip(start, ceilings, strict=True)):
-            taken, cur = self._cut_to_budget(by_name, ceilings, plan)
+            taken, cur = self._cut_to_budget(by_name, ceilings, plan, draft.floors)
             planned = ", ".join(f"{c:.6g}" for c in start)
             for name, k in taken.items():
                 s = by_name[name]
@@ -293,10 +302,10 @@ class Policy:
         plan[name] = n
         return 0
 
-    def _cut_to_budget(self, by_name, ceilings, plan: dict[str, int]):
+    def _cut_to_budget(self, by_name, ceilings, plan: dict[str, int], floors: dict[str, int]):
         """Remove single channels from ``plan`` (in place), cheapest first, until it fits
-        every ceiling or every group is at its floor. Returns (channels taken per group, the
-        costs reached)."""
+        every ceiling or every group is at its floor (``floors``, by name). Returns (channels
+        taken per group, the costs reached)."""
         taken: dict[str, int] = {}
 
         def costs() -> list[float]:
@@ -304,7 +313,7 @@ class Policy:
 
         def score(name: str) -> float | None:  # relative energy lost per unit of cost saved
             w = plan[name]
-            if w <= self.floor(by_name[name].width):
+            if w <= floors[name]:
                 return None
             cur = costs()
             plan[name] = w - 1
@@ -356,12 +365,14 @@ class _Draft:
             strongest first.
         fills: with ``fill_budget``, the full groups below the grow threshold
             ``(-share, group name, width, channels it may add)``, taken after ``grows``.
+        floors: group name -> the lowest width this step (:meth:`Policy.floor`, or a hold).
     """
 
     target: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     grows: list[tuple[float, str, int, str]] = field(default_factory=list)
     fills: list[tuple[float, str, int, int]] = field(default_factory=list)
+    floors: dict[str, int] = field(default_factory=dict)
 
 
 def budget_at(

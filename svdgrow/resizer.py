@@ -30,7 +30,7 @@ from torch import nn
 from .compiled import after_resize, is_compiled, unwrap_compiled
 from .cost import CostModel
 from .policy import Decision, Policy
-from .spectrum import GroupSpectrum, analyse_groups, feature_spectra
+from .spectrum import GroupSpectrum, analyse_groups, feature_spectra, group_cap
 from .surgery import (
     GroupChange,
     ResizeContext,
@@ -165,7 +165,16 @@ class Resizer:
             them: the matrix data mode's pivoted Cholesky chooses the kept channels from). The
             weight spectrum of a group is capped by its producers' input dimension (a
             3x3 stem on one input channel has rank 9 whatever its width); the feature
-            spectrum is not. See docs/design.md, "Stage 2: spectrum".
+            spectrum is not: a resizer reading it grows a group past that cap (up to the
+            feature samples its consumers were measured on), the channels past it with rows
+            that are new only after the norm and the activation. See docs/design.md,
+            "Stage 2: spectrum" and "Growth".
+        hold_grown: for this many :meth:`step` calls after a group grows, it is not pruned
+            below the width it grew to (by the energy rule or the budget). A grown channel
+            starts with zero consumer columns, so a feature spectrum, which weighs channels
+            by those columns, sees it as unused until training has given it a role; without
+            a hold, a run that fills a budget can prune what it grew at the next step and
+            grow it back at the one after. 0: no hold.
     """
 
     def __init__(
@@ -182,7 +191,10 @@ class Resizer:
         max_samples: int = 16384,
         activation=DETECT,
         spectrum: str = "weights",
+        hold_grown: int = 0,
     ):
+        if isinstance(hold_grown, bool) or int(hold_grown) != hold_grown or hold_grown < 0:
+            raise ValueError(f"hold_grown must be an int >= 0 (resize steps), got {hold_grown!r}")
         if spectrum not in ("weights", "features"):
             raise ValueError(f"spectrum must be 'weights' or 'features', got {spectrum!r}")
         if spectrum == "features" and mode in ("weights", "magnitude"):
@@ -223,6 +235,9 @@ class Resizer:
         self._input_sizes: dict[str, tuple[int, int]] | None = None  # see _plan_prunes
         self._costs: dict[str, CostModel] = {}  # see cost()
         self.history: list[StepReport] = []
+        self.hold_grown = int(hold_grown)
+        #: group name -> (width it grew to, steps it is still held); see ``hold_grown``
+        self.held: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------------------------------
     def context(self) -> ResizeContext:
@@ -298,7 +313,11 @@ class Resizer:
             )
         feats = capture_features(ctx, groups, data, self.max_samples, self.generator)
         mats = [data_pivot_gram(ctx, g, *feats) for g in groups]
-        return feature_spectra(ctx.modules, groups, ctx.widths, mats), feats
+        samples = {}  # group id -> the fewest samples any of its consumers was measured on
+        for (gid, _), m in feats[0].items():
+            samples[gid] = min(samples.get(gid, m.count), m.count)
+        caps = [max(group_cap(ctx.modules, g), samples.get(g.id, 0)) for g in groups]
+        return feature_spectra(ctx.modules, groups, ctx.widths, mats, caps), feats
 
     def step(
         self, data=None, budget: float | None = None, flops_budget: float | None = None
@@ -327,10 +346,12 @@ class Resizer:
         cost = self.cost(self.policy.budget_kind) if budget is not None else None
         flops_budget = self.policy.flops_budget if flops_budget is None else flops_budget
         flops = self.cost("flops") if flops_budget is not None else None
-        decisions = self.policy.decide(spectra, cost, widths, budget, flops, flops_budget)
+        hold = {name: w for name, (w, _) in self.held.items()}
+        decisions = self.policy.decide(spectra, cost, widths, budget, flops, flops_budget, hold)
         t2 = time.perf_counter()
         new = {d.group: d.new_width for d in decisions if d.action != "keep"}
         report = self._resize(new, data, decisions, grams, feats)
+        self._update_held(decisions)  # only once the resize went through
         t3 = time.perf_counter()
         if cost is not None:
             report.cost_kind = self.policy.budget_kind
@@ -367,6 +388,14 @@ class Resizer:
         self.history.append(report)
         return report
 
+    def _update_held(self, decisions: list[Decision]) -> None:
+        """Count down the holds and start one for every group that grows (``hold_grown``)."""
+        self.held = {name: (w, left - 1) for name, (w, left) in self.held.items() if left > 1}
+        if self.hold_grown:
+            for d in decisions:
+                if d.action == "grow":
+                    self.held[d.group] = (d.new_width, self.hold_grown)
+
     # ------------------------------------------------------------------------------------------
     def _resize(
         self, new_widths: dict[str, int], data, decisions, grams=None, feats=None
@@ -374,7 +403,7 @@ class Resizer:
         """Stages 4-5 for ``new_widths``: plan the prunes and grows, build and commit."""
         ctx = self.context()
         widths_before, params_before = self.widths(), self.param_count()
-        targets = check_targets(ctx, new_widths, self._frozen)
+        targets = check_targets(ctx, new_widths, self._frozen, self.spectrum == "features")
         mode = self.mode if self.mode != "auto" else ("data" if data is not None else "weights")
         prunes = {gid: w for gid, w in targets.items() if w < ctx.widths[gid]}
         changes = self._plan_prunes(ctx, mode, prunes, data, grams, feats)

@@ -311,26 +311,33 @@ def analyse_groups(
 
 
 def feature_spectra(
-    modules: dict[str, nn.Module], groups: list[Group], widths: dict[int, int], mats: list[Tensor]
+    modules: dict[str, nn.Module],
+    groups: list[Group],
+    widths: dict[int, int],
+    mats: list[Tensor],
+    caps: list[int] | None = None,
 ) -> list[GroupSpectrum]:
     """Spectra of ``groups`` read in feature space: the eigenvalues of one PSD matrix per group
     (``n x n``, what its consumers read on its ``n`` channels; see
     :func:`svdgrow.surgery.data_pivot_gram`) take the place of ``sigma**2``. Every channel has
-    an energy (``n`` of them, whatever the producers' input dimension); the cap (for growth)
-    stays :func:`group_cap`.
+    an energy (``n`` of them, whatever the producers' input dimension).
 
     Args:
         modules: ``dict(model.named_modules())``.
         groups: the groups.
         widths: current width of every group id.
         mats (list[Tensor[n_i, n_i]]): one symmetric PSD matrix per group, float64.
+        caps: the most channels each group may grow to (default :func:`group_cap`, the weight
+            rank's bound; a resizer reading feature spectra passes the number of feature
+            samples its consumers were measured on, which bounds the rank of what they read).
 
     Raises:
         FloatingPointError: when a matrix holds a NaN or an infinity (the batch or the weights
             do).
     """
     out = []
-    for g, m in zip(groups, mats, strict=True):
+    caps = caps if caps is not None else [group_cap(modules, g) for g in groups]
+    for g, m, cap in zip(groups, mats, caps, strict=True):
         if not bool(all_finite([m])):
             raise FloatingPointError(
                 f"group {g.name!r}: its features on this batch hold NaN/inf; refusing to "
@@ -338,18 +345,20 @@ def feature_spectra(
                 "reload a checkpoint."
             )
         energy = _eigenvalues(m.double().cpu())
-        out.append(_spectrum(modules, g, widths[g.id], energy, float(energy.sum())))
+        out.append(_spectrum(modules, g, widths[g.id], energy, float(energy.sum()), cap))
     return out
 
 
-def _spectrum(modules, g: Group, width: int, energy: Tensor, total: float) -> GroupSpectrum:
+def _spectrum(
+    modules, g: Group, width: int, energy: Tensor, total: float, cap: int | None = None
+) -> GroupSpectrum:
     """The :class:`GroupSpectrum` of ``g`` from its energies (float64, descending)."""
     cum = torch.cumsum(energy, 0) / total if total > 0 else torch.ones_like(energy)
     return GroupSpectrum(
         name=g.name,
         group_id=g.id,
         width=width,
-        cap=group_cap(modules, g),
+        cap=group_cap(modules, g) if cap is None else int(cap),
         singular_values=energy.sqrt().cpu(),
         energy=energy.cpu(),
         energy_kept=cum.cpu(),

@@ -305,3 +305,24 @@ def test_budget_at_waits_for_shrink_start():
     assert budget_at(25, 1000, 100, 10, shrink_start=20) == budget_at(5, 1000, 100, 10)
     assert budget_at(30, 1000, 100, 10, shrink_start=20) == 100
     assert budget_at(0, 50, 100, 10, shrink_start=20) == 50  # growing: the start size first
+
+
+def test_hold_keeps_a_group_from_the_energy_rule_and_from_the_budget_cut():
+    """A held group (grown a few resizes ago) is pruned neither below its hold by the energy
+    rule nor by the budget's cut, which then takes its channels from the other groups."""
+    weak = [10.0] + [1e-4] * 15  # all but one direction unused
+    pol = Policy(energy_eps=1e-3, min_width=1, max_prune_fraction=1.0)
+    d = one(pol, spec("g", weak), hold={"g": 12})
+    assert (d.action, d.new_width) == ("prune", 12) and "hold" in d.reason
+    assert one(pol, spec("g", weak), hold={"g": 20}).new_width == 16  # never above the width
+    assert one(pol, spec("g", weak)).new_width == 1
+    sv = [1.0 / (i + 1) for i in range(16)]
+    A, B = spec("A", sv, gid=0), spec("B", sv, gid=1)
+    cost = lambda w: 100.0 * w["A"] + 10.0 * w["B"]  # noqa: E731
+    pol = Policy(energy_eps=1e-9, min_width=1, max_prune_fraction=1.0, grow_threshold=2.0)
+    widths = {"A": 16, "B": 16}
+    free = pol.decide([A, B], cost=cost, widths=widths, budget=1200.0)
+    assert free[0].new_width < 16  # A gives channels when free to
+    dA, dB = pol.decide([A, B], cost=cost, widths=widths, budget=1750.0, hold={"A": 16})
+    assert dA.new_width == 16 and dB.new_width < 16
+    assert cost({"A": dA.new_width, "B": dB.new_width}) <= 1750.0

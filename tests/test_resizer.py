@@ -270,13 +270,14 @@ def _stem_net(width: int = 16, seed: int = 0) -> nn.Sequential:
 
 def test_feature_spectrum_is_not_capped_by_the_input_dimension():
     """The stem's weight spectrum has 9 directions at width 16; after BatchNorm and ReLU its
-    features have 16, and the ones past 9 carry energy the weight spectrum calls absent."""
+    features have 16, and the ones past 9 carry energy the weight spectrum calls absent. Its
+    cap for growth is then the feature samples (16 x 12 x 12 positions), not 9."""
     m, x = _stem_net(), torch.randn(16, 1, 12, 12)
     w = {s.name: s for s in Resizer(m, x, mode="data").analyse()}
     f = {s.name: s for s in Resizer(m, x, mode="data", spectrum="features").analyse(data=x)}
     assert w.keys() == f.keys()
     stem_w, stem_f = w["0"], f["0"]
-    assert stem_w.cap == stem_f.cap == 9 and stem_w.energy.numel() == 9
+    assert stem_w.cap == 9 and stem_f.cap == 16 * 12 * 12 and stem_w.energy.numel() == 9
     assert stem_w.rank_for(1e-9) <= 9
     assert stem_f.energy.numel() == 16 and stem_f.rank_for(1e-6) > 9
     for s in f.values():

@@ -181,6 +181,9 @@ def _resizing(g: Any) -> None:
           "(weights) or the spectrum of what its consumers read on it, after BatchNorm and the "
           "activation, on the current batch (features; needs --mode data)",
           choices=["weights", "features"])  # fmt: skip
+    _flag(g, "--hold-grown", "after a layer grows, do not prune it below the width it grew to "
+          "for this many resizes (new channels start unused; with --spectrum features a "
+          "growing run otherwise prunes and regrows them); 0 = no hold", type=int)  # fmt: skip
     _flag(g, "--target-params", "global parameter budget (e.g. 12000, 12k); it moves "
           "geometrically from the start size over --shrink-steps: falls when the network "
           "starts larger (a shrinking run), rises when it starts smaller (a growing run, which "

@@ -73,6 +73,8 @@ class TrainConfig:
         spectrum: what the width policy reads: ``weights`` (each group's weight spectrum) or
             ``features`` (the spectrum of what its consumers read on it, measured on the current
             batch; needs ``mode='data'``). See ``svdgrow.Resizer``.
+        hold_grown: resizes after a group grows during which it is not pruned below the width
+            it grew to (``svdgrow.Resizer``'s ``hold_grown``; 0: no hold).
         target_params: the parameter budget to shrink to (None: energy policy only).
         target_mflops: a second budget, forward MFLOPs per sample, that falls on the same
             schedule as ``target_params`` (from the starting network's FLOPs) and caps the
@@ -129,6 +131,7 @@ class TrainConfig:
     resize_until: float = 0.6
     mode: str = "data"
     spectrum: str = "weights"
+    hold_grown: int = 0
     target_params: int | None = None
     target_mflops: float | None = None
     shrink_steps: int = 600
@@ -289,6 +292,7 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optimizer", lambda v: v in DEFAULT_LR, "sgd, adam or adamw"),
     ("mode", lambda v: v in ("weights", "data"), "weights or data"),
     ("spectrum", lambda v: v in ("weights", "features"), "weights or features"),
+    ("hold_grown", lambda v: _count(v) and v >= 0, "an integer >= 0 (resizes)"),
     ("epochs", lambda v: _count(v) and v >= 1, "an integer >= 1"),
     ("batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),
     ("eval_batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),

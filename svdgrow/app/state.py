@@ -165,6 +165,8 @@ class RunState:
         extra = {"elapsed": self.elapsed(), "batch_in_epoch": self.batch_in_epoch,
                  "epoch_stats": stats, "resize_checks": self.resize_checks,
                  "final": final}  # fmt: skip
+        if self.resizer is not None and self.resizer.held:
+            extra["held"] = {k: list(v) for k, v in self.resizer.held.items()}
         rng = rng_state(self.generators)
         if self.order is not None and self.batch_in_epoch > 0:
             rng["order"] = self.order.cpu()
@@ -183,6 +185,8 @@ class RunState:
         self.elapsed_before = float(extra.get("elapsed", 0.0))
         self.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
         self.resize_checks = int(extra.get("resize_checks", 0))
+        if self.resizer is not None:
+            self.resizer.held = {k: (int(w), int(n)) for k, (w, n) in extra.get("held", {}).items()}
         if "epoch_stats" in extra and self.ranks.main:  # the sums of every rank: on one
             self.stats.load(extra["epoch_stats"])
         if self.batch_in_epoch > 0 and "order" in ckpt["rng"]:
@@ -253,7 +257,7 @@ def setup_run(
                 and "fill_budget" not in cfg.policy):  # fmt: skip
             policy.fill_budget = True  # a growing run reaches its budget (Policy.fill_budget)
         resizer = Resizer(model, example, policy=policy, optimizer=optimizer, mode=cfg.mode,
-                          spectrum=cfg.spectrum)  # fmt: skip
+                          spectrum=cfg.spectrum, hold_grown=cfg.hold_grown)  # fmt: skip
     # the generators a checkpoint carries: batch order and augmentation; the resizer's draws
     generators = {"data": data_gen}
     if resizer is not None:

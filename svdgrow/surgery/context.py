@@ -191,7 +191,7 @@ def _channelwise_problem(modules: dict[str, nn.Module], graph: CouplingGraph, na
 
 
 def check_targets(
-    ctx: ResizeContext, new_widths: dict[str, int], frozen: dict[int, str]
+    ctx: ResizeContext, new_widths: dict[str, int], frozen: dict[int, str], past_cap: bool = False
 ) -> dict[int, int]:
     """Validate requested widths.
 
@@ -199,6 +199,9 @@ def check_targets(
         ctx: the model now.
         new_widths: group name -> requested width.
         frozen: group id -> why it cannot be resized.
+        past_cap: allow grows past the weight cap (a resizer reading feature spectra: the
+            channels past it get rows that are new only after the norm and the activation;
+            see :func:`~svdgrow.surgery.plan.build_plan`).
 
     Returns:
         group id -> new width, for the groups whose width changes.
@@ -224,11 +227,12 @@ def check_targets(
         if w < 1:
             raise ValueError(f"group {name!r}: width {w} < 1; widths never reach 0")
         cap = group_cap(ctx.modules, g)
-        if w > ctx.widths[g.id] and w > cap:
+        if w > ctx.widths[g.id] and w > cap and not past_cap:
             raise ValueError(
                 f"group {name!r}: width {w} is past its cap {cap} (the largest input "
                 f"dimension in*kh*kw among its producers {g.producers}); new directions "
-                "cannot be orthogonal beyond it"
+                "cannot be orthogonal beyond it (a Resizer with spectrum='features' grows "
+                "past it)"
             )
         targets[g.id] = w
     return targets

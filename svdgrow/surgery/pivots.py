@@ -12,6 +12,7 @@ from .._utils import all_finite
 __all__ = [
     "complement",
     "grow_rows",
+    "grown_row_scale",
     "pivoted_cholesky",
     "pivoted_cholesky_batched",
     "solve_spd",
@@ -199,7 +200,12 @@ def grow_rows(
         Q2, _ = torch.linalg.qr(Q2)
     if sv is None:
         sv = torch.linalg.svdvals(W) if n else torch.zeros(0, dtype=torch.float64)
+    return grown_row_scale(sv) * Q2.T
+
+
+def grown_row_scale(sv: Tensor) -> float:
+    """The norm of a grown row: half the smallest nonzero singular value ``sv`` of its
+    producer (``1e-2`` for a producer with none)."""
     sv = sv.double()
     nonzero = sv[sv > 1e-10 * float(sv.max())] if sv.numel() and float(sv.max()) > 0 else sv[:0]
-    scale = 0.5 * float(nonzero.min()) if nonzero.numel() else 1e-2
-    return scale * Q2.T
+    return 0.5 * float(nonzero.min()) if nonzero.numel() else 1e-2

@@ -20,7 +20,7 @@ from ..optim_state import state_to_slice
 from ..spectrum import norm_directly_after, producer_matrix
 from .channelwise import changed_channelwise, channelwise_rows, plan_channelwise, shifted
 from .context import ResizeContext, check_resizable, layer_facts
-from .pivots import grow_rows
+from .pivots import grow_rows, grown_row_scale
 from .prune import GroupChange
 
 __all__ = ["ResizePlan", "TensorMove", "build_plan"]
@@ -127,7 +127,14 @@ def build_plan(
 
 
 def _plan_grown_rows(ctx: ResizeContext, changes: dict[int, GroupChange], generator) -> None:
-    """Fill ``grown_rows`` of every grow (one batched SVD of all growing producers)."""
+    """Fill ``grown_rows`` of every grow (one batched SVD of all growing producers).
+
+    New channel ``j`` of a group gets, from each producer with room for ``j`` more rows, a row
+    orthogonal to its rows and to the other new ones; from a producer without room, a zero
+    row (:func:`~svdgrow.spectrum.group_cap`). A channel no producer has room for (a grow
+    past the cap, allowed with feature spectra) gets a random row from every producer, of
+    the same norm as an orthogonal one: its pre-activation is a mix of the existing ones,
+    and the norm and the activation after it make it a new feature."""
     growing = [
         (ch, p) for ch in changes.values() if ch.action == "grow" for p in ch.group.producers
     ]
@@ -135,13 +142,28 @@ def _plan_grown_rows(ctx: ResizeContext, changes: dict[int, GroupChange], genera
         return
     mats = [producer_matrix(ctx.modules[p]).detach().double() for _, p in growing]
     svs, _, _ = ops.batched_svd(mats)
+    rooms = {}
+    for ch, p in growing:
+        W = producer_matrix(ctx.modules[p])
+        rooms[ch.group.id, p] = max(0, min(ch.new_width - ch.old_width, W.shape[1] - W.shape[0]))
     for (ch, p), sv in zip(growing, svs, strict=True):
         added = ch.new_width - ch.old_width
         W = producer_matrix(ctx.modules[p])
-        room = max(0, min(added, W.shape[1] - W.shape[0]))  # a producer past its own input
-        zeros = W.new_zeros(added - room, W.shape[1], dtype=torch.float64)  # (group_cap)
+        room = rooms[ch.group.id, p]
+        most = max(rooms[ch.group.id, q] for q in ch.group.producers)  # new via some producer
+        zeros = W.new_zeros(most - room, W.shape[1], dtype=torch.float64)
         rows = grow_rows(W, room, generator, sv) if room else zeros[:0]
-        ch.grown_rows[p] = torch.cat([rows, zeros])
+        past = _random_rows(added - most, W.shape[1], sv, generator).to(W.device)
+        ch.grown_rows[p] = torch.cat([rows, zeros, past])
+
+
+def _random_rows(a: int, D: int, sv: Tensor, generator) -> Tensor:
+    """``a`` random rows of width ``D`` (float64), each scaled as :func:`grow_rows` scales
+    its orthonormal rows (half the smallest nonzero singular value ``sv`` of the producer)."""
+    R = torch.randn(a, D, generator=generator, dtype=torch.float64)
+    if not a:
+        return R
+    return grown_row_scale(sv.cpu()) * R / R.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
 def _plan_layer(ctx, name: str, changes, row_change, plan, mean_shift, generator) -> None:

@@ -185,6 +185,10 @@ CASES = {
     "subset -5": (lambda c: c.train("--subset", "-5"), "got -5"),
     "test-subset 0": (lambda c: c.train("--test-subset", "0"), "--test-subset must be"),
     "shift -1": (lambda c: c.train("--shift", "-1"), "--shift must be an integer >= 0"),
+    "hold-grown -1": (
+        lambda c: c.train("--hold-grown", "-1"),
+        "--hold-grown must be an integer >= 0 (resizes)",
+    ),
     "epochs 0": (lambda c: c.train("--epochs", "0"), "--epochs must be"),
     "batch-size 0": (lambda c: c.train("--batch-size", "0"), "--batch-size must be"),
     "resize-every -1": (lambda c: c.train("--resize-every", "-1"), "--resize-every must be"),

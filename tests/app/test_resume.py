@@ -162,3 +162,22 @@ def test_distillation_teacher_survives_a_resume(data_dir, tmp_path):
     assert load_teacher(load_checkpoint(run / "checkpoints" / "last.pt")) is not None
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     _assert_same_run(reference, run)
+
+
+def test_hold_on_grown_channels_survives_a_resume(data_dir, tmp_path):
+    """--hold-grown: the holds on groups grown at the resizes before a stop are in the
+    checkpoint, so a growing run with feature spectra stopped mid-way resumes exactly."""
+    args = [*ARGS, "--start-scale", "0.5", "--spectrum", "features", "--hold-grown", "3"]
+    reference = tmp_path / "reference"
+    assert main([*args, "--data-dir", str(data_dir), "--run-dir", str(reference)]) == 0
+    grows = [e for e in read_log(reference) if e["event"] == "resize" and
+             any(d["action"] == "grow" for d in e.get("decisions", []))]  # fmt: skip
+    assert grows, "the run never grew: the test would not exercise the hold"
+    run = tmp_path / "run"
+    hook = ("torch.optim", "SGD.step", 14)  # after the resizes of steps 3-12
+    assert _interrupted(run, data_dir, hook, signal.SIGTERM, args) == 128 + signal.SIGTERM
+    held = load_checkpoint(run / "checkpoints" / "last.pt")["extra"].get("held")
+    assert held, "no hold in the checkpoint"
+    assert all(n >= 1 for _, n in held.values())
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    _assert_same_run(reference, run)

@@ -196,7 +196,8 @@ def _resizing(g: Any) -> None:
           "starting size: the network trains at full width first)", type=int)  # fmt: skip
     _flag(g, "--start-scale", "start from the preset (or --spec) narrowed uniformly to F times "
           "--target-params parameters, then shrink to the budget (F > 1) or grow to it (F < 1, "
-          "e.g. 0.25: the budget then rises over --shrink-steps and fills up); never widened "
+          "e.g. 0.25: the budget then rises over --shrink-steps and fills up; the recipe then "
+          "reads feature spectra with --hold-grown 5); never widened "
           "past the architecture; default: the architecture as it is", type=float,
           metavar="F")  # fmt: skip
     _flag(g, "--energy-eps", "energy policy epsilon after the budget schedule (or throughout "
@@ -276,6 +277,10 @@ def _train(args: dict[str, Any]) -> int:
     return 0
 
 
+#: ``--hold-grown`` of a growing recipe run (``--start-scale`` below 1).
+GROW_HOLD = 5
+
+
 def new_run_config(args: dict[str, Any], spec_file: str | None = None) -> TrainConfig:
     """The config of a new run from the flags given: with neither ``--preset`` nor ``--spec``,
     the dataset's recipe (:data:`svdgrow.app.config.RECIPES`) fills the flags not given."""
@@ -289,13 +294,12 @@ def new_run_config(args: dict[str, Any], spec_file: str | None = None) -> TrainC
             recipe = {k: v for k, v in recipe.items() if k in ("preset", "epochs")}
         if args.get("mode", _DEFAULTS["mode"]) != "data":  # features are measured on the batch
             recipe.pop("spectrum", None)
-        if args.get("start_scale", recipe.get("start_scale", 1.0)) < 1 and "spectrum" in recipe:
-            # a growing run: feature spectra prune the channels just grown (docs/design.md,
-            # "Growth"); the weight spectrum grows without that
-            recipe.pop("spectrum")
-            logger.info("--start-scale below 1 grows the network: reading weight spectra (the "
-                        "recipe's feature spectra prune new channels); --spectrum features "
-                        "overrides")  # fmt: skip
+        growing = args.get("start_scale", recipe.get("start_scale", 1.0)) < 1
+        if growing and args.get("mode", _DEFAULTS["mode"]) == "data":
+            # a growing run reads feature spectra, grows past the weight cap and holds what it
+            # grew for GROW_HOLD resizes (docs/design.md, "Growth": measured better than
+            # growing on weight spectra); --spectrum / --hold-grown override
+            recipe.update(spectrum="features", hold_grown=GROW_HOLD)
         filled = {k: v for k, v in recipe.items() if k not in args}
         args.update(filled)
         cfg = TrainConfig(**args)

@@ -423,15 +423,24 @@ def test_recipe_follows_a_weights_mode_flag():
     assert (cfg.mode, cfg.spectrum) == ("data", "features")
 
 
-def test_a_growing_recipe_reads_weight_spectra():
-    """--start-scale below 1 grows: the Fashion recipe's feature spectra would prune the new
-    channels at the next resize, so that part of the recipe is dropped unless asked for."""
-    cfg = _config_of(["train", "--dataset", "fashion-mnist", "--start-scale", "0.25"])
-    assert (cfg.spectrum, cfg.start_scale, cfg.shrink_steps) == ("weights", 0.25, 1000)
+def test_a_growing_recipe_reads_feature_spectra_and_holds_what_it_grew():
+    """--start-scale below 1 grows: on either dataset the recipe then reads feature spectra
+    (growth past the weight cap) and holds grown groups for 5 resizes; --spectrum and
+    --hold-grown override, --mode weights keeps the weight spectrum, a shrinking recipe
+    holds nothing."""
+    for ds in ("mnist", "fashion-mnist"):
+        cfg = _config_of(["train", "--dataset", ds, "--start-scale", "0.25"])
+        assert (cfg.spectrum, cfg.hold_grown, cfg.start_scale) == ("features", 5, 0.25)
+        cfg.validate()
+    cfg = _config_of(["train", "--dataset", "mnist", "--start-scale", "0.25",
+                      "--spectrum", "weights", "--hold-grown", "0"])  # fmt: skip
+    assert (cfg.spectrum, cfg.hold_grown) == ("weights", 0)
     cfg = _config_of(["train", "--dataset", "fashion-mnist", "--start-scale", "0.25",
-                      "--spectrum", "features"])  # fmt: skip
-    assert cfg.spectrum == "features"
-    assert _config_of(["train", "--dataset", "fashion-mnist"]).spectrum == "features"
+                      "--mode", "weights"])  # fmt: skip
+    assert (cfg.spectrum, cfg.hold_grown) == ("weights", 0)
+    cfg = _config_of(["train", "--dataset", "fashion-mnist"])
+    assert (cfg.spectrum, cfg.hold_grown) == ("features", 0)
+    assert _config_of(["train", "--dataset", "mnist"]).spectrum == "weights"
 
 
 def test_recipe_without_resizing_trains_the_preset():

@@ -107,3 +107,28 @@ def test_a_start_scale_below_one_grows_the_preset_to_its_budget(tmp_path, data_d
     assert grows and all(d["new_width"] > d["old_width"] for d in grows)
     end = next(e for e in events if e["event"] == "end")
     assert 0.85 * 6000 <= end["params"] <= 6000, end["params"]
+
+
+def test_growth_past_the_weight_cap_inside_train_keeps_the_loss(tmp_path, data_dir):
+    """With feature spectra (and a hold on what grew) the 1-channel 3x3 stem grows past its
+    weight cap of 9 inside `svdgrow train`; every grow-only resize keeps the batch loss."""
+    spec = tmp_path / "small.json"
+    spec.write_text(json.dumps({**SMALL, "stem": 8}))
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--spec", str(spec), "--target-params", "6000",
+            "--shrink-steps", "8", "--resize-every", "2", "--resize-until", "0.8",
+            "--energy-eps", "1e-4", "--spectrum", "features", "--hold-grown", "3",
+            "--policy", '{"grow_fraction": 0.5}',
+            "--subset", "800", "--test-subset", "200", "--batch-size", "50", "--epochs", "2",
+            "--threads", "1", "--seed", "0", "--no-progress", "--checkpoint-minutes", "0",
+            "--no-download", "--data-dir", str(data_dir), "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    resizes = [e for e in read_log(run) if e["event"] == "resize"]
+    stem = [d["new_width"] for e in resizes for d in e["decisions"] if d["group"] == "stem"]
+    assert max(stem) > 9, stem
+    grows = [e for e in resizes
+             if e["decisions"] and all(d["action"] == "grow" for d in e["decisions"])]  # fmt: skip
+    assert any(d["group"] == "stem" and d["new_width"] > 9 for e in grows for d in e["decisions"])
+    for e in grows:
+        before, after = e["batch_loss_before"], e["batch_loss_after"]
+        assert abs(after - before) <= 1e-5 * abs(before), (e["step"], before, after)

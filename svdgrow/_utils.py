@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["all_finite", "as_args", "eval_mode"]
+__all__ = ["all_finite", "as_args", "column_mean", "eval_mode"]
 
 
 @contextlib.contextmanager
@@ -47,3 +47,10 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     if not ends:
         return torch.tensor(True)
     return torch.isfinite(torch.stack([e.to(ends[0].device) for e in ends])).all()
+
+
+def column_mean(f: Tensor) -> Tensor:
+    """The mean of every column of ``f`` (Tensor[samples, n]) as float64, summed in ``f``'s
+    own precision (float32 or float64; a lower one is widened to float32 first) rather than
+    after converting every sample to float64."""
+    return (f if f.dtype in (torch.float32, torch.float64) else f.float()).mean(0).double()

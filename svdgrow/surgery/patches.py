@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import as_args, eval_mode
+from .._utils import as_args, column_mean, eval_mode
 from .pivots import solve_spd
 
 __all__ = [
@@ -208,7 +208,7 @@ def patch_fold(
     if qc < nK:  # the kept channels' leading principal directions
         U = torch.linalg.eigh(S_KK)[1][:, -qc:].flip(1)
     # Both sides of the fit are channel mixes of x, z = U^T x_K and e = x_D - M0 x_K, so they
-    # are formed per pixel first (a 1x1 convolution) and their patches gathered after: fewer
+    # are formed per pixel first (one matmul over the batch) and their patches gathered after: fewer
     # multiply-adds than mixing every gathered patch, and qc + |D| channels gathered, not n.
     # Zero padding maps to zero on both sides, as on the raw patches.
     nD = len(drop)
@@ -234,9 +234,8 @@ def patch_fold(
 def _least_squares(Z: Tensor, E: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
     """Ridge least squares with an intercept on samples: ``E ~ Z C^T + c``; float32 products,
     float64 solve. Returns ``C`` (Tensor[e, z]) and ``c`` (Tensor[e]), float64."""
-    zm, em = Z.mean(0), E.mean(0)  # float32 means: centring, and c to ~1e-7 of |E|
-    Zc, Ec = Z - zm, E - em
-    zm, em = zm.double(), em.double()
+    zm, em = column_mean(Z), column_mean(E)
+    Zc, Ec = Z - zm.to(Z.dtype), E - em.to(E.dtype)
     S_zz = (Zc.T @ Zc).double()
     S_ze = (Zc.T @ Ec).double()
     lam = ridge * float(torch.diagonal(S_zz).sum()) / max(S_zz.shape[0], 1) + 1e-12

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -320,7 +321,11 @@ class Resizer:
         return feature_spectra(ctx.modules, groups, ctx.widths, mats, caps), feats
 
     def step(
-        self, data=None, budget: float | None = None, flops_budget: float | None = None
+        self,
+        data=None,
+        budget: float | None = None,
+        flops_budget: float | None = None,
+        before_change: Callable[[list[Decision]], None] | None = None,
     ) -> StepReport:
         """Analyse, decide and apply one resize (stages 2-5).
 
@@ -329,6 +334,11 @@ class Resizer:
             budget: overrides the policy's budget for this step (a shrinking schedule).
             flops_budget: overrides the policy's ``flops_budget`` (a second ceiling, forward
                 FLOPs on the example input, beside a parameter budget) for this step.
+            before_change: called with the step's decisions once the policy has decided to
+                change a width and before any weight changes; not called by a step that keeps
+                every width. For what must see the network as it was, paid only when it will
+                change (a training loop's loss before the resize); an exception it raises
+                ends the step with nothing changed.
 
         Returns:
             a :class:`StepReport`.
@@ -350,6 +360,8 @@ class Resizer:
         decisions = self.policy.decide(spectra, cost, widths, budget, flops, flops_budget, hold)
         t2 = time.perf_counter()
         new = {d.group: d.new_width for d in decisions if d.action != "keep"}
+        if new and before_change is not None:
+            before_change(decisions)
         report = self._resize(new, data, decisions, grams, feats)
         self._update_held(decisions)  # only once the resize went through
         t3 = time.perf_counter()

@@ -103,6 +103,37 @@ def test_step_keeps_model_and_optimizer_objects_and_training_goes_on():
     assert "params" in str(rep)
 
 
+def test_before_change_sees_the_network_as_it_was_and_only_when_it_changes():
+    """``step(before_change=...)``: called once, with the decisions, before any weight
+    changes, by a step that will resize; not by one that keeps every width; what it raises
+    ends the step with the network untouched."""
+    torch.manual_seed(0)
+    m = quick(2)
+    x = torch.randn(4, 1, 28, 28)
+    ref = m(x).detach()
+    seen = []
+
+    def hook(decisions):
+        seen.append(([d.action for d in decisions], rel_change(ref, m(x).detach())))
+
+    keep = Resizer(m, x[:1], policy=Policy(energy_eps=0.0, grow_threshold=10))
+    assert not keep.step(before_change=hook).changed and seen == []
+    cut = Resizer(m, x[:1], policy=Policy(energy_eps=0.05, max_prune_fraction=0.5,
+                                          grow_threshold=10))  # fmt: skip
+    state = copy.deepcopy(m.state_dict())
+
+    def refuse(decisions):
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError, match="no"):
+        cut.step(before_change=refuse)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
+    rep = cut.step(before_change=hook)
+    assert rep.changed and len(seen) == 1
+    actions, change = seen[0]
+    assert "prune" in actions and change == 0.0  # the network before the resize
+
+
 @pytest.mark.parametrize("mode", ["weights", "data"])
 def test_prune_every_group_by_a_tenth(mode):
     m = quick(3)

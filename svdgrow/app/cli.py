@@ -175,6 +175,10 @@ def _resizing(g: Any) -> None:
           "--spec and --baseline-from", type=int)  # fmt: skip
     _flag(g, "--resize-until", "stop resizing after this fraction of all steps, so the final "
           "net trains undisturbed", type=float)  # fmt: skip
+    _flag(g, "--resize-backoff", "once the budget schedule is over, each check that changes "
+          "nothing doubles the gap to the next, up to N x --resize-every steps (a change "
+          "returns to --resize-every); 1 = check at the same pace throughout",
+          type=int, metavar="N")  # fmt: skip
     _flag(g, "--mode", "fit the pruning fold on the current batch (data) or on moments "
           "predicted from the weights alone (weights)", choices=["weights", "data"])  # fmt: skip
     _flag(g, "--spectrum", "what the width policy reads: each group's weight spectrum "

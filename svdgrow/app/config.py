@@ -69,6 +69,10 @@ class TrainConfig:
         distill_temperature: the distillation temperature T.
         resize_every: call the resizer every this many steps (0: never resize).
         resize_until: stop resizing after this fraction of all steps.
+        resize_backoff: once the budget schedule is over, checks that change nothing space
+            the next one out, doubling up to this many times ``resize_every`` steps (after
+            ``hold_grown`` of them at the normal pace); a check that changes a width returns
+            to every ``resize_every`` steps. 1: never back off.
         mode: where the fold's moments come from: ``data`` (the current batch) or ``weights``.
         spectrum: what the width policy reads: ``weights`` (each group's weight spectrum) or
             ``features`` (the spectrum of what its consumers read on it, measured on the current
@@ -129,6 +133,7 @@ class TrainConfig:
     distill_temperature: float = 4.0
     resize_every: int = 20
     resize_until: float = 0.6
+    resize_backoff: int = 8
     mode: str = "data"
     spectrum: str = "weights"
     hold_grown: int = 0
@@ -305,6 +310,7 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("distill_temperature", lambda v: _finite(v) and v > 0, "a temperature > 0"),
     ("resize_every", lambda v: _count(v) and v >= 0, "an integer >= 0 (0: never resize)"),
     ("resize_until", lambda v: _finite(v) and 0 <= v <= 1, "a fraction of all steps in [0, 1]"),
+    ("resize_backoff", lambda v: _count(v) and v >= 1, "an integer >= 1 (1: never back off)"),
     ("target_params", lambda v: v is None or (_count(v) and v >= 1), "a count >= 1"),
     ("target_mflops", lambda v: v is None or (_finite(v) and v > 0), "a number of MFLOPs > 0"),
     ("shrink_steps", lambda v: _count(v) and v >= 0, "an integer >= 0"),

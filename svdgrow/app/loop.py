@@ -210,6 +210,8 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
     cfg = r.cfg
     if r.resizer is None or r.step % cfg.resize_every or r.step > cfg.resize_until * r.total_steps:
         return
+    if r.step < r.next_check:  # backing off after checks that changed nothing
+        return
     budget = budget_at(r.step, r.start_params, cfg.target_params, cfg.shrink_steps,
                        cfg.shrink_start)  # fmt: skip
     flops_budget = None  # per sample; the Resizer counts FLOPs on its example batch
@@ -244,36 +246,57 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
         report = _resize_here(r, x, y, budgets, probe)
     _time(r, "resize", t0)
     r.resize_checks += 1
+    _schedule_next_check(r, report.changed, shrinking)
     probe["step_seconds"] = r.step_clock[0] / max(1, r.step_clock[1])  # a step's time, lately
     r.step_clock = [0.0, 0]
     if report.changed and r.ranks.main:
         _log_resize(r, report, budgets, params_before, probe)
 
 
+def _schedule_next_check(r: RunState, changed: bool, shrinking: bool) -> None:
+    """The step of the next resize check. While the budget schedule runs, or after a check
+    that changed a width: ``resize_every`` steps on. After ``hold_grown`` checks in a row that
+    changed nothing (the checks a grown layer is held for), each further one doubles the gap,
+    up to ``resize_every * resize_backoff`` steps (docs/design.md, "The loop"). It depends
+    only on what every rank knows (the report and the config), so every rank agrees."""
+    cfg = r.cfg
+    r.quiet_checks = 0 if changed or shrinking else r.quiet_checks + 1
+    doublings = max(0, r.quiet_checks - cfg.hold_grown)
+    factor = min(cfg.resize_backoff, 2 ** min(doublings, 30))
+    r.next_check = r.step + cfg.resize_every * factor
+
+
 def _resize_here(
     r: RunState, x: torch.Tensor, y: torch.Tensor, budgets: tuple, probe: dict[str, Any]
 ) -> StepReport:
-    """The resize in this process: probe, ``Resizer.step``, renormalise, probe again.
+    """The resize in this process: ``Resizer.step``, probing the batch loss before (when the
+    step will change a width) and after a change, and renormalising.
     ``budgets``: ``(parameters, forward FLOPs per sample)``, each None when not set."""
     budget, flops_budget = budgets
     if flops_budget is not None:  # the Resizer's FLOPs are those of its example batch
         flops_budget = flops_budget * r.resizer.example_input.shape[0]
     cfg = r.cfg
     graph = r.resizer.graph
-    norms = row_norm_snapshot(r.model, graph) if cfg.renorm else {}
-    with r.autocast():
-        probe["loss_before"] = probe_loss(r.model, x, y)
-    if not math.isfinite(probe["loss_before"]):  # no point resizing garbage: NaN spectra too
-        raise TrainingDiverged(
-            f"training diverged by step {r.step}: the batch loss is {probe['loss_before']}"
-        )
+    norms = {}
+
+    def before_change(_decisions) -> None:  # only a check that will resize pays for this
+        norms.update(row_norm_snapshot(r.model, graph) if cfg.renorm else {})
+        with r.autocast():
+            probe["loss_before"] = probe_loss(r.model, x, y)
+        if not math.isfinite(probe["loss_before"]):  # no point resizing garbage
+            raise TrainingDiverged(
+                f"training diverged by step {r.step}: the batch loss is {probe['loss_before']}"
+            )
+
     t0 = time.perf_counter()
     try:
         report = r.resizer.step(data=x if cfg.mode == "data" else None, budget=budget,
-                                flops_budget=flops_budget)  # fmt: skip
-    except FloatingPointError as exc:  # NaN/inf weights: nothing was resized
+                                flops_budget=flops_budget, before_change=before_change)  # fmt: skip
+    except FloatingPointError as exc:  # NaN/inf weights or features: nothing was resized
         raise TrainingDiverged(f"training diverged by step {r.step}: {exc}") from None
-    probe["renorm"] = renormalize_rows_(r.model, graph, r.optimizer, norms) if cfg.renorm else {}
+    probe["renorm"] = {}
+    if report.changed and cfg.renorm:
+        probe["renorm"] = renormalize_rows_(r.model, graph, r.optimizer, norms)
     probe["seconds"] = time.perf_counter() - t0
     if report.changed:
         with r.autocast():

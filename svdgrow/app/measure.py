@@ -59,8 +59,10 @@ def evaluate(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def probe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Training-mode loss on one batch, leaving every BatchNorm buffer as it was."""
+    """Training-mode loss on one batch (no autograd graph), leaving every BatchNorm buffer as
+    it was."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m, m.momentum, _clone(m.num_batches_tracked)) for m in bns]
     try:

@@ -85,6 +85,8 @@ class RunState:
     order: torch.Tensor | None = None  # this epoch's sample order
     lr: float = 0.0
     resize_checks: int = 0
+    quiet_checks: int = 0  # resize checks in a row that changed nothing, outside the schedule
+    next_check: int = 0  # the first step the next resize check may run at (backoff)
     eps_after: float = 0.0  # the energy policy's epsilon once the budget schedule is over
     test_acc: float = math.nan
     test_loss: float = math.nan
@@ -164,6 +166,7 @@ class RunState:
     def _write(self, final: bool, stats: dict[str, Any]) -> None:
         extra = {"elapsed": self.elapsed(), "batch_in_epoch": self.batch_in_epoch,
                  "epoch_stats": stats, "resize_checks": self.resize_checks,
+                 "quiet_checks": self.quiet_checks, "next_check": self.next_check,
                  "final": final}  # fmt: skip
         if self.resizer is not None and self.resizer.held:
             extra["held"] = {k: list(v) for k, v in self.resizer.held.items()}
@@ -185,6 +188,8 @@ class RunState:
         self.elapsed_before = float(extra.get("elapsed", 0.0))
         self.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
         self.resize_checks = int(extra.get("resize_checks", 0))
+        self.quiet_checks = int(extra.get("quiet_checks", 0))
+        self.next_check = int(extra.get("next_check", 0))
         if self.resizer is not None:
             self.resizer.held = {k: (int(w), int(n)) for k, (w, n) in extra.get("held", {}).items()}
         if "epoch_stats" in extra and self.ranks.main:  # the sums of every rank: on one

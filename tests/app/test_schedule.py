@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from svdgrow.app.checkpoint import load_checkpoint
 from svdgrow.app.cli import main
-from svdgrow.app.loop import _distilled
+from svdgrow.app.loop import _distilled, _schedule_next_check
 from svdgrow.app.models import count_params, narrow_spec, preset_spec
-from svdgrow.app.rundir import read_json, read_log
+from svdgrow.app.rundir import last_checkpoint, read_json, read_log
 
 
 def _small_run(data_dir, run, *flags: str) -> list[str]:
@@ -104,3 +105,45 @@ def test_feature_spectrum_run_reaches_the_budget(tmp_path, data_dir):
         assert last["params"] <= 3000
         ends[spectrum] = read_json(run / "final_spec.json")
     assert ends["weights"] != ends["features"]
+
+
+def test_checks_back_off_after_the_schedule_and_return_on_a_change():
+    """Outside the budget schedule each check that changes nothing doubles the gap to the
+    next, after ``hold_grown`` of them at the normal pace, up to ``resize_backoff`` times
+    ``resize_every``; a change, or the schedule still running, returns to ``resize_every``."""
+    cfg = SimpleNamespace(resize_every=10, resize_backoff=8, hold_grown=2)
+    r = SimpleNamespace(cfg=cfg, step=0, quiet_checks=0, next_check=0)
+    gaps = []
+    for changed, shrinking in [(True, True), (False, True), (False, False), (False, False),
+                               (False, False), (False, False), (False, False), (False, False),
+                               (False, False), (True, False), (False, False)]:  # fmt: skip
+        _schedule_next_check(r, changed, shrinking)
+        gaps.append(r.next_check - r.step)
+        r.step = r.next_check
+    assert gaps == [10, 10, 10, 10, 20, 40, 80, 80, 80, 10, 10]
+    cfg.resize_backoff = 1  # never back off
+    _schedule_next_check(r, False, False)
+    assert r.next_check - r.step == 10
+
+
+def test_backoff_only_skips_checks_that_change_nothing(tmp_path, data_dir):
+    """Checks spaced out after the shrink leave the run as it was: the same widths and final
+    weights as checking every --resize-every steps, in fewer checks (the late checks of this
+    run change nothing, which the test asserts first)."""
+    ends = {}
+    for backoff in ("1", "4"):
+        run = tmp_path / f"b{backoff}"
+        argv = _small_run(data_dir, run, "--start-scale", "3", "--shrink-steps", "8",
+                          "--resize-every", "2", "--epochs", "4", "--energy-eps", "0",
+                          "--resize-backoff", backoff)  # fmt: skip
+        assert main(argv) == 0
+        events = read_log(run)
+        assert all(e["step"] <= 8 for e in events if e["event"] == "resize")
+        last = [e for e in events if e["event"] == "epoch"][-1]
+        ckpt = load_checkpoint(last_checkpoint(run))
+        ends[backoff] = (last["resize_checks"], last["params"], ckpt["model"])
+    # every 2 steps to step 32: 16 checks; backing off: 2..8 (the schedule), 10, 14, 22, 30
+    assert (ends["1"][0], ends["4"][0]) == (16, 8)
+    assert ends["1"][1] == ends["4"][1] <= 3000
+    for k, v in ends["1"][2].items():
+        torch.testing.assert_close(ends["4"][2][k], v, rtol=0, atol=0, msg=k)

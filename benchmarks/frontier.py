@@ -423,6 +423,29 @@ def recipe_rows(groups: dict[tuple, list[dict]]) -> list[str]:
     return lines
 
 
+def sitting_rows(groups: dict[tuple, list[dict]]) -> list[str]:
+    """The recipe's wall time over uniform narrowing's (both sizes pooled) among the cells that
+    ran from one commit: each sitting runs its cells from one frozen checkout, so these times
+    come from one host, with no speed correction to trust (the load may still change within
+    a sitting)."""
+    lines = [
+        "| dataset | budget | commit | recipe cells | recipe time (s) | uniform cells "
+        "| uniform time (s) | time / uniform |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for ds, budget in sorted({(k[0], k[1]) for k in groups}):
+        rs = groups.get((ds, budget, RECIPE_METHOD.get(ds)), [])
+        us = [u for m in ("uniform", "uniform2") for u in groups.get((ds, budget, m), [])]
+        shared = {r.get("commit") for r in rs} & {u.get("commit") for u in us}
+        for commit in sorted(c for c in shared if c):
+            a = [r["elapsed"] for r in rs if r.get("commit") == commit]
+            b = [u["elapsed"] for u in us if u.get("commit") == commit]
+            ta, tb = statistics.mean(a), statistics.mean(b)
+            lines.append(f"| {ds} | {budget:,} | {commit} | {len(a)} | {ta:.0f} | {len(b)} | "
+                         f"{tb:.0f} | {ta / tb:.2f} |")  # fmt: skip
+    return lines
+
+
 def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
     """frontier.json, frontier.md and frontier.png from every finished cell (under a lock: several
     copies of this script may finish cells at once)."""
@@ -473,6 +496,13 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
         "difference; NaN with one seed):",
         "",
         *compare_rows(groups),
+        "",
+        "The recipe's time in one sitting: wall times of the recipe's cells and of uniform "
+        "narrowing's (both sizes) that ran from the same commit (one sitting's frozen "
+        "checkout: one host, though the load on its cores may have changed during the "
+        "sitting):",
+        "",
+        *sitting_rows(groups),
     ]
     with open(out / ".tables.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -161,6 +161,23 @@ def test_time_ratio_uses_the_recorded_machine_speed():
     assert frontier.time_ratio([fast, {"elapsed": 999.0}], [[slow]]) == "1.00"
 
 
+def test_sitting_table_compares_cells_of_one_commit_only():
+    recipe = frontier.RECIPE_METHOD["mnist"]
+    cells = {
+        (recipe, 0): {"elapsed": 300.0, "commit": "aaa"},
+        (recipe, 1): {"elapsed": 500.0, "commit": "aaa"},
+        (recipe, 2): {"elapsed": 900.0, "commit": "bbb"},  # no uniform cell of bbb
+        ("uniform", 0): {"elapsed": 250.0, "commit": "aaa"},
+        ("uniform2", 0): {"elapsed": 150.0, "commit": "aaa"},
+        ("uniform", 1): {"elapsed": 100.0},  # no commit recorded
+    }
+    groups: dict = {}
+    for (method, _), cell in cells.items():
+        groups.setdefault(("mnist", 6000, method), []).append(cell)
+    rows = frontier.sitting_rows(groups)[2:]
+    assert rows == ["| mnist | 6,000 | aaa | 2 | 400 | 2 | 200 | 2.00 |"]
+
+
 def test_speed_reference_times_a_fixed_workload():
     short, longer = frontier.speed_reference(steps=2), frontier.speed_reference(steps=8)
     assert 0 < short < longer

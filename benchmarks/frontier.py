@@ -13,7 +13,9 @@ Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
   as the cap.
 - ``uniform``: the preset with every width scaled by one factor, chosen so the parameter count
   is as close as possible to the mean final size of the ``--match`` method's runs of that cell
-  (or to the budget when there are none yet), trained from scratch. Run it after them.
+  (or to the budget when there are none yet), trained from scratch. Run it after them. Its
+  spec is written to ``--out``/specs/DATASET-BUDGET-uniform.json and reused by every later
+  seed, so all seeds of a budget train one network (delete the file to match again).
 - ``uniform2``: the uniform size on the other side of that target (whole widths leave gaps of
   up to ~20% between uniform sizes): the comparison interpolates between the two.
 - ``found``: the widths the ``--match`` method's run of seed 0 found, trained from scratch.
@@ -258,6 +260,9 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
         start = _spec_file(args, dataset, f"{budget}-grow", round(args.grow_factor * budget))
         return ["--spec", start, *budget_flags]
     if method in ("uniform", "uniform2"):  # matched to the mean size the --match runs ended at
+        kept = Path(args.out) / "specs" / f"{dataset}-{budget}-{method}.json"
+        if kept.is_file():  # later seeds train the network the first ones did (delete: re-match)
+            return ["--spec", str(kept)]
         if args.match not in args.methods:
             target = budget
         elif all((dataset, budget, args.match, seed) in results for seed in args.seeds):

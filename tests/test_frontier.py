@@ -73,6 +73,22 @@ def test_results_tables_and_comparison(tmp_path):
     assert json.loads((tmp_path / "frontier.json").read_text())["cells"][0]["params"] == 59000
 
 
+def test_uniform_cells_keep_the_network_of_their_first_seeds(tmp_path):
+    """Once a budget's uniform spec is written, later seeds train that network, whatever the
+    --match runs of this invocation ended at (a new seed alone would re-match to its size)."""
+    args = SimpleNamespace(out=str(tmp_path), match="midlong", shrink_flags="", variant={},
+                           methods=["midlong", "uniform", "uniform2"], seeds=[5])  # fmt: skip
+    key = ("mnist", 6000)
+    results = {(*key, "midlong", 5): {"params": 6150}}
+    first = frontier.cell_extra(args, "uniform", *key, results=results)
+    assert first[0] == "--spec" and count_params(json.loads(Path(first[1]).read_text())) == 6198
+    written = Path(first[1])
+    written.write_text(json.dumps(narrow_spec(preset_spec("mnist-2m"), 5300)[0]))  # seeds 0-2's
+    again = frontier.cell_extra(args, "uniform", *key, results=results)
+    assert again == ["--spec", str(written)]
+    assert count_params(json.loads(written.read_text())) == 5362
+
+
 def test_a_claimed_cell_is_busy(tmp_path):
     run = tmp_path / "runs" / "mnist-3000-mid-s0"
     run.parent.mkdir(parents=True)

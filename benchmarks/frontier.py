@@ -371,16 +371,38 @@ def versus_uniform(groups: dict[tuple, list[dict]], ds: str, budget: int, method
     return params, label, acc - u_acc, se, z, time_ratio(groups[ds, budget, method], us)
 
 
+def sitting_ratio(rs: list[dict], us: list[list[dict]]) -> tuple[float, int] | None:
+    """The wall time of the runs ``rs`` over that of the uniform runs ``us`` (both sizes)
+    within sittings: for every commit both sides ran from (one sitting's frozen checkout, so one
+    host), the ratio of their mean wall times; the mean of those ratios weighted by the cells
+    of ``rs`` in each, and the number of sittings. None when no commit has both."""
+    pooled = [u for c in us for u in c]
+    shared = {r.get("commit") for r in rs} & {u.get("commit") for u in pooled}
+    ratios = []
+    for commit in sorted(c for c in shared if c):
+        a = [r["elapsed"] for r in rs if r.get("commit") == commit]
+        b = [u["elapsed"] for u in pooled if u.get("commit") == commit]
+        ratios.append((statistics.mean(a) / statistics.mean(b), len(a)))
+    if not ratios:
+        return None
+    return sum(x * n for x, n in ratios) / sum(n for _, n in ratios), len(ratios)
+
+
 def time_ratio(rs: list[dict], us: list[list[dict]]) -> str:
     """The mean time of the runs ``rs`` over that of every uniform run in ``us`` (both sizes):
+    within the sittings where both ran (:func:`sitting_ratio`), unmarked; else across sittings,
     of ``elapsed / ref_s`` (see :func:`speed_reference`) over the cells that recorded ``ref_s``
-    when both sides have some, else of the wall times, marked ``*`` (the cells may come from
-    sittings of different speed)."""
+    when both sides have some, marked ``†`` (the correction is noisy: equal-work cells of one
+    sitting differ up to ~2.5x after it), else of the wall times, marked ``*`` (the cells may
+    come from sittings of different speed)."""
+    within = sitting_ratio(rs, us)
+    if within is not None:
+        return f"{within[0]:.2f}"
     pooled = [r for u in us for r in u]
     timed = [[r for r in c if r.get("ref_s")] for c in (rs, pooled)]
     if all(timed):
         norm = [statistics.mean(r["elapsed"] / r["ref_s"] for r in c) for c in timed]
-        return f"{norm[0] / norm[1]:.2f}"
+        return f"{norm[0] / norm[1]:.2f}†"
     ta, tb = (statistics.mean(r["elapsed"] for r in c) for c in (rs, pooled))
     return f"{ta / tb:.2f}*"
 
@@ -488,9 +510,12 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
         )
     lines += [
         "",
-        "Time ratios compare `elapsed / ref_s` (the machine's speed recorded after each cell) "
-        "over the cells that recorded it; those marked * are wall-time ratios of cells that did "
-        "not, and may mix sittings on hosts of different speed.",
+        "Time ratios compare wall times within sittings (cells that ran from one commit, "
+        "one sitting's frozen checkout: see the last table), weighted by the method's cells "
+        "in each; where no sitting ran both, those marked † compare `elapsed / ref_s` (the "
+        "machine's speed recorded after each cell, a noisy correction: equal-work cells of "
+        "one sitting differ up to ~2.5x after it) and those marked * raw wall times, across "
+        "sittings on hosts of different speed.",
         "",
         "The default recipe of each dataset (`svdgrow train --dataset D --target-params B`; "
         "vs uniform: interpolated to the recipe's size, SE of the difference):",

@@ -170,11 +170,22 @@ def test_recipe_table_leads_with_the_default_recipe(tmp_path):
 def test_time_ratio_uses_the_recorded_machine_speed():
     fast = {"elapsed": 100.0, "ref_s": 1.0}  # a run on a host twice as fast ...
     slow = {"elapsed": 200.0, "ref_s": 2.0}  # ... as this one: the same work
-    assert frontier.time_ratio([fast], [[slow]]) == "1.00"
+    assert frontier.time_ratio([fast], [[slow]]) == "1.00†"
     assert frontier.time_ratio([{"elapsed": 100.0}], [[slow]]) == "0.50*"  # raw, marked
-    assert frontier.time_ratio([{**fast, "elapsed": 130.0}], [[slow], [slow]]) == "1.30"
+    assert frontier.time_ratio([{**fast, "elapsed": 130.0}], [[slow], [slow]]) == "1.30†"
     # cells without a recorded speed are left out where both sides have timed ones
-    assert frontier.time_ratio([fast, {"elapsed": 999.0}], [[slow]]) == "1.00"
+    assert frontier.time_ratio([fast, {"elapsed": 999.0}], [[slow]]) == "1.00†"
+
+
+def test_time_ratio_prefers_wall_times_within_sittings():
+    a = [{"elapsed": 120.0, "ref_s": 3.0, "commit": "c1"}, {"elapsed": 150.0, "commit": "c2"},
+         {"elapsed": 170.0, "commit": "c2"}, {"elapsed": 999.0, "commit": "c3"}]  # fmt: skip
+    u = [[{"elapsed": 100.0, "ref_s": 1.0, "commit": "c1"}, {"elapsed": 200.0, "commit": "c2"}],
+         [{"elapsed": 50.0, "commit": "c4"}]]  # fmt: skip
+    # c1: 1.2 (1 cell), c2: 160 / 200 = 0.8 (2 cells); c3 and c4 have one side only
+    assert frontier.sitting_ratio(a, u) == (pytest.approx((1.2 + 2 * 0.8) / 3), 2)
+    assert frontier.time_ratio(a, u) == "0.93"
+    assert frontier.sitting_ratio(a[3:], u) is None
 
 
 def test_sitting_table_compares_cells_of_one_commit_only():

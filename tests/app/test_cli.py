@@ -193,6 +193,10 @@ CASES = {
     "batch-size 0": (lambda c: c.train("--batch-size", "0"), "--batch-size must be"),
     "resize-every -1": (lambda c: c.train("--resize-every", "-1"), "--resize-every must be"),
     "resize-until 2": (lambda c: c.train("--resize-until", "2"), "--resize-until must be"),
+    "resize-backoff 0": (
+        lambda c: c.train("--resize-backoff", "0"),
+        "--resize-backoff must be an integer >= 1 (1: never back off), got 0",
+    ),
     "target-params 0": (lambda c: c.train("--target-params", "0"), "--target-params must be"),
     "target without resizing": (
         lambda c: c.train("--target-params", "9k", "--resize-every", "0"),

@@ -393,7 +393,7 @@ def time_ratio(rs: list[dict], us: list[list[dict]]) -> str:
     within the sittings where both ran (:func:`sitting_ratio`), unmarked; else across sittings,
     of ``elapsed / ref_s`` (see :func:`speed_reference`) over the cells that recorded ``ref_s``
     when both sides have some, marked ``†`` (the correction is noisy: equal-work cells of one
-    sitting differ up to ~2.5x after it), else of the wall times, marked ``*`` (the cells may
+    sitting differ up to ~2.6x after it), else of the wall times, marked ``*`` (the cells may
     come from sittings of different speed)."""
     within = sitting_ratio(rs, us)
     if within is not None:
@@ -514,7 +514,7 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
         "one sitting's frozen checkout: see the last table), weighted by the method's cells "
         "in each; where no sitting ran both, those marked † compare `elapsed / ref_s` (the "
         "machine's speed recorded after each cell, a noisy correction: equal-work cells of "
-        "one sitting differ up to ~2.5x after it) and those marked * raw wall times, across "
+        "one sitting differ up to ~2.6x after it) and those marked * raw wall times, across "
         "sittings on hosts of different speed.",
         "",
         "The default recipe of each dataset (`svdgrow train --dataset D --target-params B`; "

@@ -371,18 +371,24 @@ def versus_uniform(groups: dict[tuple, list[dict]], ds: str, budget: int, method
     return params, label, acc - u_acc, se, z, time_ratio(groups[ds, budget, method], us)
 
 
+def sittings(rs: list[dict], us: list[dict]) -> list[tuple[str, list[float], list[float]]]:
+    """``(commit, wall times of rs, wall times of us)`` for every commit both lists have
+    cells of: one sitting's frozen checkout, so one host."""
+    shared = {r.get("commit") for r in rs} & {u.get("commit") for u in us}
+    return [
+        (c, [r["elapsed"] for r in rs if r.get("commit") == c],
+         [u["elapsed"] for u in us if u.get("commit") == c])
+        for c in sorted(c for c in shared if c)
+    ]  # fmt: skip
+
+
 def sitting_ratio(rs: list[dict], us: list[list[dict]]) -> tuple[float, int] | None:
     """The wall time of the runs ``rs`` over that of the uniform runs ``us`` (both sizes)
-    within sittings: for every commit both sides ran from (one sitting's frozen checkout, so one
-    host), the ratio of their mean wall times; the mean of those ratios weighted by the cells
-    of ``rs`` in each, and the number of sittings. None when no commit has both."""
-    pooled = [u for c in us for u in c]
-    shared = {r.get("commit") for r in rs} & {u.get("commit") for u in pooled}
-    ratios = []
-    for commit in sorted(c for c in shared if c):
-        a = [r["elapsed"] for r in rs if r.get("commit") == commit]
-        b = [u["elapsed"] for u in pooled if u.get("commit") == commit]
-        ratios.append((statistics.mean(a) / statistics.mean(b), len(a)))
+    within sittings (:func:`sittings`): per sitting the ratio of their mean wall times; the
+    mean of those ratios weighted by the cells of ``rs`` in each, and the number of
+    sittings. None when no commit has both."""
+    ratios = [(statistics.mean(a) / statistics.mean(b), len(a))
+              for _, a, b in sittings(rs, [u for c in us for u in c])]  # fmt: skip
     if not ratios:
         return None
     return sum(x * n for x, n in ratios) / sum(n for _, n in ratios), len(ratios)
@@ -463,10 +469,7 @@ def sitting_rows(groups: dict[tuple, list[dict]]) -> list[str]:
     for ds, budget in sorted({(k[0], k[1]) for k in groups}):
         rs = groups.get((ds, budget, RECIPE_METHOD.get(ds)), [])
         us = [u for m in ("uniform", "uniform2") for u in groups.get((ds, budget, m), [])]
-        shared = {r.get("commit") for r in rs} & {u.get("commit") for u in us}
-        for commit in sorted(c for c in shared if c):
-            a = [r["elapsed"] for r in rs if r.get("commit") == commit]
-            b = [u["elapsed"] for u in us if u.get("commit") == commit]
+        for commit, a, b in sittings(rs, us):
             ta, tb = statistics.mean(a), statistics.mean(b)
             lines.append(f"| {ds} | {budget:,} | {commit} | {len(a)} | {ta:.0f} | {len(b)} | "
                          f"{tb:.0f} | {ta / tb:.2f} |")  # fmt: skip

@@ -59,7 +59,6 @@ def evaluate(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def probe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Training-mode loss on one batch (no autograd graph), leaving every BatchNorm buffer as
     it was."""

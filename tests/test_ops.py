@@ -422,6 +422,31 @@ def test_batched_svd_cuda_graph_capture(k):
                 check_svd(new[i], S[i], U[i], Vh[i], what=f"graph replay {shapes[i]}")
 
 
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("k", [None, 3])
+def test_batched_svd_cuda_records_no_host_sync(k):
+    """``torch.cuda.set_sync_debug_mode("error")`` around the call: any host synchronisation
+    (a ``.item()``, a blocking copy, a NaN check read on the host) raises."""
+    gen = torch.Generator().manual_seed(12)
+    mats = [torch.randn(*s, generator=gen).to("cuda") for s in [(16, 48), (64, 9), (33, 33)]]
+    ops.batched_svd(mats, k)  # warm-up: module load and handle creation may synchronise
+    torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        S, U, Vh = ops.batched_svd(mats, k)
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+    torch.cuda.synchronize()
+    for a, s, u, vh in zip(mats, S, U, Vh, strict=True):
+        if k is None:
+            check_svd(a, s, u, vh, what=f"no-sync call {tuple(a.shape)}")
+        else:
+            assert s.shape == (k,), tuple(a.shape)
+            want = torch.linalg.svdvals(a.double())[:k].float()
+            assert torch.allclose(s, want, rtol=1e-3, atol=0), tuple(a.shape)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_batched_svd_wrapper(device):
     gen = torch.Generator().manual_seed(9)
@@ -902,31 +927,40 @@ def test_slice_copy_bad_destination(device):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_opcheck_batched_svd():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_batched_svd(device):
     mats = [torch.randn(6, 4), torch.randn(3, 8, dtype=torch.float32), torch.randn(5, 5)]
+    mats = [a.to(device) for a in mats]
     torch.library.opcheck(svd_op, (mats,))
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(svd_op, (mats, 2, 2, 8, 1), test_utils=quick)
-    torch.library.opcheck(svd_op, ([torch.randn(7, 3, dtype=torch.float64)],), test_utils=quick)
+    one = [torch.randn(7, 3, dtype=torch.float64, device=device)]
+    torch.library.opcheck(svd_op, (one,), test_utils=quick)
 
 
-def _slice_sample():
+def _slice_sample(device="cpu"):
     src = [torch.randn(4, 3, 2, 2), torch.randn(4), torch.randn(5, 12)]
     rows = [torch.tensor([3, -1, 0]), torch.tensor([3, -1, 0]), None]
     cols = [torch.tensor([2, 0, -1, -1]), None, torch.tensor([1, -1])]
     blocks = [4, 1, 4]
     fills = [torch.randn(3, 4, 2, 2), None, None]
-    return src, rows, cols, blocks, fills
+
+    def to(ts):
+        return [None if t is None else t.to(device) for t in ts]
+
+    return to(src), to(rows), to(cols), blocks, to(fills)
 
 
-def test_opcheck_slice_copy():
-    torch.library.opcheck(slice_op, _slice_sample())
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_slice_copy(device):
+    torch.library.opcheck(slice_op, _slice_sample(device))
 
 
-def test_opcheck_slice_copy_():
-    src, rows, cols, blocks, fills = _slice_sample()
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_slice_copy_(device):
+    src, rows, cols, blocks, fills = _slice_sample(device)
     dst = [torch.empty(3, 4, 2, 2), torch.empty(3), torch.empty(5, 8)]
-    torch.library.opcheck(slice_op_, (src, dst, rows, cols, blocks, fills))
+    torch.library.opcheck(slice_op_, (src, [d.to(device) for d in dst], rows, cols, blocks, fills))
 
 
 def test_fake_shapes_under_fake_mode():

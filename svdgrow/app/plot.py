@@ -131,12 +131,27 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "train_acc": last.get("train_acc"),
         "elapsed": (end or last).get("elapsed"),
         "resizes": len(resizes),
+        "seconds_by_phase": _phase_totals(epochs),
         "widths": last.get("widths", start.get("widths")),
         "per_epoch": [
             {k: e.get(k) for k in ("epoch", "params", "test_acc", "train_acc", "elapsed")}
             for e in epochs
         ],
     }
+
+
+#: the loop's timed phases (``seconds_by_phase`` of an epoch event), in the order shown
+PHASES = {"data": "batches", "train": "steps", "resize": "resize checks", "eval": "evaluation"}
+
+
+def _phase_totals(epochs: list[dict]) -> dict[str, float]:
+    """Seconds per phase of the training loop summed over the epochs (logs before the "data"
+    phase was timed counted the batches in "train")."""
+    totals: dict[str, float] = {}
+    for e in epochs:
+        for k, v in (e.get("seconds_by_phase") or {}).items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -157,6 +172,12 @@ def format_summary(s: dict[str, Any]) -> str:
         f"time:         {s['elapsed']:.1f} s" if s.get("elapsed") is not None else "time: n/a",
         f"resizes:      {s['resizes']}",
     ]
+    phases = s.get("seconds_by_phase") or {}
+    if phases:
+        parts = [f"{label} {phases[k]:.1f} s" for k, label in PHASES.items() if k in phases]
+        if s.get("elapsed") is not None:  # checkpoints, logging, the start
+            parts.append(f"other {s['elapsed'] - sum(phases.values()):.1f} s")
+        lines.append("time split:   " + ", ".join(parts))
     widths = s.get("widths") or {}
     for kind in ("groups", "layers"):
         if widths.get(kind):

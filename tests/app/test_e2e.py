@@ -90,6 +90,11 @@ def test_run_completes_and_shrinks(run_a):
         ):
             assert key in e, key
         assert 0.0 <= e["test_acc"] <= 1.0
+        phases = e["seconds_by_phase"]  # the time split: batches, steps, checks, evaluation
+        assert {"data", "train", "eval"} <= set(phases) <= {"data", "train", "resize", "eval"}
+        assert min(phases.values()) > 0
+        assert sum(phases.values()) <= e["elapsed"]
+    assert "resize" in epochs[0]["seconds_by_phase"]  # the shrink's checks ran in epoch 1
     resizes = _events(run_a, "resize")
     assert resizes, "no resize was logged"
     # a resize is logged only when it changed a width: every one carries its decisions, and
@@ -123,6 +128,7 @@ def test_summary_and_plot_commands(run_a, capsys):
     assert main(["summary", str(run_a)]) == 0
     out = capsys.readouterr().out
     assert "test acc" in out and "parameters" in out
+    assert "time split:   batches " in out and ", resize checks " in out
     (run_a / "widths.png").unlink()
     assert main(["plot", str(run_a)]) == 0
     assert (run_a / "widths.png").is_file()

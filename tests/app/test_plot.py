@@ -20,9 +20,11 @@ def _write_run(run: Path) -> None:
         {"event": "resize", "step": 5, "params_before": 1000, "params": 700, "elapsed": 1.0,
          "widths": small},
         {"event": "epoch", "step": 10, "epoch": 1, "params": 700, "flops": 5000, "test_acc": 0.5,
-         "train_acc": 0.4, "elapsed": 2.0, "widths": small},
+         "train_acc": 0.4, "elapsed": 2.0, "widths": small,
+         "seconds_by_phase": {"data": 0.25, "train": 1.0, "resize": 0.5, "eval": 0.125}},
         {"event": "epoch", "step": 20, "epoch": 2, "params": 700, "flops": 5000, "test_acc": 0.75,
-         "train_acc": 0.7, "elapsed": 4.0, "widths": small},
+         "train_acc": 0.7, "elapsed": 4.0, "widths": small,
+         "seconds_by_phase": {"data": 0.25, "train": 1.0, "eval": 0.125}},
         {"event": "end", "step": 20, "epoch": 2, "params": 700, "elapsed": 4.5},
     ]  # fmt: skip
     run.mkdir()
@@ -41,6 +43,9 @@ def test_summary_of_a_run(tmp_path):
     assert s["elapsed"] == 4.5
     text = format_summary(s)
     assert "1,000 -> 700" in text and "75.00%" in text and "finished" in text
+    assert s["seconds_by_phase"] == {"data": 0.5, "train": 2.0, "resize": 0.5, "eval": 0.25}
+    assert ("time split:   batches 0.5 s, steps 2.0 s, resize checks 0.5 s, evaluation 0.2 s, "
+            "other 1.2 s") in text  # fmt: skip
 
 
 def test_plot_writes_both_figures(tmp_path):

@@ -1,0 +1,61 @@
+"""benchmarks/gpu_syncs.py (issue 13, item 2) on the CPU: the counting and the attribution of a
+synchronisation to a stage of ``Resizer.step`` and to an svdgrow line, with the sync warning
+raised by hand where CUDA would raise it, so that the script works the first time a GPU runs
+it. On a GPU the same script counts the real ones."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+gpu_syncs = pytest.importorskip("gpu_syncs")  # needs torchvision (bench_resize's models)
+
+from svdgrow import resizer  # noqa: E402
+
+SYNC = "called a synchronizing CUDA operation"
+
+
+@pytest.mark.filterwarnings("ignore:called a synchronizing")  # the warm-up step's, uncounted
+def test_sync_log_attributes_stage_and_line(monkeypatch):
+    real = resizer.analyse_groups
+
+    def analyse_groups(*a, **k):  # stands in for a .item() inside the analyse stage
+        warnings.warn(SYNC, UserWarning, stacklevel=1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(resizer, "analyse_groups", analyse_groups)
+    out = gpu_syncs.step_syncs("mlp", torch.device("cpu"), 0.1)
+    assert set(out) == set(gpu_syncs.br.MODES)
+    weights = out["weights"]
+    assert weights["syncs"] == 1 and weights["by_stage"] == {"analyse": 1}
+    ((line, count),) = weights["by_line"]
+    assert line.startswith("svdgrow/resizer.py:") and line.endswith("(_analyse)") and count == 1
+    assert weights["groups_changed"] == 2  # the MLP's two hidden groups, pruned by 10%
+
+
+def test_sync_log_ignores_other_warnings():
+    with gpu_syncs.SyncLog(torch.device("cpu")) as log:
+        warnings.warn("something else", UserWarning, stacklevel=1)
+        warnings.warn(SYNC, UserWarning, stacklevel=1)
+    assert log.summary()["syncs"] == 1
+    assert log.summary()["by_stage"] == {"outside": 1}
+
+
+def test_main_writes_json_and_table(tmp_path):
+    res = gpu_syncs.main(["--device", "cpu", "--models", "mlp", "--out", str(tmp_path / "s")])
+    assert json.loads((tmp_path / "s.json").read_text())["steps"]["mlp"]["data"]["syncs"] == 0
+    md = (tmp_path / "s.md").read_text()
+    assert "| mlp Resizer.step, weights (2 groups resized) | 0 |" in md
+    assert set(res["ops"]) == {"batched_svd (full)", "batched_svd (k=8)", "slice_copy"}
+
+
+def test_main_refuses_unknown_model(capsys):
+    with pytest.raises(SystemExit):
+        gpu_syncs.main(["--device", "cpu", "--models", "vgg"])
+    assert "unknown model(s) vgg" in capsys.readouterr().err

@@ -6,8 +6,10 @@ run on this machine (counted with ``pgrep``, so copies started by hand count too
 copy of the current stage starts; a stage gets at most ``--copies`` copies (frontier.py copies
 of one command share its cells through lock files), then the queue moves on. A slow last cell
 (Torch-Pruning runs ~5x a uniform cell) then no longer idles the other slot, as
-``copy & copy & wait`` does. Stopping this script leaves the started copies running; starting
-it again skips finished cells (frontier.py resumes them).
+``copy & copy & wait`` does. A copy that fails within its first seconds (a mistyped flag, a
+method its line does not define) stops the queue with exit status 1, its error at the end of
+``--log``. Stopping this script leaves the started copies running; starting it again skips
+finished cells (frontier.py resumes them).
 
 ::
 
@@ -62,11 +64,28 @@ def main(argv: list[str] | None = None) -> int:
             while running_copies() >= args.slots:
                 time.sleep(args.poll)
             with args.log.open("a") as log:
-                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # fmt: skip
             print(f"{time.strftime('%H:%M:%S')} stage {i} copy {k + 1}: {shlex.join(stage)}",
                   flush=True)  # fmt: skip
-            time.sleep(min(args.poll, 20.0))  # let it claim a cell before the next one looks
+            # let it claim a cell before the next one looks; a copy that fails at once (a
+            # mistyped flag, a method its line does not define) stops the queue instead of
+            # looking like a finished stage
+            rc = _wait_at_most(proc, min(args.poll, 20.0))
+            if rc not in (None, 0):
+                print(f"stage {i} copy {k + 1} failed at once (exit status {rc}): its error is "
+                      f"at the end of {args.log}; fix the line and start the queue again "
+                      "(finished cells are skipped)", file=sys.stderr, flush=True)  # fmt: skip
+                return 1
     return 0
+
+
+def _wait_at_most(proc: subprocess.Popen, seconds: float) -> int | None:
+    """``proc``'s exit status if it ends within ``seconds``, else None (it runs on)."""
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 if __name__ == "__main__":

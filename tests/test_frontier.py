@@ -121,6 +121,26 @@ def test_queue_file_stages(tmp_path):
     )
 
 
+def test_queue_stops_when_a_stage_fails_at_once(tmp_path, monkeypatch, capsys):
+    """A stage whose copy dies at once (here: an unknown flag) stops the queue with the log
+    named, rather than the next stage starting beside the other copy."""
+    qpath = _PATH.parent / "frontier_queue.py"
+    spec = importlib.util.spec_from_file_location("frontier_queue", qpath)
+    queue = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(queue)
+    monkeypatch.setattr(queue, "running_copies", lambda: 0)
+    f = tmp_path / "q.txt"
+    f.write_text("--no-such-flag 1\n--dataset mnist --budgets 3000 --methods uniform\n")
+    log = tmp_path / "runs.log"
+    assert queue.main([str(f), "--log", str(log), "--poll", "60"]) == 1
+    printed = capsys.readouterr()
+    assert "stage 0 copy 1 failed at once (exit status 2)" in printed.err
+    assert str(log) in printed.err
+    assert "unrecognized arguments: --no-such-flag" in log.read_text()
+    assert "stage 0 copy 1" in printed.out and "stage 0 copy 2" not in printed.out
+    assert "stage 1" not in printed.out
+
+
 def test_found_cells_name_their_source(tmp_path):
     """``found`` retrains the --match method's seed-0 widths; ``found-NAME`` those of NAME, and
     neither can run before its source has finished."""

@@ -11,8 +11,9 @@ Methods, all timed in the same run: warm-up, then ``--repeats`` rounds that run 
 once in turn (so that changes in machine load hit all alike); the median is reported:
 
 * ``batched_svd full``: one ``svdgrow.ops.batched_svd(mats)`` call.
-* ``batched_svd top-k``: ``k = min(m, n) // 4`` per matrix (at least 1); the op takes one ``k``
-  per call, so this makes one call per distinct ``k`` (the count is printed).
+* ``batched_svd top-k``: ``k = min(m, n) // 4`` per matrix (at least 1), ``randomized=True``
+  (on CUDA the range finder, the counterpart of ``svd_lowrank``; the CPU kernel is exact); the
+  op takes one ``k`` per call, so this makes one call per distinct ``k`` (the count is printed).
 * ``loop linalg.svd``: ``torch.linalg.svd(A, full_matrices=False)`` per matrix (the baseline).
 * ``loop linalg.svdvals``: singular values only, per matrix.
 * ``loop svd_lowrank top-k``: ``torch.svd_lowrank(A, q=k, niter=2)`` per matrix.
@@ -189,7 +190,7 @@ def run_set(name: str, mats, device, repeats: int, warmup: int) -> list[dict]:
     def batched_topk():
         S, U = [None] * len(mats), [None] * len(mats)
         for k, idx in groups.items():
-            s, u, _ = ops.batched_svd([mats[i] for i in idx], k=k)
+            s, u, _ = ops.batched_svd([mats[i] for i in idx], k=k, randomized=True)
             for i, si, ui in zip(idx, s, u, strict=True):
                 S[i], U[i] = si, ui
         return S, U

@@ -37,6 +37,7 @@ def batched_svd(
     niter: int = 2,
     oversample: int = 8,
     seed: int = 0,
+    randomized: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Thin SVD of many matrices of different shapes in one call.
 
@@ -49,9 +50,15 @@ def batched_svd(
     Args:
         mats (Sequence[Tensor[m_i, n_i]]): float32 or float64 matrices on one device.
         k (int, optional): Keep the top ``k`` triplets, ``0 < k <= min(m_i, n_i)``; None: all.
+            Exact (the full decomposition, truncated) unless ``randomized``.
         niter (int): Power iterations of the CUDA kernel's randomized range finder.
-        oversample (int): Extra columns of that range finder (the CPU kernel is exact).
+        oversample (int): Extra columns of that range finder.
         seed (int): Seed of the random vectors (range finder, null-space completion).
+        randomized (bool): On CUDA, with ``k``, use the randomized range finder where
+            ``k + oversample < min(m_i, n_i)``: faster, but sigma and the top-k subspace meet
+            the accuracy above only where the spectrum decays past ``k + oversample`` (like
+            ``torch.svd_lowrank``; on a flat spectrum sigma are lower bounds). The CPU kernel
+            is always exact.
 
     Returns:
         ``(S, U, Vh)``: lists with ``S[i] (Tensor[r])``, ``U[i] (Tensor[m_i, r])`` and
@@ -67,6 +74,9 @@ def batched_svd(
     mats = list(mats)
     if not mats:
         raise ValueError(_EMPTY_MATS)
+    if k is not None and not randomized:  # oversampling to min(m, n) is the exact path
+        dims = (min(a.shape) for a in mats if isinstance(a, Tensor) and a.dim() == 2)
+        oversample = max(max(dims, default=0), oversample)
     S, U, Vh = torch.ops.svdgrow.batched_svd.default(mats, k, niter, oversample, seed)
     return S, U, Vh
 

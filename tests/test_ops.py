@@ -456,6 +456,46 @@ def test_batched_svd_wrapper(device):
         check_svd(m, s, u, vh, k=4, what="wrapper")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_svd_topk_flat_spectrum(device, dtype):
+    """Issue 13: top-k of flat spectra (Gaussian matrices, sigma_{k+1} ~ sigma_k) meets the
+    documented accuracy by default (the exact path, truncated). With ``randomized=True`` the
+    CUDA range finder promises less there: orthonormal vectors and sigma that do not exceed
+    the true ones."""
+    gen = torch.Generator().manual_seed(13)
+    k = 16
+    mats = [torch.randn(*s, generator=gen, dtype=dtype).to(device) for s in
+            [(128, 1152), (256, 256), (300, 90), (64, 576)]]  # fmt: skip
+    S, U, Vh = ops.batched_svd(mats, k)
+    for a, s, u, vh in zip(mats, S, U, Vh, strict=True):
+        check_svd(a, s, u, vh, k=k, what=f"flat {tuple(a.shape)}")
+    S2, U2, Vh2 = ops.batched_svd(mats, k, randomized=True)
+    eye = torch.eye(k, dtype=dtype, device=device)
+    for a, s, u, vh in zip(mats, S2, U2, Vh2, strict=True):
+        assert (u.T @ u - eye).abs().max() < TOL[dtype]["orth"], tuple(a.shape)
+        assert (vh @ vh.T - eye).abs().max() < TOL[dtype]["orth"], tuple(a.shape)
+        true = torch.linalg.svdvals(a.double().cpu())[:k]
+        assert (s.double().cpu() <= true * (1 + 1e-5)).all(), tuple(a.shape)
+
+
+def test_batched_svd_wrapper_asks_for_the_exact_path_unless_randomized(monkeypatch):
+    """The wrapper reaches the exact path by oversampling to min(m, n) (``l == s``)."""
+    seen = []
+    real = torch.ops.svdgrow.batched_svd.default
+
+    def spy(mats, k, niter, oversample, seed):
+        seen.append(oversample)
+        return real(mats, k, niter, oversample, seed)
+
+    monkeypatch.setattr(torch.ops.svdgrow.batched_svd, "default", spy)
+    mats = [torch.randn(40, 70), torch.randn(90, 30)]
+    ops.batched_svd(mats, 4)
+    ops.batched_svd(mats, 4, randomized=True)
+    ops.batched_svd(mats)
+    assert seen == [40, 8, 8]
+
+
 # ---------------------------------------------------------------------------------------------
 # batched_svd: bad input
 # ---------------------------------------------------------------------------------------------

@@ -145,14 +145,14 @@ def table(res: dict) -> list[str]:
     info = res["machine"]
     lines = [f"Host synchronisations on {info.get('gpu', info['cpu'])}, torch "
              f"{info['torch']}; counted with torch.cuda.set_sync_debug_mode('warn')",
-             "", "| what | syncs | analyse | decide | apply | top svdgrow lines |",
-             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+             "", "| what | syncs | finiteness check | analyse | decide | apply | top svdgrow lines |",
+             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
 
     def row(what, s):
         st = s.get("by_stage", {})
+        cells = " | ".join(str(st.get(k, "")) for k in ("check", "analyse", "decide", "apply"))
         top = "; ".join(f"{w} x{c}" for w, c in s["by_line"][:3])
-        lines.append(f"| {what} | {s['syncs']} | {st.get('analyse', '')} | {st.get('decide', '')} "
-                     f"| {st.get('apply', '')} | {top} |")  # fmt: skip
+        lines.append(f"| {what} | {s['syncs']} | {cells} | {top} |")
 
     for what, s in res["ops"].items():
         row(what, s)

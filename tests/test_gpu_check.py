@@ -1,11 +1,14 @@
-"""benchmarks/gpu_syncs.py (issue 13, item 2) on the CPU: the counting and the attribution of a
-synchronisation to a stage of ``Resizer.step`` and to an svdgrow line, with the sync warning
-raised by hand where CUDA would raise it, so that the script works the first time a GPU runs
-it. On a GPU the same script counts the real ones."""
+"""The GPU tools on the CPU (issue 13), so that they work the first time a GPU runs them:
+benchmarks/gpu_syncs.py's counting and its attribution of a synchronisation to a stage of
+``Resizer.step`` and to an svdgrow line (the sync warning raised by hand where CUDA would raise
+it; on a GPU the same script counts the real ones), and benchmarks/gpu_check.sh's own flow
+(its steps, deadline and summary) in its CPU dry-run mode."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -59,3 +62,19 @@ def test_main_refuses_unknown_model(capsys):
     with pytest.raises(SystemExit):
         gpu_syncs.main(["--device", "cpu", "--models", "vgg"])
     assert "unknown model(s) vgg" in capsys.readouterr().err
+
+
+def test_gpu_check_script_runs_its_flow_on_the_cpu(tmp_path):
+    """``DEVICE=cpu SKIP_BUILD=1``: no build; ``STEPS`` picks one step, the others are not
+    run; a step with under 20 s of the budget left is skipped and says so."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DEVICE": "cpu", "SKIP_BUILD": "1", "STEPS": "syncs", "BUDGET": "15",
+           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+           "PYTHONPATH": str(root)}  # fmt: skip
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert lines[0].startswith("syncs: skipped (") and lines[-1].startswith("total: ")
+    assert len(lines) == 2  # pytest, the benchmarks and the trainings were not asked for
+    assert "svdgrow imported from" in (tmp_path / "out" / "env.txt").read_text()

@@ -20,7 +20,7 @@ from nets import (
 )
 from svdgrow import surgery
 from svdgrow.resizer import Resizer
-from svdgrow.surgery import ResizeContext
+from svdgrow.surgery import ResizeContext, moments
 from svdgrow.surgery.pivots import _pivoted_cholesky_padded
 from svdgrow.trace import ConsumerLayout, CouplingGraph, Group, trace
 
@@ -247,6 +247,16 @@ def test_predicted_moments_match_measured_ones_on_a_batchnorm_net():
     (linear,) = surgery.predict_features(ctx, grp, None)[0].values()
     mu_l = linear.mean
     assert float((mu_l - mu_d).abs().max()) > 0.1 * scale**0.5
+    # ... and they are bn1's output moments on the data. conv1's group matrix is tall (10 x 3):
+    # its covariance comes from the factor, never formed as per-producer n x n products.
+    with torch.no_grad():
+        z = m.bn1(m.conv1(x)).permute(0, 2, 3, 1).reshape(-1, 10).double()
+    cov_z = torch.cov(z.T)
+    assert float((linear.cov - cov_z).abs().max()) < 0.05 * float(cov_z.diagonal().mean())
+    assert float((mu_l - z.mean(0)).abs().max()) < 0.05 * float(cov_z.diagonal().mean()) ** 0.5
+    mean, cov, factor = moments._predicted_preactivation(ctx, grp[0])
+    assert cov is None and factor.shape == (10, 3)
+    torch.testing.assert_close(factor @ factor.T, linear.cov, rtol=0, atol=0)
 
 
 def test_data_mode_needs_a_batch():

@@ -133,47 +133,64 @@ def consumer_offsets(ctx: ResizeContext, groups: list[Group]) -> dict[tuple[int,
 
 def _predicted_preactivation(
     ctx: ResizeContext, g: Group, grams: dict[str, Tensor] | None = None
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Mean and covariance of group ``g``'s pre-activation as weights mode models it (see
     :func:`predict_features`), after any BatchNorm that follows the add, and a factor ``F``
     with ``F F^T = cov`` when the group matrix has fewer columns than rows (None otherwise).
-    ``grams``: the producers' ``G_p G_p^T`` when already formed (by stage 2)."""
+    ``grams``: the producers' ``G_p G_p^T`` when already formed (by stage 2).
+
+    With a factor the covariance is left out (None): its ``n x n`` products per producer cost
+    ``n^2 D`` (mobilenet_v2's 1280-wide last group: most of its weights-mode fold) and only a
+    linear network, which has no samples to draw, reads it (``F F^T`` then)."""
     after = norm_directly_after(g)
-    G = None
+    G, tall = None, False
     if grams is None:
         G, blocks, _, b_eff = group_matrix(ctx.modules, g)
-        grams = {p: G[:, start:end] @ G[:, start:end].T for p, start, end in blocks}
+        tall = G.shape[1] < G.shape[0]  # mu in the D columns' space, samples from G itself
+        if not tall:
+            grams = {p: G[:, start:end] @ G[:, start:end].T for p, start, end in blocks}
     else:
         b_eff = effective_bias(ctx.modules, g)
+    n = len(b_eff)
     target = torch.zeros_like(b_eff)
-    gram = torch.zeros(len(b_eff), len(b_eff), dtype=b_eff.dtype, device=b_eff.device)  # G G^T
-    cov = torch.zeros_like(gram)
-    alphas = {}
+    gram = cov = None
+    if not tall:
+        gram = torch.zeros(n, n, dtype=b_eff.dtype, device=b_eff.device)  # G G^T
+        cov = torch.zeros_like(gram)
+    spans = {p: (start, end) for p, start, end in blocks} if tall else {}
+    alphas, trace = {}, 0.0
     for p in g.producers:
-        GGp = grams[p]
+        if tall:
+            start, end = spans[p]
+            trace_p = float(G[:, start:end].square().sum())
+        else:
+            trace_p = float(grams[p].diagonal().sum())
         if p in after:
             mean_p, std_p = bn_output_stats(ctx.modules[after[p]])
-            alphas[p] = float((std_p * std_p).sum()) / max(float(GGp.diagonal().sum()), 1e-30)
+            alphas[p] = float((std_p * std_p).sum()) / max(trace_p, 1e-30)
         else:
             bias = getattr(ctx.modules[p], "bias", None)
             mean_p = bias.detach().double() if bias is not None else torch.zeros_like(b_eff)
             alphas[p] = 1.0
         target += mean_p
-        gram += GGp
-        cov += alphas[p] * GGp
-    lam = 1e-10 * float(gram.diagonal().sum()) + 1e-30
+        trace += trace_p
+        if not tall:
+            gram += grams[p]
+            cov += alphas[p] * grams[p]
+    lam = 1e-10 * trace + 1e-30
     factor = None
-    if G is not None and G.shape[1] < G.shape[0]:  # mu in the D columns' space: D x D
+    if tall:
         eye = torch.eye(G.shape[1], dtype=G.dtype, device=G.device)
         mean = b_eff + G @ solve_spd(G.T @ G + lam * eye, G.T @ (target - b_eff))
         factor = torch.cat([G[:, a:b] * alphas[p] ** 0.5 for p, a, b in blocks], 1)
     else:
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
         mean = b_eff + gram @ solve_spd(gram + lam * eye, target - b_eff)  # b + G mu
     for nm, prod in g.norm_after.items():
         if prod is None:  # a BatchNorm after the add: its eval-mode affine map
             scale, shift = bn_affine(ctx.modules[nm])
-            mean, cov = scale * mean + shift, scale[:, None] * cov * scale[None, :]
+            mean = scale * mean + shift
+            cov = scale[:, None] * cov * scale[None, :] if cov is not None else None
             factor = scale[:, None] * factor if factor is not None else None
     return mean, cov, factor
 
@@ -235,10 +252,10 @@ def predict_features(
     for g in groups:
         mean, cov, factor = _predicted_preactivation(ctx, g, (grams or {}).get(g.id))
         if activation is None:
-            mu, fcov = mean, cov
+            mu, fcov = mean, (cov if cov is not None else factor @ factor.T)
         else:
             L = (factor if factor is not None else _gaussian_factor(cov)).float()
-            z = torch.randn(samples, L.shape[1], generator=generator).to(cov.device)
+            z = torch.randn(samples, L.shape[1], generator=generator).to(mean.device)
             f = activation(torch.addmm(mean.float()[None, :], z, L.T))
             mu = column_mean(f)
             fc = f - mu.float()

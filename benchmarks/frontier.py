@@ -352,7 +352,7 @@ def uniform_at(points: list[tuple[float, float, float, int]], params: float):
     return acc, var, f"{a[0]:,.0f}..{b[0]:,.0f} (interpolated)"
 
 
-RECIPE_METHOD = {"mnist": "midlong", "fashion-mnist": "f4s"}
+RECIPE_METHOD = {"mnist": "m1k", "fashion-mnist": "f4s"}
 """The frontier method each dataset's default recipe (svdgrow.app.config.RECIPES) is."""
 
 

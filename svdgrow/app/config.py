@@ -24,7 +24,7 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3, "adamw": 2e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}
 """Weight decay per optimizer when ``weight_decay`` is None."""
 
-_SEARCH = {"start_scale": 4.0, "shrink_steps": 2000, "resize_every": 10, "energy_eps": 1e-4,
+_SEARCH = {"start_scale": 4.0, "shrink_steps": 1000, "resize_every": 10, "energy_eps": 1e-4,
            "epochs": 15}  # fmt: skip
 RECIPES: dict[str, dict[str, Any]] = {
     "mnist": {"preset": "mnist-2m", "target_params": 6000, **_SEARCH},
@@ -32,16 +32,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         "preset": "fashion-500k",
         "target_params": 60000,
         **_SEARCH,
-        "shrink_steps": 1000,
         "spectrum": "features",
     },
 }
 """What ``svdgrow train --dataset D`` runs when no ``--preset``/``--spec`` is given: the large
 preset narrowed uniformly to ``start_scale`` x the budget, shrunk to ``target_params`` over
-``shrink_steps``; on Fashion-MNIST the policy reads feature spectra and the shrink takes 1,000
-steps (the settings measured best by benchmarks/frontier.py; docs/design.md, "Where a run
-starts"). Flags given on the command line override their part (``--mode weights`` drops the
-feature spectrum, which needs the batch)."""
+``shrink_steps`` (1,000); on Fashion-MNIST the policy reads feature spectra (the settings
+measured best by benchmarks/frontier.py; docs/design.md, "Where a run starts"). Flags given on
+the command line override their part (``--mode weights`` drops the feature spectrum, which
+needs the batch)."""
 
 
 @dataclass

@@ -87,7 +87,7 @@ def test_unreachable_budget_is_announced(tmp_path, data_dir, caplog):
             "--checkpoint-minutes", "0", "--no-download", "--data-dir", str(data_dir),
             "--run-dir", str(tmp_path / "run")]  # fmt: skip
     with caplog.at_level("WARNING", logger="svdgrow"):
-        assert main(argv) == 0  # the recipe: 2,000 shrink steps, 8 steps in all
+        assert main(argv) == 0  # the recipe: 1,000 shrink steps, 8 steps in all
     assert any("will not reach the target" in r.message for r in caplog.records)
 
 

@@ -373,7 +373,10 @@ def versus_uniform(groups: dict[tuple, list[dict]], ds: str, budget: int, method
 
 def sittings(rs: list[dict], us: list[dict]) -> list[tuple[str, list[float], list[float]]]:
     """``(commit, wall times of rs, wall times of us)`` for every commit both lists have
-    cells of: one sitting's frozen checkout, so one host."""
+    cells of: one sitting's frozen checkout, so one host. A cell whose ``cell.json`` carries
+    ``timing_excluded`` (why: other work shared its cores for part of the run) is left out."""
+    rs = [r for r in rs if not r.get("timing_excluded")]
+    us = [u for u in us if not u.get("timing_excluded")]
     shared = {r.get("commit") for r in rs} & {u.get("commit") for u in us}
     return [
         (c, [r["elapsed"] for r in rs if r.get("commit") == c],

@@ -206,6 +206,11 @@ def test_time_ratio_prefers_wall_times_within_sittings():
     assert frontier.sitting_ratio(a, u) == (pytest.approx((1.2 + 2 * 0.8) / 3), 2)
     assert frontier.time_ratio(a, u) == "0.93"
     assert frontier.sitting_ratio(a[3:], u) is None
+    # a cell marked timing_excluded (its cores were shared) takes no part: c2 is then 150 / 200
+    a[2]["timing_excluded"] = "a benchmark ran beside it"
+    assert frontier.sitting_ratio(a, u) == (pytest.approx((1.2 + 0.75) / 2), 2)
+    u[0][1]["timing_excluded"] = "a benchmark ran beside it"
+    assert frontier.sitting_ratio(a, u) == (pytest.approx(1.2), 1)
 
 
 def test_sitting_table_compares_cells_of_one_commit_only():

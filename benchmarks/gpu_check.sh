@@ -99,7 +99,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
   so=$(cd / && "$PY" -c "import svdgrow._C as c; print(c.__file__)") && cp "$so" svdgrow/ \
     || summary "the built svdgrow._C was not found: the source tree's svdgrow has no CUDA build"
 fi
-"$PY" - >> "$OUT/env.txt" 2>&1 <<'EOF'
+(cd / && "$PY" - >> "$OUT/env.txt" 2>&1) <<'EOF'
 import torch, svdgrow
 print("svdgrow imported from", svdgrow.__file__)
 for op in ("batched_svd", "slice_copy", "slice_copy_", "pivoted_cholesky"):

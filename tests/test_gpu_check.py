@@ -16,8 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
+# bench_resize (imported by gpu_syncs) puts the repository root first on sys.path: undone, or
+# processes spawned by later tests (tests/test_distributed.py) would import the source svdgrow,
+# which has no compiled extension in a clean clone
+_path = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-gpu_syncs = pytest.importorskip("gpu_syncs")  # needs torchvision (bench_resize's models)
+try:
+    gpu_syncs = pytest.importorskip("gpu_syncs")  # needs torchvision (bench_resize's models)
+finally:
+    sys.path[:] = _path
 
 from svdgrow import resizer  # noqa: E402
 
@@ -69,8 +76,7 @@ def test_gpu_check_script_runs_its_flow_on_the_cpu(tmp_path):
     run; a step with under 20 s of the budget left is skipped and says so."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DEVICE": "cpu", "SKIP_BUILD": "1", "STEPS": "syncs", "BUDGET": "15",
-           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
-           "PYTHONPATH": str(root)}  # fmt: skip
+           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}  # fmt: skip
     done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

@@ -371,12 +371,16 @@ def versus_uniform(groups: dict[tuple, list[dict]], ds: str, budget: int, method
     return params, label, acc - u_acc, se, z, time_ratio(groups[ds, budget, method], us)
 
 
+def _timed(cells: list[dict]) -> list[dict]:
+    """The cells whose wall time counts: not marked ``timing_excluded`` in their cell.json."""
+    return [c for c in cells if not c.get("timing_excluded")]
+
+
 def sittings(rs: list[dict], us: list[dict]) -> list[tuple[str, list[float], list[float]]]:
     """``(commit, wall times of rs, wall times of us)`` for every commit both lists have
     cells of: one sitting's frozen checkout, so one host. A cell whose ``cell.json`` carries
     ``timing_excluded`` (why: other work shared its cores for part of the run) is left out."""
-    rs = [r for r in rs if not r.get("timing_excluded")]
-    us = [u for u in us if not u.get("timing_excluded")]
+    rs, us = _timed(rs), _timed(us)
     shared = {r.get("commit") for r in rs} & {u.get("commit") for u in us}
     return [
         (c, [r["elapsed"] for r in rs if r.get("commit") == c],
@@ -407,7 +411,9 @@ def time_ratio(rs: list[dict], us: list[list[dict]]) -> str:
     within = sitting_ratio(rs, us)
     if within is not None:
         return f"{within[0]:.2f}"
-    pooled = [r for u in us for r in u]
+    rs, pooled = _timed(rs), _timed([r for u in us for r in u])
+    if not rs or not pooled:
+        return "n/a"
     timed = [[r for r in c if r.get("ref_s")] for c in (rs, pooled)]
     if all(timed):
         norm = [statistics.mean(r["elapsed"] / r["ref_s"] for r in c) for c in timed]

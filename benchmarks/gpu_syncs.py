@@ -159,6 +159,8 @@ def table(res: dict) -> list[str]:
     for model, modes in res["steps"].items():
         for mode, s in modes.items():
             row(f"{model} Resizer.step, {mode} ({s['groups_changed']} groups resized)", s)
+    for model, err in res.get("errors", {}).items():
+        lines.append(f"| {model}: failed, {err} | | | | | | |")
     return lines
 
 

@@ -211,6 +211,10 @@ def test_time_ratio_prefers_wall_times_within_sittings():
     assert frontier.sitting_ratio(a, u) == (pytest.approx((1.2 + 0.75) / 2), 2)
     u[0][1]["timing_excluded"] = "a benchmark ran beside it"
     assert frontier.sitting_ratio(a, u) == (pytest.approx(1.2), 1)
+    # across sittings too: c3's cell against c4's, then nothing left to time
+    assert frontier.time_ratio(a[3:], [u[1]]) == "19.98*"
+    a[3]["timing_excluded"] = "a benchmark ran beside it"
+    assert frontier.time_ratio(a[3:], [u[1]]) == "n/a"
 
 
 def test_sitting_table_compares_cells_of_one_commit_only():

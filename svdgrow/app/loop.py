@@ -162,7 +162,7 @@ def _train_step(r: RunState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     index = r.order[r.batch_in_epoch * size : (r.batch_in_epoch + 1) * size]
     x, y = r.train_ds.batch(index, augment=cfg.augment, shift=cfg.shift,
                             generator=r.generators["data"], part=(r.ranks.rank, r.ranks.size))  # fmt: skip
-    t1 = time.perf_counter()  # host time: on a GPU the gather's kernels finish in the step's
+    t1 = time.perf_counter()  # host time: on a GPU the gather's kernels are counted in "train"
     _time(r, "data", t0)
     r.lr = lr_at(r.step, r.total_steps, cfg.resolved_lr(), cfg.warmup_steps)
     for group in r.optimizer.param_groups:

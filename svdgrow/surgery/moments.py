@@ -157,27 +157,24 @@ def _predicted_preactivation(
     if not tall:
         gram = torch.zeros(n, n, dtype=b_eff.dtype, device=b_eff.device)  # G G^T
         cov = torch.zeros_like(gram)
-    spans = {p: (start, end) for p, start, end in blocks} if tall else {}
-    alphas, trace = {}, 0.0
+    traces = (  # trace(G_p G_p^T) = ||G_p||_F^2
+        {p: float(G[:, a:b].square().sum()) for p, a, b in blocks} if tall
+        else {p: float(grams[p].diagonal().sum()) for p in g.producers}
+    )  # fmt: skip
+    alphas = {}
     for p in g.producers:
-        if tall:
-            start, end = spans[p]
-            trace_p = float(G[:, start:end].square().sum())
-        else:
-            trace_p = float(grams[p].diagonal().sum())
         if p in after:
             mean_p, std_p = bn_output_stats(ctx.modules[after[p]])
-            alphas[p] = float((std_p * std_p).sum()) / max(trace_p, 1e-30)
+            alphas[p] = float((std_p * std_p).sum()) / max(traces[p], 1e-30)
         else:
             bias = getattr(ctx.modules[p], "bias", None)
             mean_p = bias.detach().double() if bias is not None else torch.zeros_like(b_eff)
             alphas[p] = 1.0
         target += mean_p
-        trace += trace_p
         if not tall:
             gram += grams[p]
             cov += alphas[p] * grams[p]
-    lam = 1e-10 * trace + 1e-30
+    lam = 1e-10 * sum(traces.values()) + 1e-30
     factor = None
     if tall:
         eye = torch.eye(G.shape[1], dtype=G.dtype, device=G.device)

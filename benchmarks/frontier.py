@@ -13,11 +13,13 @@ Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
   as the cap.
 - ``uniform``: the preset with every width scaled by one factor, chosen so the parameter count
   is as close as possible to the mean final size of the ``--match`` method's runs of that cell
-  (or to the budget when there are none yet), trained from scratch. Run it after them. Its
-  spec is written to ``--out``/specs/DATASET-BUDGET-uniform.json and reused by every later
-  seed, so all seeds of a budget train one network (delete the file to match again).
+  (the command's seeds when it lists that method, else every finished run; the budget when
+  there are none), trained from scratch. Run it after them. Its spec is written to
+  ``--out``/specs/DATASET-BUDGET-uniform.json and reused by every later seed, so all seeds of
+  a budget train one network (delete the file to match again).
 - ``uniform2``: the uniform size on the other side of that target (whole widths leave gaps of
-  up to ~20% between uniform sizes): the comparison interpolates between the two.
+  up to ~20% between uniform sizes): the comparison interpolates between the two. A uniform2
+  that would train the uniform network again (matched to another target) stops the command.
 - ``found``: the widths the ``--match`` method's run of seed 0 found, trained from scratch.
   ``found-NAME`` does the same for method NAME's seed 0 (so two methods' widths can both be
   retrained at one budget: ``found`` cells of earlier sittings keep their name).
@@ -248,6 +250,21 @@ def other_side(base: dict[str, Any], target: int) -> dict[str, Any]:
     return json.loads(above[0])
 
 
+def match_target(args, dataset: str, budget: int, results: dict) -> int | None:
+    """The size uniform narrowing is matched to: the mean final size of the ``--match``
+    method's runs of the cell (this command's seeds when it runs that method: None until they
+    have all finished; else every finished run), the budget where there are none. Copies
+    started with different ``--methods`` thus agree once the match runs are in."""
+    if args.match in args.methods:
+        if not all((dataset, budget, args.match, seed) in results for seed in args.seeds):
+            return None
+        sizes = [results[dataset, budget, args.match, seed]["params"] for seed in args.seeds]
+    else:
+        sizes = [r["params"] for (d, b, m, _), r in results.items()
+                 if (d, b, m) == (dataset, budget, args.match)]  # fmt: skip
+    return round(statistics.mean(sizes)) if sizes else budget
+
+
 def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> list[str] | None:
     """The method-specific flags of one cell (None: cannot run yet)."""
     budget_flags = ["--target-params", str(budget), *args.shrink_flags.split()]
@@ -263,18 +280,21 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
         kept = Path(args.out) / "specs" / f"{dataset}-{budget}-{method}.json"
         if kept.is_file():  # later seeds train the network the first ones did (delete: re-match)
             return ["--spec", str(kept)]
-        if args.match not in args.methods:
-            target = budget
-        elif all((dataset, budget, args.match, seed) in results for seed in args.seeds):
-            target = round(statistics.mean(results[dataset, budget, args.match, seed]["params"]
-                                           for seed in args.seeds))  # fmt: skip
-        else:
+        target = match_target(args, dataset, budget, results)
+        if target is None:
             return None
         if method == "uniform2":  # the uniform size on the other side of the target
             spec = other_side(preset_spec(PRESET[dataset]), target)
-            path = Path(args.out) / "specs" / f"{dataset}-{budget}-uniform2.json"
-            path.write_text(json.dumps(spec, indent=1))
-            return ["--spec", str(path)]
+            first = kept.with_name(f"{dataset}-{budget}-uniform.json")
+            if first.is_file() and json.loads(first.read_text()) == spec:
+                raise SystemExit(
+                    f"uniform2 of {dataset} {budget} would train {first}'s network again (its "
+                    f"target {target:,} is not the one uniform was matched to): delete {first} "
+                    f"and run both with the --match method's seeds"
+                )
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(spec, indent=1))
+            return ["--spec", str(kept)]
         return ["--spec", _spec_file(args, dataset, f"{budget}-uniform", target)]
     if method in args.variant:  # the large preset, the shrink flags, then the variant's own
         return ["--preset", PRESET[dataset], *budget_flags, *args.variant[method].split()]

@@ -89,6 +89,39 @@ def test_uniform_cells_keep_the_network_of_their_first_seeds(tmp_path):
     assert count_params(json.loads(written.read_text())) == 5362
 
 
+def test_a_copy_without_the_match_method_matches_its_finished_runs(tmp_path):
+    """A copy started with ``--methods uniform2`` alone (the match runs finished by another
+    copy) brackets the same target as the copy that ran them; it used to match the budget and
+    wrote the uniform network again as uniform2 (session 14)."""
+    key = ("mnist", 6000)
+    results = {(*key, "m1k", s): {"params": p} for s, p in enumerate([5907, 5444, 5536])}
+
+    def copy(methods):
+        return SimpleNamespace(out=str(tmp_path), match="m1k", shrink_flags="", variant={},
+                               methods=methods, seeds=[0, 1, 2])  # fmt: skip
+
+    assert frontier.match_target(copy(["m1k", "uniform"]), *key, results) == 5629
+    assert frontier.match_target(copy(["uniform2"]), *key, results) == 5629
+    assert frontier.match_target(copy(["uniform2"]), *key, {}) == 6000
+    assert frontier.match_target(copy(["m1k", "uniform"]), *key, {}) is None
+    first = frontier.cell_extra(copy(["m1k", "uniform"]), "uniform", *key, results=results)
+    second = frontier.cell_extra(copy(["uniform2"]), "uniform2", *key, results=results)
+    sizes = [count_params(json.loads(Path(a[1]).read_text())) for a in (first, second)]
+    assert sizes == [5362, 6198]
+
+
+def test_uniform2_never_trains_the_uniform_network_again(tmp_path):
+    """Matched to a target on the other side, uniform2 would be the uniform network: the
+    command stops and says which spec to delete."""
+    key = ("mnist", 6000)
+    args = SimpleNamespace(out=str(tmp_path), match="m1k", shrink_flags="", variant={},
+                           methods=["uniform", "uniform2"], seeds=[0])  # fmt: skip
+    frontier.cell_extra(args, "uniform", *key, results={(*key, "m1k", 0): {"params": 5629}})
+    with pytest.raises(SystemExit, match="mnist-6000-uniform.json"):
+        frontier.cell_extra(args, "uniform2", *key, results={(*key, "m1k", 0): {"params": 6000}})
+    assert not (tmp_path / "specs" / "mnist-6000-uniform2.json").exists()
+
+
 def test_a_claimed_cell_is_busy(tmp_path):
     run = tmp_path / "runs" / "mnist-3000-mid-s0"
     run.parent.mkdir(parents=True)

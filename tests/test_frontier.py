@@ -316,3 +316,22 @@ def test_the_readme_shows_the_committed_frontier_tables():
     assert rows, f"{table} has no table rows"
     missing = [row for row in rows if row not in text]
     assert not missing, f"README.md lacks {len(missing)} frontier.md rows, first: {missing[0]}"
+
+
+def test_the_readme_shows_the_recipe_table_at_30_epochs():
+    # README.md also copies the recipe table of the 30-epoch frontier (frontier_cpu_30ep)
+    root = _PATH.parents[1]
+    table = root / "benchmarks" / "results" / "frontier_cpu_30ep" / "frontier.md"
+    readme = root / "README.md"
+    if not (table.is_file() and readme.is_file()):
+        pytest.skip("no committed 30-epoch frontier table or README beside the tests")
+    lines = table.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("The default recipe"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    assert len(rows) > 2, f"{table} has no recipe table"
+    missing = [row for row in rows if row not in readme.read_text()]
+    assert not missing, f"README.md lacks {len(missing)} rows of {table}'s recipe table"

@@ -18,8 +18,8 @@ Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
   ``--out``/specs/DATASET-BUDGET-uniform.json and reused by every later seed, so all seeds of
   a budget train one network (delete the file to match again).
 - ``uniform2``: the uniform size on the other side of that target (whole widths leave gaps of
-  up to ~20% between uniform sizes): the comparison interpolates between the two. A uniform2
-  that would train the uniform network again (matched to another target) stops the command.
+  up to ~20% between uniform sizes), beside the kept uniform network on the target's side: the
+  comparison interpolates between the two.
 - ``found``: the widths the ``--match`` method's run of seed 0 found, trained from scratch.
   ``found-NAME`` does the same for method NAME's seed 0 (so two methods' widths can both be
   retrained at one budget: ``found`` cells of earlier sittings keep their name).
@@ -235,19 +235,26 @@ def _spec_file(args, dataset: str, name: str, target: int) -> str:
     return str(path)
 
 
-def other_side(base: dict[str, Any], target: int) -> dict[str, Any]:
-    """Uniform narrowing brackets ``target`` between two sizes (widths are whole numbers): the
-    one that :func:`narrow_spec` does not pick (so the two can be interpolated)."""
-    nearest, f0 = narrow_spec(base, target)
-    n = count_params(nearest)
+def neighbour(base: dict[str, Any], spec: dict[str, Any], up: bool) -> dict[str, Any]:
+    """The uniform narrowing of ``base`` next to ``spec`` (itself one) in size, the next larger
+    when ``up``, else the next smaller."""
+    n = count_params(spec)
+    _, f0 = narrow_spec(base, n)
     factors = [min(1.0, f0 * 0.6 * 3 ** (i / 400)) for i in range(401)]  # 0.6 f0 .. 1.8 f0
     sizes = sorted({(count_params(sp), json.dumps(sp)) for sp in map(lambda f: scale_spec(base, f),
                     factors)})  # fmt: skip
-    if n >= target:
-        below = [sp for c, sp in sizes if c < n]
-        return json.loads(below[-1])
-    above = [sp for c, sp in sizes if c > n]
-    return json.loads(above[0])
+    if up:
+        return json.loads(next(sp for c, sp in sizes if c > n))
+    return json.loads([sp for c, sp in sizes if c < n][-1])
+
+
+def other_side(base: dict[str, Any], target: int, nearest: dict[str, Any] | None = None):
+    """Uniform narrowing brackets ``target`` between two sizes (widths are whole numbers): the
+    one beside ``nearest`` (default: the one :func:`narrow_spec` picks) on the target's side, so
+    the two can be interpolated."""
+    if nearest is None:
+        nearest, _ = narrow_spec(base, target)
+    return neighbour(base, nearest, up=count_params(nearest) < target)
 
 
 def match_target(args, dataset: str, budget: int, results: dict) -> int | None:
@@ -284,14 +291,9 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
         if target is None:
             return None
         if method == "uniform2":  # the uniform size on the other side of the target
-            spec = other_side(preset_spec(PRESET[dataset]), target)
-            first = kept.with_name(f"{dataset}-{budget}-uniform.json")
-            if first.is_file() and json.loads(first.read_text()) == spec:
-                raise SystemExit(
-                    f"uniform2 of {dataset} {budget} would train {first}'s network again (its "
-                    f"target {target:,} is not the one uniform was matched to): delete {first} "
-                    f"and run both with the --match method's seeds"
-                )
+            first = kept.with_name(f"{dataset}-{budget}-uniform.json")  # beside it if kept
+            nearest = json.loads(first.read_text()) if first.is_file() else None
+            spec = other_side(preset_spec(PRESET[dataset]), target, nearest)
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_text(json.dumps(spec, indent=1))
             return ["--spec", str(kept)]

@@ -110,16 +110,22 @@ def test_a_copy_without_the_match_method_matches_its_finished_runs(tmp_path):
     assert sizes == [5362, 6198]
 
 
-def test_uniform2_never_trains_the_uniform_network_again(tmp_path):
-    """Matched to a target on the other side, uniform2 would be the uniform network: the
-    command stops and says which spec to delete."""
+def test_uniform2_sits_beside_the_kept_uniform_network(tmp_path):
+    """Matched to a target on the other side of the kept uniform network (another copy's
+    seeds), uniform2 is still that network's neighbour on the target's side, never the network
+    itself (the plain bracket of 6,000 is 6,198 and 5,362, i.e. the uniform network again)."""
     key = ("mnist", 6000)
     args = SimpleNamespace(out=str(tmp_path), match="m1k", shrink_flags="", variant={},
                            methods=["uniform", "uniform2"], seeds=[0])  # fmt: skip
-    frontier.cell_extra(args, "uniform", *key, results={(*key, "m1k", 0): {"params": 5629}})
-    with pytest.raises(SystemExit, match="mnist-6000-uniform.json"):
-        frontier.cell_extra(args, "uniform2", *key, results={(*key, "m1k", 0): {"params": 6000}})
-    assert not (tmp_path / "specs" / "mnist-6000-uniform2.json").exists()
+    first = frontier.cell_extra(args, "uniform", *key, results={(*key, "m1k", 0): {"params": 5629}})
+    assert count_params(json.loads(Path(first[1]).read_text())) == 5362
+    second = frontier.cell_extra(
+        args, "uniform2", *key, results={(*key, "m1k", 0): {"params": 6000}}
+    )
+    assert count_params(json.loads(Path(second[1]).read_text())) == 6198
+    assert count_params(frontier.other_side(preset_spec("mnist-2m"), 6000)) == 5362
+    low = frontier.other_side(preset_spec("mnist-2m"), 5000, json.loads(Path(first[1]).read_text()))
+    assert count_params(low) < 5362
 
 
 def test_a_claimed_cell_is_busy(tmp_path):

@@ -17,9 +17,9 @@ Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
   there are none), trained from scratch. Run it after them. Its spec is written to
   ``--out``/specs/DATASET-BUDGET-uniform.json and reused by every later seed, so all seeds of
   a budget train one network (delete the file to match again).
-- ``uniform2``: the uniform size on the other side of that target (whole widths leave gaps of
-  up to ~20% between uniform sizes), beside the kept uniform network on the target's side: the
-  comparison interpolates between the two.
+- ``uniform2``: the uniform size next to the uniform network on the target's side, so the two
+  bracket the target (whole widths leave gaps of up to ~20% between uniform sizes) and the
+  comparison interpolates between them.
 - ``found``: the widths the ``--match`` method's run of seed 0 found, trained from scratch.
   ``found-NAME`` does the same for method NAME's seed 0 (so two methods' widths can both be
   retrained at one budget: ``found`` cells of earlier sittings keep their name).

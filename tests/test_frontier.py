@@ -309,35 +309,35 @@ def test_run_folders_with_hyphens_in_dataset_and_method_are_read(tmp_path):
     ]
 
 
-def test_the_readme_shows_the_committed_frontier_tables():
-    # README.md copies benchmarks/results/frontier_cpu/frontier.md's tables by hand; a row that
-    # changed in one and not the other is a figure without its command
-    root = _PATH.parents[1]
-    table = root / "benchmarks" / "results" / "frontier_cpu" / "frontier.md"
-    readme = root / "README.md"
-    if not (table.is_file() and readme.is_file()):
-        pytest.skip("no committed frontier table or README beside the tests")
-    text = readme.read_text()
-    rows = [line for line in table.read_text().splitlines() if line.startswith("| ")]
-    assert rows, f"{table} has no table rows"
-    missing = [row for row in rows if row not in text]
-    assert not missing, f"README.md lacks {len(missing)} frontier.md rows, first: {missing[0]}"
-
-
-def test_the_readme_shows_the_recipe_table_at_30_epochs():
-    # README.md also copies the recipe table of the 30-epoch frontier (frontier_cpu_30ep)
-    root = _PATH.parents[1]
-    table = root / "benchmarks" / "results" / "frontier_cpu_30ep" / "frontier.md"
-    readme = root / "README.md"
-    if not (table.is_file() and readme.is_file()):
-        pytest.skip("no committed 30-epoch frontier table or README beside the tests")
-    lines = table.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("The default recipe"))
+def _table_rows(lines: list[str], after: str | None) -> list[str]:
+    """Every table row of ``lines``, or only those of the table after the line starting with
+    ``after``."""
+    if after is None:
+        return [line for line in lines if line.startswith("| ")]
+    start = next(i for i, line in enumerate(lines) if line.startswith(after))
     rows = []
-    for line in lines[start + 2 :]:
+    for line in lines[start + 2 :]:  # past the blank line
         if not line.startswith("|"):
             break
         rows.append(line)
-    assert len(rows) > 2, f"{table} has no recipe table"
-    missing = [row for row in rows if row not in readme.read_text()]
-    assert not missing, f"README.md lacks {len(missing)} rows of {table}'s recipe table"
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("folder", "after"),
+    [("frontier_cpu", None), ("frontier_cpu_30ep", "The default recipe")],
+    ids=["every-table", "30-epoch-recipe-table"],
+)
+def test_the_readme_shows_the_committed_frontier_tables(folder, after):
+    # README.md copies frontier_cpu/frontier.md's tables and the 30-epoch frontier's recipe
+    # table by hand; a row that changed in one and not the other is a figure without its command
+    root = _PATH.parents[1]
+    table = root / "benchmarks" / "results" / folder / "frontier.md"
+    readme = root / "README.md"
+    if not (table.is_file() and readme.is_file()):
+        pytest.skip(f"no committed {folder} table or README beside the tests")
+    rows = _table_rows(table.read_text().splitlines(), after)
+    assert len(rows) > 2, f"{table} has no table rows"
+    text = readme.read_text()
+    missing = [row for row in rows if row not in text]
+    assert not missing, f"README.md lacks {len(missing)} rows of {table}, first: {missing[0]}"

@@ -507,6 +507,12 @@ def sitting_rows(groups: dict[tuple, list[dict]]) -> list[str]:
     return lines
 
 
+def _section(intro: str, table: list[str], none: str) -> list[str]:
+    """A blank line, ``intro``, a blank line, then ``table`` (its header and rows), or the
+    sentence ``none`` in its place when the table has no rows past its two header lines."""
+    return ["", intro, "", *(table if len(table) > 2 else [none])]
+
+
 def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
     """frontier.json, frontier.md and frontier.png from every finished cell (under a lock: several
     copies of this script may finish cells at once)."""
@@ -550,23 +556,26 @@ def write_tables(out: Path, results: dict, meta: dict[str, Any]) -> None:
         "machine's speed recorded after each cell, a noisy correction: equal-work cells of "
         "one sitting differ up to ~2.6x after it) and those marked * raw wall times, across "
         "sittings on hosts of different speed.",
-        "",
-        "The default recipe of each dataset (`svdgrow train --dataset D --target-params B`; "
-        "vs uniform: interpolated to the recipe's size, SE of the difference):",
-        "",
-        *recipe_rows(groups),
-        "",
-        "Against uniform narrowing at the same size (SE: standard error of the "
-        "difference; NaN with one seed):",
-        "",
-        *compare_rows(groups),
-        "",
-        "The recipe's time in one sitting: wall times of the recipe's cells and of uniform "
-        "narrowing's (both sizes) that ran from the same commit (one sitting's frozen "
-        "checkout: one host, though the load on its cores may have changed during the "
-        "sitting):",
-        "",
-        *sitting_rows(groups),
+        *_section(
+            "The default recipe of each dataset (`svdgrow train --dataset D --target-params B`; "
+            "vs uniform: interpolated to the recipe's size, SE of the difference):",
+            recipe_rows(groups),
+            "none: no cell ran a dataset's default recipe (the method RECIPE_METHOD names).",
+        ),
+        *_section(
+            "Against uniform narrowing at the same size (SE: standard error of the "
+            "difference; NaN with one seed):",
+            compare_rows(groups),
+            "none: no budget has both a method's cells and uniform narrowing's.",
+        ),
+        *_section(
+            "The recipe's time in one sitting: wall times of the recipe's cells and of uniform "
+            "narrowing's (both sizes) that ran from the same commit (one sitting's frozen "
+            "checkout: one host, though the load on its cores may have changed during the "
+            "sitting):",
+            sitting_rows(groups),
+            "none: no sitting ran both the recipe and uniform narrowing.",
+        ),
     ]
     with open(out / ".tables.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -341,3 +341,16 @@ def test_the_readme_shows_the_committed_frontier_tables(folder, after):
     text = readme.read_text()
     missing = [row for row in rows if row not in text]
     assert not missing, f"README.md lacks {len(missing)} rows of {table}, first: {missing[0]}"
+
+
+def test_a_table_without_rows_says_so(tmp_path):
+    _cell(tmp_path, "mnist-6000-lr10-s0", 5800, 0.994)  # a variant alone: nothing to compare
+    frontier.write_tables(tmp_path, frontier.load_results(tmp_path),
+                          {"machine": {"cpu": "x", "cores": 2, "torch": "t"}, "epochs": 1,
+                           "threads": 1})  # fmt: skip
+    table = (tmp_path / "frontier.md").read_text()
+    assert "| mnist | 6,000 | lr10 | 1 | 5,800 |" in table
+    assert "none: no cell ran a dataset's default recipe" in table
+    assert "none: no budget has both a method's cells and uniform narrowing's" in table
+    assert "none: no sitting ran both the recipe and uniform narrowing" in table
+    assert "| dataset | budget | recipe |" not in table  # no header without rows

@@ -21,6 +21,7 @@ from nets import (
 from svdgrow import surgery
 from svdgrow.resizer import Resizer
 from svdgrow.surgery import ResizeContext, moments
+from svdgrow.surgery import prune as prune_module
 from svdgrow.surgery.pivots import _pivoted_cholesky_padded
 from svdgrow.trace import ConsumerLayout, CouplingGraph, Group, trace
 
@@ -257,6 +258,29 @@ def test_predicted_moments_match_measured_ones_on_a_batchnorm_net():
     mean, cov, factor = moments._predicted_preactivation(ctx, grp[0])
     assert cov is None and factor.shape == (10, 3)
     torch.testing.assert_close(factor @ factor.T, linear.cov, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["weights", "data"])
+def test_consumers_share_a_fit_only_when_they_share_moments(mode):
+    """Group {s, b} of a ResLinear has two consumers: ``a`` reads h, ``o`` reads relu(h). Weights
+    mode predicts one moments object for both, so both take one fit; data mode measures each,
+    and each must get the fit of its own moments."""
+    torch.manual_seed(3)
+    m = ResLinear(act=nn.ReLU()).eval()
+    graph = reslinear_graph(m)
+    ctx = ResizeContext(dict(m.named_modules()), graph, {0: 10, 1: 8, 2: 6, 3: 4})
+    grp = graph.groups[1]
+    if mode == "weights":
+        feats, offsets = surgery.predict_features(ctx, [grp], surgery.detect_activation(m))
+    else:
+        feats, offsets = surgery.capture_features(ctx, [grp], torch.randn(256, 10))
+    change = surgery.plan_prune_data(ctx, grp, 5, feats, offsets, ridge=1e-3)
+    for cons in ("a", "o"):
+        mom = feats[(1, cons)]
+        M, c = prune_module._fit(mom.mean, mom.cov, change.keep, change.drop, 1e-3)
+        torch.testing.assert_close(change.folds[cons][0], M, rtol=0, atol=0)
+        torch.testing.assert_close(change.folds[cons][1], c, rtol=0, atol=0)
+    assert torch.equal(change.folds["a"][0], change.folds["o"][0]) == (mode == "weights")
 
 
 def test_data_mode_needs_a_batch():

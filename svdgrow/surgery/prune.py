@@ -145,11 +145,15 @@ def plan_prune_data(
     keep = torch.sort(pivots).values
     drop = complement(keep, n)
     change = GroupChange(group, n, r, "prune", keep=keep, drop=drop)
+    fits: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # one fit per moments object
     for cons in group.consumers:
         if (group.id, cons) not in feats:  # this consumer did not run: drop without a fold
             continue
         moments = feats[(group.id, cons)]
-        M, c = _fit(moments.mean, moments.cov, keep, drop, ridge)
+        shared = (id(moments.mean), id(moments.cov))  # weights mode: one pair for every consumer
+        if shared not in fits:
+            fits[shared] = _fit(moments.mean, moments.cov, keep, drop, ridge)
+        M, c = fits[shared]
         fold = None
         if moments.patch_input is not None:
             S_KK = moments.cov[keep][:, keep]

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 
 from .spectrum import GroupSpectrum
 
-__all__ = ["Decision", "Policy", "budget_at"]
+__all__ = ["ALLOCATIONS", "Decision", "Policy", "budget_at"]
+
+#: What :class:`Policy` may allocate widths by (its ``allocation``).
+ALLOCATIONS = ("spectrum", "uniform")
 
 
 @dataclass
@@ -62,6 +65,13 @@ class Policy:
             next step (without it they skip ahead, so a cheap group can take every rise of a
             budget while an expensive one, a residual stream, never fits). No effect without
             a budget.
+        allocation: ``"spectrum"`` (the rules above) or ``"uniform"``, a baseline that never
+            reads a spectrum: no energy-rule prunes and no growth; a budget is met by cutting
+            one channel at a time from the group that keeps the largest fraction of its
+            reference width (the widths the :class:`~svdgrow.Resizer` started from), so every
+            group keeps the same fraction to within a channel. Which channels go is still the
+            surgery's choice (the fold's pivots in data and weights mode). For measuring what
+            the spectra add to a shrinking schedule (docs/design.md, "Stage 3: policy").
     """
 
     energy_eps: float = 1e-2
@@ -73,6 +83,7 @@ class Policy:
     budget_kind: str = "params"
     flops_budget: float | None = None
     fill_budget: bool = False
+    allocation: str = "spectrum"
 
     def __post_init__(self):
         if not 0.0 <= self.energy_eps < 1.0:
@@ -91,6 +102,11 @@ class Policy:
             raise ValueError(f"budget must be positive or None, got {self.budget}")
         if self.flops_budget is not None and self.flops_budget <= 0:
             raise ValueError(f"flops_budget must be positive or None, got {self.flops_budget}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, "
+                f"got {self.allocation!r}"
+            )
         if self.flops_budget is not None and self.budget_kind != "params":
             raise ValueError(
                 "flops_budget is a second ceiling beside a parameter budget; with "
@@ -112,6 +128,7 @@ class Policy:
         flops_cost: Callable[[dict[str, int]], float] | None = None,
         flops_budget: float | None = None,
         hold: dict[str, int] | None = None,
+        reference: dict[str, int] | None = None,
     ) -> list[Decision]:
         """Decide a width for every analysed group.
 
@@ -127,6 +144,9 @@ class Policy:
             hold: group name -> a width it may not be pruned below this step (neither by the
                 energy rule nor by the budget's cut), e.g. the width a group grew to a few
                 resizes ago (:class:`~svdgrow.Resizer`'s ``hold_grown``).
+            reference: ``allocation="uniform"``: group name -> the width its kept fraction is
+                measured against (the Resizer passes the widths it started from); a group
+                left out is measured against its current width.
 
         Returns:
             one :class:`Decision` per spectrum, in order.
@@ -143,8 +163,16 @@ class Policy:
             draft.floors[s.name] = max(
                 self.floor(s.width), min(s.width, (hold or {}).get(s.name, 0))
             )
-            self._decide_group(s, draft)
-        if not ceilings:
+            if self.allocation == "uniform":
+                draft.target[s.name] = s.width
+                draft.reasons[s.name] = "allocation='uniform': spectrum not read"
+            else:
+                self._decide_group(s, draft)
+        if self.allocation == "uniform" and ceilings:
+            if any(fn is None for _, fn, _ in ceilings) or widths is None:
+                raise ValueError("a budget needs a cost function and the current widths")
+            self._cut_uniform(spectra, draft, ceilings, {**widths}, reference or {})
+        elif not ceilings:
             for _, name, w, _ in draft.grows:
                 draft.target[name] = w
         else:
@@ -285,6 +313,38 @@ class Policy:
                 )
             if took < add:  # the budget is full for this group; the weaker ones wait
                 break
+
+    @staticmethod
+    def _cut_uniform(spectra, draft: _Draft, ceilings, plan: dict[str, int], reference):
+        """``allocation="uniform"``: while a cost exceeds its ceiling, remove one channel from
+        the group whose width is the largest fraction of its reference (ties: the wider
+        reference, then the name), never below its floor; ``plan`` updated in place."""
+        names = [s.name for s in spectra]
+        ref = {n: max(int(reference.get(n, plan[n])), 1) for n in names}
+        start = dict(plan)
+
+        def over() -> bool:
+            return any(fn(plan) > b for _, fn, b in ceilings)
+
+        what = " and ".join(f"{k}={b:.6g}" for k, _, b in ceilings)
+        while over():
+            live = [n for n in names if plan[n] > draft.floors[n]]
+            if not live:
+                reached = ", ".join(f"{fn(plan):.6g}" for _, fn, _ in ceilings)
+                for n in names:
+                    draft.reasons[n] += (
+                        f"; budget {what} not reached this step ({reached} after the floors)"
+                    )
+                break
+            n = max(live, key=lambda m: (plan[m] / ref[m], ref[m], m))
+            plan[n] -= 1
+        for n in names:
+            if plan[n] != start[n]:
+                draft.target[n] = plan[n]
+                draft.reasons[n] += (
+                    f"; budget {what}: {start[n] - plan[n]} channel(s) removed, uniformly "
+                    f"-> {plan[n]} ({plan[n] / ref[n]:.4f} of reference width {ref[n]})"
+                )
 
     @staticmethod
     def _costs_text(ceilings, plan: dict[str, int]) -> str:

@@ -239,6 +239,9 @@ class Resizer:
         self.hold_grown = int(hold_grown)
         #: group name -> (width it grew to, steps it is still held); see ``hold_grown``
         self.held: dict[str, tuple[int, int]] = {}
+        #: group name -> its width when this Resizer was made: what
+        #: ``Policy(allocation="uniform")`` keeps a common fraction of (a checkpoint keeps it)
+        self.reference_widths: dict[str, int] = self.widths()
 
     # ------------------------------------------------------------------------------------------
     def context(self) -> ResizeContext:
@@ -357,7 +360,9 @@ class Resizer:
         flops_budget = self.policy.flops_budget if flops_budget is None else flops_budget
         flops = self.cost("flops") if flops_budget is not None else None
         hold = {name: w for name, (w, _) in self.held.items()}
-        decisions = self.policy.decide(spectra, cost, widths, budget, flops, flops_budget, hold)
+        decisions = self.policy.decide(
+            spectra, cost, widths, budget, flops, flops_budget, hold, self.reference_widths
+        )
         t2 = time.perf_counter()
         new = {d.group: d.new_width for d in decisions if d.action != "keep"}
         if new and before_change is not None:

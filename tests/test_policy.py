@@ -326,3 +326,39 @@ def test_hold_keeps_a_group_from_the_energy_rule_and_from_the_budget_cut():
     dA, dB = pol.decide([A, B], cost=cost, widths=widths, budget=1750.0, hold={"A": 16})
     assert dA.new_width == 16 and dB.new_width < 16
     assert cost({"A": dA.new_width, "B": dB.new_width}) <= 1750.0
+
+
+def test_uniform_allocation_cuts_every_group_to_one_fraction_of_its_reference():
+    # A's spectrum says half its channels are idle, B's that all are needed: the uniform
+    # baseline reads neither, and without a budget changes nothing
+    A = spec("A", [3.0] * 10 + [1e-6] * 10, cap=100, gid=0)
+    B = spec("B", [1.0] * 40, cap=100, gid=1)
+    C = spec("C", [2.0, 1.0, 1.0, 0.5, 0.5], cap=100, gid=2)
+    pol = Policy(allocation="uniform", energy_eps=1e-3, min_width=1)
+    assert [d.action for d in pol.decide([A, B, C])] == ["keep"] * 3
+    assert Policy(energy_eps=1e-3, min_width=1).decide([A, B, C])[0].action == "prune"  # control
+    cost = lambda w: 7.0 * w["A"] + 3.0 * w["B"] + 11.0 * w["C"]  # noqa: E731
+    widths, ref = {"A": 20, "B": 40, "C": 5}, {"A": 20, "B": 40, "C": 5}
+    budget = 0.6 * cost(widths)
+    dA, dB, dC = pol.decide([A, B, C], cost=cost, widths=widths, budget=budget, reference=ref)
+    new = {d.group: d.new_width for d in (dA, dB, dC)}
+    assert cost(new) <= budget
+    fr = [new[n] / ref[n] for n in ref]
+    assert max(fr) - min(fr) <= 1 / min(ref.values()) + 1e-12  # one fraction, to a channel
+    assert cost({**new, "B": new["B"] + 1}) > budget or cost({**new, "A": new["A"] + 1}) > budget
+    assert "uniformly" in dA.reason and "of reference width 20" in dA.reason
+    # fractions are of the reference, not of the widths a group has now: A, already at half
+    # its reference, keeps its 10 channels until B and C are down to half theirs too
+    uneven = {"A": 10, "B": 40, "C": 5}
+    now = [spec(s.name, s.singular_values[: uneven[s.name]], cap=100, gid=s.group_id)
+           for s in (A, B, C)]  # fmt: skip
+    budget = cost({"A": 10, "B": 24, "C": 3})
+    dA2, dB2, dC2 = pol.decide(now, cost=cost, widths=uneven, budget=budget, reference=ref)
+    assert (dA2.action, dA2.new_width) == ("keep", 10)
+    assert (dB2.new_width, dC2.new_width) == (24, 3)  # 0.6 of theirs, as A's 0.5 is lower
+    # floors hold and are reported
+    tight = Policy(allocation="uniform", min_width=4, max_prune_fraction=1.0)
+    (dC3,) = tight.decide([C], cost=lambda w: w["C"], widths={"C": 5}, budget=1.0)
+    assert dC3.new_width == 4 and "not reached" in dC3.reason
+    with pytest.raises(ValueError, match="allocation must be one of 'spectrum', 'uniform'"):
+        Policy(allocation="even")

@@ -170,6 +170,8 @@ class RunState:
                  "final": final}  # fmt: skip
         if self.resizer is not None and self.resizer.held:
             extra["held"] = {k: list(v) for k, v in self.resizer.held.items()}
+        if self.resizer is not None:  # what Policy(allocation="uniform") keeps a fraction of
+            extra["reference_widths"] = dict(self.resizer.reference_widths)
         rng = rng_state(self.generators)
         if self.order is not None and self.batch_in_epoch > 0:
             rng["order"] = self.order.cpu()
@@ -192,6 +194,9 @@ class RunState:
         self.next_check = int(extra.get("next_check", 0))
         if self.resizer is not None:
             self.resizer.held = {k: (int(w), int(n)) for k, (w, n) in extra.get("held", {}).items()}
+            if "reference_widths" in extra:
+                ref = {k: int(w) for k, w in extra["reference_widths"].items()}
+                self.resizer.reference_widths.update(ref)
         if "epoch_stats" in extra and self.ranks.main:  # the sums of every rank: on one
             self.stats.load(extra["epoch_stats"])
         if self.batch_in_epoch > 0 and "order" in ckpt["rng"]:

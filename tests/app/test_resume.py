@@ -199,3 +199,26 @@ def test_resize_backoff_survives_a_resume(data_dir, tmp_path):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["extra"]["next_check"] == 27
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     _assert_same_run(reference, run)
+
+
+def test_uniform_allocation_keeps_its_reference_widths_across_a_resume(data_dir, tmp_path):
+    """Policy(allocation="uniform") cuts every group to one fraction of the widths the run
+    started from: they are in the checkpoint, so a run stopped after two shrinking resizes
+    resumes exactly (not against the widths it had when it stopped)."""
+    args = [*ARGS, "--policy", '{"allocation": "uniform"}']
+    reference = tmp_path / "reference"
+    assert main([*args, "--data-dir", str(data_dir), "--run-dir", str(reference)]) == 0
+    events = read_log(reference)
+    start = next(e for e in events if e["event"] == "start")
+    first = start["widths"]["groups"]
+    final = [e for e in events if e["event"] == "resize"][-1]["widths"]["groups"]
+    cut = {n: final[n] / w for n, w in first.items() if final[n] != w}
+    assert len(cut) >= 3, "the uniform cut left most groups alone"
+    assert max(cut.values()) - min(cut.values()) <= 1 / min(first[n] for n in cut) + 1e-9
+    run = tmp_path / "run"
+    hook = ("torch.optim", "SGD.step", 8)  # inside step 8: after the resizes of steps 3 and 6
+    assert _interrupted(run, data_dir, hook, signal.SIGTERM, args) == 128 + signal.SIGTERM
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["extra"]["reference_widths"]
+    assert saved == first
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    _assert_same_run(reference, run)

@@ -66,10 +66,11 @@ class Policy:
             budget while an expensive one, a residual stream, never fits). No effect without
             a budget.
         allocation: ``"spectrum"`` (the rules above) or ``"uniform"``, a baseline that never
-            reads a spectrum: no energy-rule prunes and no growth; a budget is met by cutting
-            one channel at a time from the group that keeps the largest fraction of its
+            reads a spectrum: no energy-rule prunes and no grow options; a budget is met by
+            cutting one channel at a time from the group that keeps the largest fraction of its
             reference width (the widths the :class:`~svdgrow.Resizer` started from), so every
-            group keeps the same fraction to within a channel. Which channels go is still the
+            group keeps the same fraction to within a channel, and with ``fill_budget`` it is
+            filled likewise, the smallest fraction first (within each group's cap). Which channels go is still the
             surgery's choice (the fold's pivots in data and weights mode). For measuring what
             the spectra add to a shrinking schedule (docs/design.md, "Stage 3: policy").
     """
@@ -171,7 +172,7 @@ class Policy:
         if self.allocation == "uniform" and ceilings:
             if any(fn is None for _, fn, _ in ceilings) or widths is None:
                 raise ValueError("a budget needs a cost function and the current widths")
-            self._cut_uniform(spectra, draft, ceilings, {**widths}, reference or {})
+            self._fit_uniform(spectra, draft, ceilings, {**widths}, reference or {})
         elif not ceilings:
             for _, name, w, _ in draft.grows:
                 draft.target[name] = w
@@ -314,20 +315,24 @@ class Policy:
             if took < add:  # the budget is full for this group; the weaker ones wait
                 break
 
-    @staticmethod
-    def _cut_uniform(spectra, draft: _Draft, ceilings, plan: dict[str, int], reference):
+    def _fit_uniform(self, spectra, draft: _Draft, ceilings, plan: dict[str, int], reference):
         """``allocation="uniform"``: while a cost exceeds its ceiling, remove one channel from
         the group whose width is the largest fraction of its reference (ties: the wider
-        reference, then the name), never below its floor; ``plan`` updated in place."""
+        reference, then the name), never below its floor. With ``fill_budget`` and every cost
+        within its ceiling, add one channel at a time to the group with the smallest fraction
+        (ties: the narrower reference, then the name) while every cost stays within its ceiling,
+        each group by at most ``ceil(n * grow_fraction)`` this step and never past its cap.
+        ``plan`` updated in place."""
         names = [s.name for s in spectra]
+        by_name = {s.name: s for s in spectra}
         ref = {n: max(int(reference.get(n, plan[n])), 1) for n in names}
         start = dict(plan)
 
-        def over() -> bool:
-            return any(fn(plan) > b for _, fn, b in ceilings)
+        def fits() -> bool:
+            return all(fn(plan) <= b for _, fn, b in ceilings)
 
         what = " and ".join(f"{k}={b:.6g}" for k, _, b in ceilings)
-        while over():
+        while not fits():
             live = [n for n in names if plan[n] > draft.floors[n]]
             if not live:
                 reached = ", ".join(f"{fn(plan):.6g}" for _, fn, _ in ceilings)
@@ -338,11 +343,24 @@ class Policy:
                 break
             n = max(live, key=lambda m: (plan[m] / ref[m], ref[m], m))
             plan[n] -= 1
+        if self.fill_budget and self.grow_fraction > 0 and plan == start:
+            most = {n: min(by_name[n].cap, plan[n] + math.ceil(plan[n] * self.grow_fraction))
+                    for n in names}  # fmt: skip
+            while True:
+                room = [n for n in names if plan[n] < most[n]]
+                if not room:
+                    break
+                n = min(room, key=lambda m: (plan[m] / ref[m], -ref[m], m))
+                plan[n] += 1
+                if not fits():
+                    plan[n] -= 1
+                    break
         for n in names:
             if plan[n] != start[n]:
+                verb = "removed" if plan[n] < start[n] else "added (fill_budget)"
                 draft.target[n] = plan[n]
                 draft.reasons[n] += (
-                    f"; budget {what}: {start[n] - plan[n]} channel(s) removed, uniformly "
+                    f"; budget {what}: {abs(start[n] - plan[n])} channel(s) {verb}, uniformly "
                     f"-> {plan[n]} ({plan[n] / ref[n]:.4f} of reference width {ref[n]})"
                 )
 

@@ -360,5 +360,21 @@ def test_uniform_allocation_cuts_every_group_to_one_fraction_of_its_reference():
     tight = Policy(allocation="uniform", min_width=4, max_prune_fraction=1.0)
     (dC3,) = tight.decide([C], cost=lambda w: w["C"], widths={"C": 5}, budget=1.0)
     assert dC3.new_width == 4 and "not reached" in dC3.reason
+    # fill_budget: a rising budget is filled likewise, the smallest fraction first, each group
+    # by at most ceil(n * grow_fraction) per step and never past its cap
+    fill = Policy(allocation="uniform", fill_budget=True, grow_fraction=0.25, min_width=1)
+    small = {"A": 10, "B": 20, "C": 3}
+    now = [spec(s.name, s.singular_values[: small[s.name]], cap=cap, gid=s.group_id)
+           for s, cap in ((A, 100), (B, 100), (C, 3))]  # fmt: skip
+    budget = cost({"A": 12, "B": 24, "C": 3})
+    ds = fill.decide(now, cost=cost, widths=small, budget=budget, reference=small)
+    grown = {d.group: d.new_width for d in ds}
+    assert grown == {"A": 12, "B": 24, "C": 3}  # C at its cap; A and B at 1.2 of theirs
+    assert cost(grown) <= budget and "added (fill_budget)" in ds[0].reason
+    assert [d.action for d in ds] == ["grow", "grow", "keep"]
+    ds = fill.decide(now, cost=cost, widths=small, budget=1e9, reference=small)
+    assert [d.new_width for d in ds] == [13, 25, 3]  # + ceil(n / 4) per step at most
+    # without fill_budget a budget above the cost changes nothing
+    assert all(d.action == "keep" for d in pol.decide(now, cost=cost, widths=small, budget=1e9))
     with pytest.raises(ValueError, match="allocation must be one of 'spectrum', 'uniform'"):
         Policy(allocation="even")

@@ -70,9 +70,10 @@ class Policy:
             cutting one channel at a time from the group that keeps the largest fraction of its
             reference width (the widths the :class:`~svdgrow.Resizer` started from), so every
             group keeps the same fraction to within a channel, and with ``fill_budget`` it is
-            filled likewise, the smallest fraction first (within each group's cap). Which channels go is still the
-            surgery's choice (the fold's pivots in data and weights mode). For measuring what
-            the spectra add to a shrinking schedule (docs/design.md, "Stage 3: policy").
+            filled likewise, the smallest fraction first (within each group's cap). Which
+            channels go is still the surgery's choice (the fold's pivots in data and weights
+            mode). For measuring what the spectra add to a shrinking schedule
+            (docs/design.md, "Stage 3: policy").
     """
 
     energy_eps: float = 1e-2

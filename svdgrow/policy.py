@@ -170,16 +170,14 @@ class Policy:
                 draft.reasons[s.name] = "allocation='uniform': spectrum not read"
             else:
                 self._decide_group(s, draft)
-        if self.allocation == "uniform" and ceilings:
-            if any(fn is None for _, fn, _ in ceilings) or widths is None:
-                raise ValueError("a budget needs a cost function and the current widths")
-            self._fit_uniform(spectra, draft, ceilings, {**widths}, reference or {})
-        elif not ceilings:
+        if ceilings and (any(fn is None for _, fn, _ in ceilings) or widths is None):
+            raise ValueError("a budget needs a cost function and the current widths")
+        if not ceilings:
             for _, name, w, _ in draft.grows:
                 draft.target[name] = w
+        elif self.allocation == "uniform":
+            self._fit_uniform(spectra, draft, ceilings, {**widths}, reference or {})
         else:
-            if any(fn is None for _, fn, _ in ceilings) or widths is None:
-                raise ValueError("a budget needs a cost function and the current widths")
             self._fit_budget(spectra, draft, ceilings, {**widths, **draft.target})
         out = []
         for s in spectra:
@@ -272,11 +270,7 @@ class Policy:
                 )
                 draft.target[name] = plan[name]
             if any(c > b for c, (_, _, b) in zip(cur, ceilings, strict=True)):
-                reached = ", ".join(f"{c:.6g}" for c in cur)
-                for s in spectra:
-                    draft.reasons[s.name] += (
-                        f"; budget {what} not reached this step ({reached} after the floors)"
-                    )
+                self._not_reached(spectra, draft, what, cur)
         waiting = None  # fill_budget: the strongest option that did not fit; the rest wait
         for _, name, w, msg in sorted(draft.grows):
             old = plan[name]
@@ -336,11 +330,7 @@ class Policy:
         while not fits():
             live = [n for n in names if plan[n] > draft.floors[n]]
             if not live:
-                reached = ", ".join(f"{fn(plan):.6g}" for _, fn, _ in ceilings)
-                for n in names:
-                    draft.reasons[n] += (
-                        f"; budget {what} not reached this step ({reached} after the floors)"
-                    )
+                self._not_reached(spectra, draft, what, [fn(plan) for _, fn, _ in ceilings])
                 break
             n = max(live, key=lambda m: (plan[m] / ref[m], ref[m], m))
             plan[n] -= 1
@@ -364,6 +354,15 @@ class Policy:
                     f"; budget {what}: {abs(start[n] - plan[n])} channel(s) {verb}, uniformly "
                     f"-> {plan[n]} ({plan[n] / ref[n]:.4f} of reference width {ref[n]})"
                 )
+
+    @staticmethod
+    def _not_reached(spectra, draft: _Draft, what: str, costs: list[float]) -> None:
+        """Say in every group's reason that the floors kept the budget from being met."""
+        reached = ", ".join(f"{c:.6g}" for c in costs)
+        for s in spectra:
+            draft.reasons[s.name] += (
+                f"; budget {what} not reached this step ({reached} after the floors)"
+            )
 
     @staticmethod
     def _costs_text(ceilings, plan: dict[str, int]) -> str:

@@ -201,8 +201,8 @@ def _resizing(g: Any) -> None:
     _flag(g, "--start-scale", "start from the preset (or --spec) narrowed uniformly to F times "
           "--target-params parameters, then shrink to the budget (F > 1) or grow to it (F < 1, "
           "e.g. 0.25: the budget then rises over --shrink-steps and fills up; the recipe then "
-          "reads feature spectra with --hold-grown 5); never widened "
-          "past the architecture; default: the architecture as it is", type=float,
+          "reads feature spectra with --hold-grown 5); never widened past the architecture (a "
+          "warning says when that caps the start); default: the architecture as it is", type=float,
           metavar="F")  # fmt: skip
     _flag(g, "--energy-eps", "energy policy epsilon after the budget schedule (or throughout "
           "without --target-params): keep the directions holding 1-eps of a group's energy "

@@ -13,7 +13,7 @@ from typing import Any
 from svdgrow import Policy
 
 from .data import IMAGE_SHAPE, NUM_CLASSES
-from .models import narrow_spec, preset_spec, validate_spec
+from .models import count_params, narrow_spec, preset_spec, validate_spec
 
 __all__ = ["DEFAULT_LR", "DEFAULT_WD", "RECIPES", "TrainConfig", "check_spec_fits", "lr_at"]
 
@@ -189,6 +189,24 @@ class TrainConfig:
         if self.start_scale is not None and self.target_params is not None:
             spec, _ = narrow_spec(spec, round(self.start_scale * self.target_params))
         return spec
+
+    def start_shortfall(self, spec: dict[str, Any]) -> str | None:
+        """Why the starting ``spec`` is narrower than ``start_scale`` asks (the architecture is
+        never widened), as a message naming what to give instead; None when it is not."""
+        if self.start_scale is None or self.target_params is None or self.start_scale <= 1:
+            return None
+        want, have = round(self.start_scale * self.target_params), count_params(spec)
+        if have >= 0.95 * want:
+            return None
+        arch = f"--preset {self.preset}" if self.spec is None else "the --spec architecture"
+        wider = (" (--preset mnist-2m is fashion-500k at twice the width)"
+                 if self.spec is None and self.preset == "fashion-500k" else "")  # fmt: skip
+        return (
+            f"--start-scale {self.start_scale:g} asks for a start of {want:,} parameters, but "
+            f"{arch} has {have:,}: the run starts from it as it is "
+            f"({have / self.target_params:.1f}x the budget); for a wider start give a wider "
+            f"architecture{wider}"
+        )
 
     def resolved_lr(self) -> float:
         """The peak learning rate (``lr``, or the optimizer's default)."""

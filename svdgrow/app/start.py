@@ -66,7 +66,11 @@ def prepare(
         cfg.validate()
         cfg.run_dir = cfg.run_dir or default_run_dir(cfg)
         check_new_run_dir(cfg.run_dir)
-        return cfg, cfg.starting_spec(), None
+        spec = cfg.starting_spec()
+        shortfall = cfg.start_shortfall(spec)
+        if shortfall is not None:
+            logger.warning(shortfall)
+        return cfg, spec, None
     cfg, record = load_run_config(resume)
     for k, v in (overrides or {}).items():
         if v is not None:

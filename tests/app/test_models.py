@@ -126,3 +126,25 @@ def test_start_scale_narrows_the_starting_spec():
     assert count_params(start) < 30_000
     cfg.start_scale = None
     assert cfg.starting_spec() == preset_spec("mnist-2m")
+
+
+def test_a_start_the_architecture_cannot_reach_is_announced(tmp_path, caplog):
+    from svdgrow.app.parallel import Launch
+    from svdgrow.app.start import prepare
+
+    full = count_params(preset_spec("fashion-500k"))
+    cfg = TrainConfig(dataset="fashion-mnist", preset="fashion-500k", target_params=120_000,
+                      start_scale=8.0, run_dir=str(tmp_path / "run"))  # fmt: skip
+    note = cfg.start_shortfall(cfg.starting_spec())
+    assert note is not None and f"{full:,}" in note and "960,000" in note
+    assert "--preset mnist-2m" in note  # the same architecture, twice as wide
+    with caplog.at_level("WARNING", logger="svdgrow"):
+        _, spec, _ = prepare(cfg, None, None, Launch())
+    assert count_params(spec) == full  # never widened
+    assert any(r.message == note for r in caplog.records)
+    # a start the architecture can reach, a growing start, and no start scale say nothing
+    for scale in (4.0, 0.25, None):
+        cfg.start_scale = scale
+        assert cfg.start_shortfall(cfg.starting_spec()) is None
+    cfg.preset, cfg.start_scale = "mnist-2m", 8.0
+    assert cfg.start_shortfall(cfg.starting_spec()) is None

@@ -12,7 +12,11 @@ Timing, per model (median of ``--repeats``, each on a fresh copy with SGD moment
 * ``Resizer.step()`` with a policy that prunes every resizable group by ``--fraction``, in each
   mode: ``weights``, ``data`` (fold fitted on the training batch), ``magnitude`` and ``auto``
   without data (the weights fold, or magnitude where that is measured better on the example
-  input), each split into analyse / decide / apply; the one-time trace.
+  input), each split into analyse / decide / apply; the one-time trace;
+* the floor of an exact spectrum: the Gram products alone (``G G^T`` on the short side of each
+  resizable group's matrix, float32, ``n^2 D`` multiply-adds; no eigenvalues, no decision, no
+  fold), what any resize that reads every group's exact spectrum must at least compute. Where
+  it exceeds a training step, no resize of that kind can cost less than one.
 
 Quality (``--quality-steps`` > 0, CPU only): each model trained briefly (MNIST for the ResNet,
 Fashion-MNIST otherwise, padded to 3x32x32 where the model wants it), then every resizable
@@ -49,6 +53,7 @@ from svdgrow.app import models  # noqa: E402
 from svdgrow.app.data import load_dataset  # noqa: E402
 from svdgrow.policy import Policy  # noqa: E402
 from svdgrow.resizer import Resizer  # noqa: E402
+from svdgrow.spectrum import group_matrix  # noqa: E402
 
 MODES = ("weights", "data", "magnitude", "auto")
 
@@ -129,12 +134,21 @@ def time_model(name: str, args, device) -> dict:
         energy_eps=0.5, min_width=1, max_prune_fraction=args.fraction, grow_threshold=1e9
     )
     trace_s, rs = timed(lambda: Resizer(model, x[:8], policy=policy))
+    modules = dict(model.named_modules())
+    mats = [group_matrix(modules, g, torch.float32)[0] for g in rs.resizable()]
+
+    def grams():
+        return [G @ G.T if G.shape[0] <= G.shape[1] else G.T @ G for G in mats]
+
+    floor = [timed(grams)[0] for _ in range(args.repeats)]
     res = {
         "params": sum(p.numel() for p in model.parameters()),
         "groups": f"{len(rs.resizable())}/{len(rs.graph.groups)}",
         "trace_s": trace_s,
         "train_step_s": med(train),
         "train_all": train,
+        "gram_floor_s": med(floor),
+        "gram_floor_to_train": med(floor) / med(train),
         "modes": {},
     }
     for mode in MODES:
@@ -238,6 +252,12 @@ def timing_table(res: dict, fraction: float) -> list[str]:
             )
     lines += ["", "trace (once per Resizer): " + ", ".join(
         f"{n} {r['trace_s']:.3f} s" for n, r in res.items())]  # fmt: skip
+    floors = [(n, r) for n, r in res.items() if "gram_floor_s" in r]
+    if floors:
+        lines += ["", "exact-spectrum floor (the Gram products of every resizable group, float32, "
+                  "no eigenvalues) / training step: " + ", ".join(
+                      f"{n} {r['gram_floor_to_train']:.2f} ({r['gram_floor_s']:.4f} s)"
+                      for n, r in floors)]  # fmt: skip
     return lines
 
 

@@ -8,13 +8,14 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from svdgrow.app.config import RECIPES
+from svdgrow.app.config import RECIPES, TrainConfig
 from svdgrow.app.models import count_params, narrow_spec, preset_spec
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
@@ -208,7 +209,7 @@ def test_cells_import_the_svdgrow_of_the_benchmark_not_of_the_working_directory(
 
 
 def test_recipe_table_leads_with_the_default_recipe(tmp_path):
-    recipe = frontier.RECIPE_METHOD["mnist"]
+    recipe = frontier.RECIPE_METHOD["mnist"][0]
     _cell(tmp_path, f"mnist-6000-{recipe}-s0", 5800, 0.995)
     _cell(tmp_path, f"mnist-6000-{recipe}-s1", 5800, 0.993)
     _cell(tmp_path, "mnist-6000-late-s0", 5800, 0.990)  # not the recipe: not in the headline
@@ -257,7 +258,7 @@ def test_time_ratio_prefers_wall_times_within_sittings():
 
 
 def test_sitting_table_compares_cells_of_one_commit_only():
-    recipe = frontier.RECIPE_METHOD["mnist"]
+    recipe = frontier.RECIPE_METHOD["mnist"][0]
     cells = {
         (recipe, 0): {"elapsed": 300.0, "commit": "aaa"},
         (recipe, 1): {"elapsed": 500.0, "commit": "aaa"},
@@ -279,16 +280,36 @@ def test_speed_reference_times_a_fixed_workload():
 
 
 @pytest.mark.parametrize("dataset", sorted(frontier.RECIPE_METHOD))
-def test_the_headline_method_ran_the_recipe(dataset):
+def test_the_headline_methods_ran_the_recipe(dataset):
     # RECIPE_METHOD names the frontier cells the README's headline reports as the default
-    # recipe: their recorded config must be what `svdgrow train --dataset D` runs today
+    # recipe: each one's recorded config must run what `svdgrow train --dataset D
+    # --target-params B` runs today: the same settings and the same starting network (a
+    # method that ran it from another preset stands for the recipe only where that preset
+    # starts from the same network)
     runs = _PATH.parent / "results" / "frontier_cpu" / "runs"
-    budget = RECIPES[dataset]["target_params"]
-    cfg = runs / f"{dataset}-{budget}-{frontier.RECIPE_METHOD[dataset]}-s0" / "config.json"
-    if not cfg.is_file():
-        pytest.skip(f"{cfg} not in this checkout")
-    ran = json.loads(cfg.read_text())["config"]
-    assert {k: ran[k] for k in RECIPES[dataset]} == RECIPES[dataset]
+    recipe = RECIPES[dataset]
+    checked = 0
+    for method in frontier.RECIPE_METHOD[dataset]:
+        for budget in sorted(int(p.name.split("-")[-3]) for p in runs.glob(f"{dataset}-*-s0")
+                             if re.fullmatch(rf"{dataset}-\d+-{method}-s0", p.name)):  # fmt: skip
+            cfg_file = runs / f"{dataset}-{budget}-{method}-s0" / "config.json"
+            ran = json.loads(cfg_file.read_text())["config"]
+            same = {k: ran[k] for k in recipe if k not in ("preset", "target_params")}
+            assert same == {k: v for k, v in recipe.items() if k in same}, cfg_file
+            today = TrainConfig.from_json({**ran, **recipe, "target_params": ran["target_params"]})
+            assert TrainConfig.from_json(ran).starting_spec() == today.starting_spec(), cfg_file
+            checked += 1
+    if not checked:
+        pytest.skip(f"no {dataset} recipe cells in this checkout")
+
+
+def test_the_recipe_line_takes_the_first_method_that_ran_at_each_budget():
+    groups = {("fashion-mnist", 60000, "f8s"): [{}], ("fashion-mnist", 120000, "f8s"): [{}],
+              ("fashion-mnist", 120000, "f8sw"): [{}], ("mnist", 6000, "f4s"): [{}]}  # fmt: skip
+    assert frontier.recipe_method(groups, "fashion-mnist", 60000) == "f8s"
+    assert frontier.recipe_method(groups, "fashion-mnist", 120000) == "f8sw"
+    assert frontier.recipe_method(groups, "fashion-mnist", 30000) is None
+    assert frontier.recipe_method(groups, "mnist", 6000) is None  # f4s is not MNIST's recipe
 
 
 def test_the_table_names_the_hosts_the_cells_ran_on():

@@ -29,18 +29,21 @@ _SEARCH = {"start_scale": 4.0, "shrink_steps": 1000, "resize_every": 10, "energy
 RECIPES: dict[str, dict[str, Any]] = {
     "mnist": {"preset": "mnist-2m", "target_params": 6000, **_SEARCH},
     "fashion-mnist": {
-        "preset": "fashion-500k",
+        "preset": "mnist-2m",
         "target_params": 60000,
         **_SEARCH,
+        "start_scale": 8.0,
         "spectrum": "features",
     },
 }
 """What ``svdgrow train --dataset D`` runs when no ``--preset``/``--spec`` is given: the large
-preset narrowed uniformly to ``start_scale`` x the budget, shrunk to ``target_params`` over
-``shrink_steps`` (1,000); on Fashion-MNIST the policy reads feature spectra (the settings
-measured best by benchmarks/frontier.py; docs/design.md, "Where a run starts"). Flags given on
-the command line override their part (``--mode weights`` drops the feature spectrum, which
-needs the batch)."""
+preset narrowed uniformly to ``start_scale`` x the budget (4x on MNIST, 8x on Fashion-MNIST),
+shrunk to ``target_params`` over ``shrink_steps`` (1,000); on Fashion-MNIST the policy reads
+feature spectra (the settings measured best by benchmarks/frontier.py; docs/design.md, "Where
+a run starts"). Fashion-MNIST starts from ``mnist-2m``, ``fashion-500k`` at twice the width:
+narrowed to 8x a budget up to ~76k both give the same network, and above it only the wider
+one holds an 8x start. Flags given on the command line override their part (``--mode
+weights`` drops the feature spectrum, which needs the batch)."""
 
 
 @dataclass

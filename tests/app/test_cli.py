@@ -410,11 +410,21 @@ def test_dataset_alone_runs_its_recipe(dataset):
         assert getattr(cfg, key) == value, key
     cfg.validate()
     start = count_params(cfg.starting_spec())
-    budget = RECIPES[dataset]["target_params"]
-    assert 2 * budget < start < 8 * budget  # narrowed from the large preset, not the preset
+    budget, scale = RECIPES[dataset]["target_params"], RECIPES[dataset]["start_scale"]
+    # narrowed from the large preset to about start_scale x the budget, not the whole preset
+    assert 0.9 * scale * budget < start < 1.1 * scale * budget
+    assert cfg.start_shortfall(cfg.starting_spec()) is None
     # a flag given wins over the recipe; the rest of the recipe stays
     cfg = _config_of(["train", "--dataset", dataset, "--epochs", "3", "--target-params", "9k"])
-    assert (cfg.epochs, cfg.target_params, cfg.start_scale) == (3, 9000, 4.0)
+    assert (cfg.epochs, cfg.target_params, cfg.start_scale) == (3, 9000, scale)
+
+
+@pytest.mark.parametrize("budget", [30_000, 60_000, 120_000])
+def test_the_fashion_recipe_holds_its_start_at_every_frontier_budget(budget):
+    """The Fashion recipe starts from mnist-2m so that an 8x start fits up to the frontier's
+    120k budget (fashion-500k, half as wide, would cap it at 5.1x there)."""
+    cfg = _config_of(["train", "--dataset", "fashion-mnist", "--target-params", str(budget)])
+    assert cfg.start_shortfall(cfg.starting_spec()) is None
 
 
 def test_recipe_follows_a_weights_mode_flag():

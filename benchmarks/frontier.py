@@ -600,6 +600,8 @@ def plot(out: Path, groups: dict[tuple, list[dict]]) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     datasets = sorted({k[0] for k in groups})
+    if not datasets:  # no finished cell yet (a fresh --out): nothing to draw
+        return
     fig, axes = plt.subplots(1, len(datasets), figsize=(8.5 * len(datasets), 4.5), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
         # uniform and uniform2 make one line, and so do the methods that stand for the recipe

@@ -208,6 +208,15 @@ def test_cells_import_the_svdgrow_of_the_benchmark_not_of_the_working_directory(
     assert "--target-params" in out.stdout
 
 
+def test_tables_are_written_before_any_cell_has_finished(tmp_path):
+    # a second copy on a fresh --out finds the only cell claimed and writes the tables of
+    # nothing: the tables say so, and no plot is drawn (it used to raise in matplotlib)
+    frontier.write_tables(tmp_path, {}, {"machine": {"cpu": "x", "cores": 2, "torch": "t"},
+                                         "epochs": 1, "threads": 1})  # fmt: skip
+    assert "none: no cell ran a dataset's default recipe" in (tmp_path / "frontier.md").read_text()
+    assert not (tmp_path / "frontier.png").exists()
+
+
 def test_recipe_table_leads_with_the_default_recipe(tmp_path):
     recipe = frontier.RECIPE_METHOD["mnist"][0]
     _cell(tmp_path, f"mnist-6000-{recipe}-s0", 5800, 0.995)

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -298,16 +297,16 @@ def test_the_headline_methods_ran_the_recipe(dataset):
     runs = _PATH.parent / "results" / "frontier_cpu" / "runs"
     recipe = RECIPES[dataset]
     checked = 0
-    for method in frontier.RECIPE_METHOD[dataset]:
-        for budget in sorted(int(p.name.split("-")[-3]) for p in runs.glob(f"{dataset}-*-s0")
-                             if re.fullmatch(rf"{dataset}-\d+-{method}-s0", p.name)):  # fmt: skip
-            cfg_file = runs / f"{dataset}-{budget}-{method}-s0" / "config.json"
-            ran = json.loads(cfg_file.read_text())["config"]
-            same = {k: ran[k] for k in recipe if k not in ("preset", "target_params")}
-            assert same == {k: v for k, v in recipe.items() if k in same}, cfg_file
-            today = TrainConfig.from_json({**ran, **recipe, "target_params": ran["target_params"]})
-            assert TrainConfig.from_json(ran).starting_spec() == today.starting_spec(), cfg_file
-            checked += 1
+    for run in sorted(runs.glob(f"{dataset}-*-s0")):
+        key = frontier._cell_key(run.name)
+        if key is None or key[0] != dataset or key[2] not in frontier.RECIPE_METHOD[dataset]:
+            continue
+        ran = json.loads((run / "config.json").read_text())["config"]
+        same = {k: ran[k] for k in recipe if k not in ("preset", "target_params")}
+        assert same == {k: v for k, v in recipe.items() if k in same}, run
+        today = TrainConfig.from_json({**ran, **recipe, "target_params": ran["target_params"]})
+        assert TrainConfig.from_json(ran).starting_spec() == today.starting_spec(), run
+        checked += 1
     if not checked:
         pytest.skip(f"no {dataset} recipe cells in this checkout")
 

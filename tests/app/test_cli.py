@@ -427,6 +427,17 @@ def test_the_fashion_recipe_holds_its_start_at_every_frontier_budget(budget):
     assert cfg.start_shortfall(cfg.starting_spec()) is None
 
 
+def test_the_fashion_recipe_starts_where_fashion_500k_would_up_to_its_size():
+    """mnist-2m is fashion-500k at twice the width: narrowed to 8x any budget up to ~76k
+    (fashion-500k's 0.61M / 8) both give the same network, so the frontier's cells from
+    fashion-500k at 30k and 60k are the recipe's runs (RECIPES' docstring, README)."""
+    for budget in range(2_000, 76_001, 2_000):
+        a, b = (TrainConfig(dataset="fashion-mnist", preset=p, target_params=budget,
+                            start_scale=8.0).starting_spec()
+                for p in ("mnist-2m", "fashion-500k"))  # fmt: skip
+        assert a == b, budget
+
+
 def test_recipe_follows_a_weights_mode_flag():
     """The Fashion recipe reads feature spectra, which need the batch: --mode weights drops
     that part of the recipe (instead of failing on a combination the user did not ask for)."""

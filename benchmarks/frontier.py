@@ -27,6 +27,11 @@ Methods (the same recipe and epochs for all; see docs/design.md, "Benchmarks"):
 - ``tp``: Torch-Pruning's global group-magnitude pruning of the large preset to the budget on
   the shrink's schedule (benchmarks/tp_train.py; ``pip install -r requirements-bench.txt``).
 
+The large preset is the dataset's (``mnist-2m`` / ``fashion-500k``); ``--preset-spec FILE``
+puts another architecture (a spec JSON, see ``svdgrow.app.models``) in its place for every
+method but ``tp`` (which prunes the dataset's preset), so that a different architecture can be
+compared the same way: give it its own ``--out``.
+
 Usage::
 
     python benchmarks/frontier.py --dataset mnist --budgets 3000 6000 12000 --seeds 0 1 2 \\
@@ -63,7 +68,7 @@ from typing import Any
 import torch
 
 import svdgrow
-from svdgrow.app.models import count_params, narrow_spec, preset_spec, scale_spec
+from svdgrow.app.models import count_params, narrow_spec, preset_spec, scale_spec, validate_spec
 
 PRESET = {"mnist": "mnist-2m", "fashion-mnist": "fashion-500k"}
 DEFAULT_OUT = Path(__file__).parent / "results" / "frontier_cpu"
@@ -227,8 +232,23 @@ def tp_cmd(args, dataset: str, seed: int, run_dir: Path, budget: int) -> list[st
     ]  # fmt: skip
 
 
+def large_spec(args, dataset: str) -> dict[str, Any]:
+    """The large network every method starts from or narrows: ``--preset-spec`` or the
+    dataset's preset."""
+    if getattr(args, "preset_spec", None):
+        return json.loads(Path(args.preset_spec).read_text())
+    return preset_spec(PRESET[dataset])
+
+
+def large_flags(args, dataset: str) -> list[str]:
+    """The ``svdgrow train`` flags naming :func:`large_spec`."""
+    if getattr(args, "preset_spec", None):
+        return ["--spec", str(args.preset_spec)]
+    return ["--preset", PRESET[dataset]]
+
+
 def _spec_file(args, dataset: str, name: str, target: int) -> str:
-    spec, _ = narrow_spec(preset_spec(PRESET[dataset]), target)
+    spec, _ = narrow_spec(large_spec(args, dataset), target)
     path = Path(args.out) / "specs" / f"{dataset}-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=1))
@@ -276,7 +296,7 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
     """The method-specific flags of one cell (None: cannot run yet)."""
     budget_flags = ["--target-params", str(budget), *args.shrink_flags.split()]
     if method == "shrink":  # the large preset down to the budget
-        return ["--preset", PRESET[dataset], *budget_flags]
+        return [*large_flags(args, dataset), *budget_flags]
     if method == "mid":  # the preset narrowed to mid_factor x budget, down to the budget
         start = _spec_file(args, dataset, f"{budget}-mid", round(args.mid_factor * budget))
         return ["--spec", start, *budget_flags, "--shrink-steps", str(args.mid_shrink_steps)]
@@ -293,13 +313,13 @@ def cell_extra(args, method: str, dataset: str, budget: int, results: dict) -> l
         if method == "uniform2":  # the uniform size on the other side of the target
             first = kept.with_name(f"{dataset}-{budget}-uniform.json")  # beside it if kept
             nearest = json.loads(first.read_text()) if first.is_file() else None
-            spec = other_side(preset_spec(PRESET[dataset]), target, nearest)
+            spec = other_side(large_spec(args, dataset), target, nearest)
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_text(json.dumps(spec, indent=1))
             return ["--spec", str(kept)]
         return ["--spec", _spec_file(args, dataset, f"{budget}-uniform", target)]
     if method in args.variant:  # the large preset, the shrink flags, then the variant's own
-        return ["--preset", PRESET[dataset], *budget_flags, *args.variant[method].split()]
+        return [*large_flags(args, dataset), *budget_flags, *args.variant[method].split()]
     if method == "tp":  # benchmarks/tp_train.py (see tp_cmd)
         return []
     if method == "found" or method.startswith("found-"):  # a method's seed-0 widths, from scratch
@@ -661,6 +681,9 @@ def main() -> int:
                         "flags and then FLAGS (e.g. midlong='--start-scale 4 --shrink-steps "
                         "2000'); list NAME in --methods")  # fmt: skip
     p.add_argument("--match", default="shrink", help="uniform: match this method's mean size")
+    p.add_argument("--preset-spec", metavar="FILE",
+                   help="a spec JSON to use as the large network in place of the dataset's "
+                        "preset (every method but tp); give it its own --out")  # fmt: skip
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--tables-only", action="store_true",
                    help="rewrite the JSON, table and plot from the finished cells, run nothing")  # fmt: skip
@@ -669,6 +692,12 @@ def main() -> int:
         args.variant = dict(v.split("=", 1) for v in args.variant)
     except ValueError:
         p.error("--variant takes NAME=FLAGS")
+    if args.preset_spec:
+        args.preset_spec = str(Path(args.preset_spec).resolve())
+        try:
+            validate_spec(json.loads(Path(args.preset_spec).read_text()))
+        except (OSError, ValueError) as e:
+            p.error(f"--preset-spec {args.preset_spec}: {e}")
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "epochs": args.epochs, "threads": args.threads}

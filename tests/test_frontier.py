@@ -89,6 +89,30 @@ def test_uniform_cells_keep_the_network_of_their_first_seeds(tmp_path):
     assert count_params(json.loads(written.read_text())) == 5362
 
 
+def test_preset_spec_replaces_the_large_network_of_every_method(tmp_path):
+    """``--preset-spec``: the variants start from that spec and uniform narrowing narrows it
+    (not the dataset's preset); without it the preset is used as before."""
+    deeper = preset_spec("mnist-2m")
+    deeper["blocks"].append({"mid": 128, "out": 256, "stride": 2, "projection": True})
+    path = tmp_path / "d4.json"
+    path.write_text(json.dumps(deeper))
+    key = ("mnist", 6000)
+    results = {(*key, "m1k", 0): {"params": 5500}}
+
+    def args(preset_spec_file):
+        return SimpleNamespace(out=str(tmp_path / "out"), match="m1k", shrink_flags="",
+                               variant={"m1k": "--start-scale 4"}, methods=["m1k", "uniform"],
+                               seeds=[0], preset_spec=preset_spec_file)  # fmt: skip
+
+    run = frontier.cell_extra(args(str(path)), "m1k", *key, results=results)
+    assert run[:2] == ["--spec", str(path)] and run[-2:] == ["--start-scale", "4"]
+    uni = frontier.cell_extra(args(str(path)), "uniform", *key, results=results)
+    narrowed = json.loads(Path(uni[1]).read_text())
+    assert len(narrowed["blocks"]) == 4 and narrowed == narrow_spec(deeper, 5500)[0]
+    assert frontier.cell_extra(args(None), "m1k", *key, results=results)[:2] == [
+        "--preset", "mnist-2m"]  # fmt: skip
+
+
 def test_a_copy_without_the_match_method_matches_its_finished_runs(tmp_path):
     """A copy started with ``--methods uniform2`` alone (the match runs finished by another
     copy) brackets the same target as the copy that ran them; it used to match the budget and

@@ -980,3 +980,52 @@ def test_all_finite_finds_any_nan_or_infinity(dtype, bad):
         tensors[3][17] = bad
     assert bool(all_finite(tensors)) is (bad is None)
     assert bool(all_finite([])) is True
+
+
+class _CatConv(nn.Module):
+    """Two groups (3 and 5 channels) read side by side by one padded 3x3 convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(2, 5, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.c(h).mean((2, 3))
+
+
+@pytest.mark.parametrize("max_samples", [10_000, 100])
+def test_capture_features_are_the_moments_of_each_groups_slice_of_the_input(max_samples):
+    """Data mode's moments at a consumer reading a concatenation: each group's slice of the
+    consumer's input, one sample per (image, position), every position or ``max_samples`` of
+    them drawn by the generator; the taps and the kept input of a padded 3x3 consumer."""
+    torch.manual_seed(0)
+    m = _CatConv()
+    x = torch.randn(16, 2, 6, 6)
+    rs = Resizer(m, x[:4])
+    ctx = rs.context()
+    seen = []
+    h = m.c.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach()))
+    feats, offsets = surgery.capture_features(
+        ctx, rs.resizable(), x, max_samples, torch.Generator().manual_seed(3)
+    )
+    h.remove()
+    v = seen[0].flatten(2)
+    N, _, P = v.shape
+    if max_samples >= N * P:
+        pick = torch.arange(N * P)
+    else:
+        pick = torch.randperm(N * P, generator=torch.Generator().manual_seed(3))[:max_samples]
+    at_c = {gid: mom for (gid, cons), mom in feats.items() if cons == "c"}
+    assert sorted(ctx.widths[gid] for gid in at_c) == [3, 5]
+    for gid, mom in at_c.items():
+        o, n = offsets[(gid, "c")], ctx.widths[gid]
+        f = v[pick // P, o : o + n, pick % P].double()
+        fc = f - f.mean(0)
+        assert mom.count == len(pick)
+        assert torch.allclose(mom.mean, f.mean(0), atol=1e-6)
+        assert torch.allclose(mom.cov, fc.T @ fc / (len(pick) - 1), rtol=1e-5, atol=1e-6)
+        assert torch.equal(mom.taps, surgery.tap_fractions(m.c, (6, 6)))
+        assert torch.equal(mom.patch_input, seen[0][:, o : o + n])

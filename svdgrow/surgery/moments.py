@@ -223,8 +223,8 @@ def predict_features(
     ``sum_p alpha_p G_p G_p^T`` with each producer's input isotropic and scaled to the variance
     its direct BatchNorm recorded, mean ``b + G mu`` with ``mu`` fitted to the recorded means.
     Samples (float32; ``z = mean + L e`` with ``L`` the scaled group matrix itself when it has
-    fewer columns than rows, else a Cholesky factor of the covariance) go through
-    ``activation``.
+    fewer columns than rows, else a Cholesky factor of the covariance; one draw of ``e`` whose
+    leading columns every group shares) go through ``activation``.
     See docs/design.md, "Stage 4: surgery".
 
     Args:
@@ -246,13 +246,22 @@ def predict_features(
     """
     offsets = consumer_offsets(ctx, groups)
     feats: Moments = {}
-    for g in groups:
-        mean, cov, factor = _predicted_preactivation(ctx, g, (grams or {}).get(g.id))
+    pre = [_predicted_preactivation(ctx, g, (grams or {}).get(g.id)) for g in groups]
+    factors = [
+        None if activation is None else (f if f is not None else _gaussian_factor(c)).float()
+        for _, c, f in pre
+    ]
+    # One draw of standard normals, its leading columns shared by every group: each group's
+    # moments still come from `samples` independent draws (only their errors are correlated
+    # across groups, which no fold reads), and one large draw costs a fraction of one per group
+    # (DenseNet: 120 small draws were a fifth of a weights-mode resize).
+    width = max((L.shape[1] for L in factors if L is not None), default=0)
+    noise = torch.randn(samples, width, generator=generator) if width else None
+    for g, (mean, cov, factor), L in zip(groups, pre, factors, strict=True):
         if activation is None:
             mu, fcov = mean, (cov if cov is not None else factor @ factor.T)
         else:
-            L = (factor if factor is not None else _gaussian_factor(cov)).float()
-            z = torch.randn(samples, L.shape[1], generator=generator).to(mean.device)
+            z = noise[:, : L.shape[1]].to(mean.device)
             f = activation(torch.addmm(mean.float()[None, :], z, L.T))
             mu = column_mean(f)
             fc = f - mu.float()
@@ -327,20 +336,27 @@ def _capture_hook(ctx, name: str, wanted, feats: Moments, max_samples: int, gene
         else:
             v = x.reshape(x.shape[0], C, -1) if x.dim() == 2 else x.flatten(2)
         N, _, P = v.shape
+        # the wanted channels' span, one sample per row (sample-major), gathered once for all
+        # the groups this consumer reads (a DenseNet layer reads up to 40)
+        lo, hi = min(o for _, o, _ in wanted), max(o + n for _, o, n in wanted)
         if N * P > max_samples:
             pick = torch.randperm(N * P, generator=generator)[:max_samples].to(x.device)
-        else:
-            pick = torch.arange(N * P, device=x.device)
-        sample, pos = pick // P, pick % P
+            span = v[pick // P, lo:hi, pick % P]  # Tensor[samples, hi - lo]
+        else:  # every position: a transposed copy, not a gather
+            span = v[:, lo:hi].transpose(1, 2).reshape(N * P, hi - lo)
+        taps = live = None
+        if fits_on_patches(mod):
+            taps = tap_fractions(mod, tuple(x.shape[2:]))
+            live = len(live_taps(mod, tuple(x.shape[2:]))) > 1
         for gid, o, n in wanted:
-            f = v[sample, o : o + n, pos]  # Tensor[samples, n] (no copy of the whole input)
+            f = span[:, o - lo : o - lo + n].contiguous()  # Tensor[samples, n]
             mu = column_mean(f)
             fc = f - mu.to(f.dtype)
             cov = (fc.T @ fc).double() / max(f.shape[0] - 1, 1)
             moments = ConsumerMoments(mu, cov, f.shape[0])
-            if fits_on_patches(mod):
-                moments.taps = tap_fractions(mod, tuple(x.shape[2:]))
-                if len(live_taps(mod, tuple(x.shape[2:]))) > 1:
+            if taps is not None:
+                moments.taps = taps  # read only
+                if live:
                     moments.patch_input = x[:, o : o + n]
             feats[(gid, name)] = moments
 

@@ -277,7 +277,7 @@ def test_consumers_share_a_fit_only_when_they_share_moments(mode):
     change = surgery.plan_prune_data(ctx, grp, 5, feats, offsets, ridge=1e-3)
     for cons in ("a", "o"):
         mom = feats[(1, cons)]
-        M, c = prune_module._fit(mom.mean, mom.cov, change.keep, change.drop, 1e-3)
+        M, c, _ = prune_module._fit(mom.mean, mom.cov, change.keep, change.drop, 1e-3)
         torch.testing.assert_close(change.folds[cons][0], M, rtol=0, atol=0)
         torch.testing.assert_close(change.folds[cons][1], c, rtol=0, atol=0)
     assert torch.equal(change.folds["a"][0], change.folds["o"][0]) == (mode == "weights")

@@ -145,7 +145,7 @@ def plan_prune_data(
     keep = torch.sort(pivots).values
     drop = complement(keep, n)
     change = GroupChange(group, n, r, "prune", keep=keep, drop=drop)
-    fits: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # one fit per moments object
+    fits: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}  # one per moments object
     for cons in group.consumers:
         if (group.id, cons) not in feats:  # this consumer did not run: drop without a fold
             continue
@@ -153,10 +153,9 @@ def plan_prune_data(
         shared = (id(moments.mean), id(moments.cov))  # weights mode: one pair for every consumer
         if shared not in fits:
             fits[shared] = _fit(moments.mean, moments.cov, keep, drop, ridge)
-        M, c = fits[shared]
+        M, c, S_KK = fits[shared]
         fold = None
         if moments.patch_input is not None:
-            S_KK = moments.cov[keep][:, keep]
             fold = patch_fold(
                 moments.patch_input, ctx.modules[cons], keep, drop, (M, S_KK), **patch_args
             )
@@ -171,13 +170,13 @@ def plan_prune_data(
 def _fit(mu: Tensor, cov: Tensor, keep: Tensor, drop: Tensor, ridge: float):
     """The least-squares fold ``f_drop ~ M f_keep + c`` on the moments ``mu``, ``cov``:
     ``M = S_DK (S_KK + lambda I)^-1``, ``c = mu_D - M mu_K``,
-    ``lambda = ridge * trace(S_KK) / |K|``."""
-    S_KK = cov[keep][:, keep]
-    S_KD = cov[keep][:, drop]
+    ``lambda = ridge * trace(S_KK) / |K|``. Returns ``(M, c, S_KK)``."""
+    rows = cov[keep]
+    S_KK, S_KD = rows[:, keep], rows[:, drop]
     lam = ridge * float(torch.diagonal(S_KK).sum()) / max(len(keep), 1) + 1e-12
     eye = torch.eye(len(keep), dtype=S_KK.dtype, device=S_KK.device)
     M = solve_spd(S_KK + lam * eye, S_KD).T
-    return M, mu[drop] - M @ mu[keep]
+    return M, mu[drop] - M @ mu[keep], S_KK
 
 
 def plan_prune_magnitude(ctx: ResizeContext, group: Group, r: int) -> GroupChange:

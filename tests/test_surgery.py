@@ -1029,3 +1029,26 @@ def test_capture_features_are_the_moments_of_each_groups_slice_of_the_input(max_
         assert torch.allclose(mom.cov, fc.T @ fc / (len(pick) - 1), rtol=1e-5, atol=1e-6)
         assert torch.equal(mom.taps, surgery.tap_fractions(m.c, (6, 6)))
         assert torch.equal(mom.patch_input, seen[0][:, o : o + n])
+
+
+def test_predict_features_draw_is_as_wide_as_the_widest_factor():
+    """Weights mode samples every group through its factor: the group matrix itself where it has
+    fewer columns than rows (a 1x1 expansion, 4 -> 16), else a Cholesky factor (n columns); the
+    one shared draw is sized from the shapes without forming the covariances."""
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(4, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 3, 1),
+    )  # fmt: skip
+    x = torch.randn(8, 4, 5, 5)
+    rs = Resizer(m, x)
+    ctx = rs.context()
+    widths = {}
+    for g in rs.resizable():
+        _, cov, factor = moments._predicted_preactivation(ctx, g)
+        cols = factor.shape[1] if factor is not None else cov.shape[0]
+        widths[ctx.widths[g.id]] = (moments._factor_width(ctx, g), cols)
+    assert widths == {16: (4, 4), 6: (6, 6)}
+    feats, _ = surgery.predict_features(ctx, rs.resizable(), surgery.detect_activation(m))
+    assert {tuple(f.cov.shape) for f in feats.values()} == {(16, 16), (6, 6)}

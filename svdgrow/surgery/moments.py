@@ -20,6 +20,7 @@ from ..spectrum import (
     effective_bias,
     group_matrix,
     norm_directly_after,
+    producer_matrix,
 )
 from ..trace import Group
 from .context import ResizeContext
@@ -192,6 +193,14 @@ def _predicted_preactivation(
     return mean, cov, factor
 
 
+def _factor_width(ctx: ResizeContext, g: Group) -> int:
+    """The number of columns of the factor :func:`predict_features` samples group ``g``
+    through: the group matrix's short side, ``min(n, D)`` (the matrix itself when it has fewer
+    columns than rows, else a Cholesky factor of the ``n x n`` covariance)."""
+    shapes = [producer_matrix(ctx.modules[p]).shape for p in g.producers]
+    return min(shapes[0][0], sum(s[1] for s in shapes))
+
+
 def _gaussian_factor(cov: Tensor) -> Tensor:
     """``L`` with ``L L^T = cov`` up to a jitter of ``1e-12`` of the mean variance (so an
     exact linear relation between channels holds in the samples to about ``1e-6``): a Cholesky
@@ -246,21 +255,24 @@ def predict_features(
     """
     offsets = consumer_offsets(ctx, groups)
     feats: Moments = {}
-    pre = [_predicted_preactivation(ctx, g, (grams or {}).get(g.id)) for g in groups]
-    factors = [
-        None if activation is None else (f if f is not None else _gaussian_factor(c)).float()
-        for _, c, f in pre
-    ]
     # One draw of standard normals, its leading columns shared by every group: each group's
     # moments still come from `samples` independent draws (only their errors are correlated
     # across groups, which no fold reads), and one large draw costs a fraction of one per group
-    # (DenseNet: 120 small draws were a fifth of a weights-mode resize).
-    width = max((L.shape[1] for L in factors if L is not None), default=0)
-    noise = torch.randn(samples, width, generator=generator) if width else None
-    for g, (mean, cov, factor), L in zip(groups, pre, factors, strict=True):
+    # (DenseNet: 120 small draws were a fifth of a weights-mode resize). Its width is the widest
+    # factor's, known from the shapes, so the groups are still modelled one at a time.
+    noise = None
+    if activation is not None and groups:
+        width = max(_factor_width(ctx, g) for g in groups)
+        noise = torch.randn(samples, width, generator=generator)
+    for g in groups:
+        mean, cov, factor = _predicted_preactivation(ctx, g, (grams or {}).get(g.id))
         if activation is None:
             mu, fcov = mean, (cov if cov is not None else factor @ factor.T)
         else:
+            L = (factor if factor is not None else _gaussian_factor(cov)).float()
+            if L.shape[1] > noise.shape[1]:  # not expected: widen the draw
+                more = samples, L.shape[1] - noise.shape[1]
+                noise = torch.cat([noise, torch.randn(*more, generator=generator)], 1)
             z = noise[:, : L.shape[1]].to(mean.device)
             f = activation(torch.addmm(mean.float()[None, :], z, L.T))
             mu = column_mean(f)

@@ -270,10 +270,7 @@ def predict_features(
             mu, fcov = mean, (cov if cov is not None else factor @ factor.T)
         else:
             L = (factor if factor is not None else _gaussian_factor(cov)).float()
-            if L.shape[1] > noise.shape[1]:  # not expected: widen the draw
-                more = samples, L.shape[1] - noise.shape[1]
-                noise = torch.cat([noise, torch.randn(*more, generator=generator)], 1)
-            z = noise[:, : L.shape[1]].to(mean.device)
+            z = noise[:, : L.shape[1]].to(mean.device)  # _factor_width: never narrower
             f = activation(torch.addmm(mean.float()[None, :], z, L.T))
             mu = column_mean(f)
             fc = f - mu.float()

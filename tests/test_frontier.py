@@ -377,18 +377,23 @@ def _table_rows(lines: list[str], after: str | None) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("folder", "after"),
-    [("frontier_cpu", None), ("frontier_cpu_30ep", "The default recipe")],
-    ids=["every-table", "30-epoch-recipe-table"],
+    ("table", "after"),
+    [
+        ("frontier_cpu/frontier.md", None),
+        ("frontier_cpu_30ep/frontier.md", "The default recipe"),
+        ("explore_depth6k_cpu/versus_shapes.md", None),
+    ],
+    ids=["every-table", "30-epoch-recipe-table", "versus-shapes"],
 )
-def test_the_readme_shows_the_committed_frontier_tables(folder, after):
-    # README.md copies frontier_cpu/frontier.md's tables and the 30-epoch frontier's recipe
-    # table by hand; a row that changed in one and not the other is a figure without its command
+def test_the_readme_shows_the_committed_frontier_tables(table, after):
+    # README.md copies frontier_cpu/frontier.md's tables, the 30-epoch frontier's recipe table
+    # and versus_shapes.py's table by hand; a row that changed in one and not the other is a
+    # figure without its command
     root = _PATH.parents[1]
-    table = root / "benchmarks" / "results" / folder / "frontier.md"
+    table = root / "benchmarks" / "results" / table
     readme = root / "README.md"
     if not (table.is_file() and readme.is_file()):
-        pytest.skip(f"no committed {folder} table or README beside the tests")
+        pytest.skip(f"no committed {table} or README beside the tests")
     rows = _table_rows(table.read_text().splitlines(), after)
     assert len(rows) > 2, f"{table} has no table rows"
     text = readme.read_text()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -127,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare({k: pooled_groups(v) for k, v in s_dirs.items()},
                    {k: pooled_groups(v) for k, v in u_dirs.items()})  # fmt: skip
     meta = frontier.machine()
+    command = "python benchmarks/versus_shapes.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
     lines = [
+        f"Command: `{command}`",
+        "",
         f"Tables written on {meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}; the "
         "cells' own hosts and commits are in each folder's frontier.md. Searched: "
         + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in s_dirs.items())
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = {"searched": {k: [str(d) for d in v] for k, v in s_dirs.items()},
                "uniform": {k: [str(d) for d in v] for k, v in u_dirs.items()}}  # fmt: skip
     frontier._atomic_write(out.with_suffix(".json"),
-                           json.dumps({"machine": meta, "folders": folders, "rows": rows},
+                           json.dumps({"machine": meta, "command": command, "folders": folders, "rows": rows},
                                       indent=1))  # fmt: skip
     frontier._atomic_write(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

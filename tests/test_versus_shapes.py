@@ -65,6 +65,7 @@ def test_uniform_from_other_folders_is_pooled_and_interpolated(tmp_path):
     assert d["diff"] == pytest.approx(99.42 - d["uniform_acc"])
     assert rows["m"]["diff"] > d["diff"]  # the other network's uniform narrowing is stronger here
     md = out.with_suffix(".md").read_text()
+    assert md.startswith(f"Command: `python benchmarks/versus_shapes.py --searched m={own} ")
     assert (
         "| mnist | 6,000 | m | m1k | 3 | 5,810 | 99.42 ± 0.02 | d | 5,500: 99.38 (2); 6,300: 99.42 (2) | 99.40 | "
         in md

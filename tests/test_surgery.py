@@ -737,13 +737,22 @@ def _least_squares_optimum(m, keep, x):
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
 
 
+# float64: the fold must reach the optimum; float32: the same up to rounding, which this
+# exactly rank-deficient problem (16 channels of an affine map of 9 taps) amplifies and which
+# varies with the BLAS kernels and threads of the host (1.7e-4 at side 3 on one 2-thread host,
+# 6.5e-5 on one thread there; the bug gave 0.18-330)
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("side", [28, 8, 3, 1])
-def test_zero_padded_fold_reaches_the_least_squares_optimum(side, device):
+def test_zero_padded_fold_reaches_the_least_squares_optimum(side, dtype, device):
     """Issue 9 item 0: the constant folded into a zero-padded consumer reached its border taps
     too (relative output change 0.18 / 0.33 / 0.57 / 330 at 28 / 8 / 3 / 1 here). Data mode
     fits the fold on the consumer's im2col patches: the least-squares optimum."""
     m, x = _padded_pair(side)
+    m, x = m.to(dtype), x.to(dtype)
     ref = copy.deepcopy(m)  # the unpruned model, to refit from
     m, x = m.to(device), x.to(device)
     with torch.no_grad():
@@ -751,7 +760,8 @@ def test_zero_padded_fold_reaches_the_least_squares_optimum(side, device):
     rep = Resizer(m, x[:2], mode="data", ridge=1e-10).apply({"0": 9}, data=x)
     assert not rep.warnings
     best = _least_squares_optimum(ref, torch.tensor(rep.index["0"]), x.cpu())
-    assert _output_change(m, x, y0) <= 1.02 * best + 1e-4, (_output_change(m, x, y0), best)
+    change = _output_change(m, x, y0)
+    assert change <= 1.02 * best + TOLERANCE[dtype], (change, best)
 
 
 @pytest.mark.parametrize("side", [8, 3])

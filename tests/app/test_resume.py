@@ -185,20 +185,24 @@ def test_hold_on_grown_channels_survives_a_resume(data_dir, tmp_path):
 
 def test_resize_backoff_survives_a_resume(data_dir, tmp_path):
     """--resize-backoff: the step of the next check is in the checkpoint, so a run stopped
-    while its checks are spaced out resumes with the same checks (every 3 steps to step 21,
-    whose check changes nothing, then none before step 27: not one at step 24)."""
+    while its checks are spaced out resumes with the same checks. The run (24 steps, checks
+    every 3) is quiet from step 21 at the latest and checks there; how many of the checks before
+    it changed something depends on float rounding (7 checks in all on one host, 6 on another),
+    but either way the check of step 21 schedules the next one past the end of the run, where a
+    resume that lost the schedule would check again at step 24."""
     args = [*ARGS, "--resize-until", "1", "--resize-backoff", "4"]
     reference = tmp_path / "reference"
     assert main([*args, "--data-dir", str(data_dir), "--run-dir", str(reference)]) == 0
     events = read_log(reference)
     assert [e["step"] for e in events if e["event"] == "resize"][-1] < 21
-    assert [e["resize_checks"] for e in events if e["event"] == "epoch"][-1] == 7
+    checks = [e["resize_checks"] for e in events if e["event"] == "epoch"][-1]
+    assert checks < 8, "every 3rd step was checked: the run never backed off"
     run = tmp_path / "run"
     hook = ("torch.optim", "SGD.step", 22)  # inside step 22: after the check of step 21
     assert _interrupted(run, data_dir, hook, signal.SIGTERM, args) == 128 + signal.SIGTERM
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["extra"]["next_check"] == 27
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["extra"]["next_check"] > 24
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
-    _assert_same_run(reference, run)
+    _assert_same_run(reference, run)  # the same checks (resize_checks) in every epoch
 
 
 def test_uniform_allocation_keeps_its_reference_widths_across_a_resume(data_dir, tmp_path):

@@ -74,6 +74,15 @@ class Policy:
             channels go is still the surgery's choice (the fold's pivots in data and weights
             mode). For measuring what the spectra add to a shrinking schedule
             (docs/design.md, "Stage 3: policy").
+        round_to: every width the policy moves a group to is a multiple of this (or the
+            group's cap). Convolution kernels work on blocks of channels (8 or 16 on CPUs with
+            AVX-512, 8 for GPU tensor cores), so a layer of 17 channels can train slower than
+            one of 24: ``benchmarks/bench_widths.py`` measures it. A prune goes to a multiple
+            below (rounded up from the energy rule's rank), a grow to a multiple above; a group
+            keeps a width that is not a multiple until it moves, and one at or below
+            ``round_to`` channels is not pruned. A budget is met in blocks: the cut removes a
+            block at a time (down to the next multiple), then gives back, most energy per unit
+            of cost first, the blocks that still fit. 1 (the default): any width.
     """
 
     energy_eps: float = 1e-2
@@ -86,6 +95,7 @@ class Policy:
     flops_budget: float | None = None
     fill_budget: bool = False
     allocation: str = "spectrum"
+    round_to: int = 1
 
     def __post_init__(self):
         if not 0.0 <= self.energy_eps < 1.0:
@@ -109,6 +119,15 @@ class Policy:
                 f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, "
                 f"got {self.allocation!r}"
             )
+        if (
+            isinstance(self.round_to, bool)
+            or int(self.round_to) != self.round_to
+            or self.round_to < 1
+        ):
+            raise ValueError(
+                f"round_to must be a whole number >= 1 (1: any width), got {self.round_to!r}"
+            )
+        self.round_to = int(self.round_to)
         if self.flops_budget is not None and self.budget_kind != "params":
             raise ValueError(
                 "flops_budget is a second ceiling beside a parameter budget; with "
@@ -119,7 +138,21 @@ class Policy:
     def floor(self, n: int) -> int:
         """Lowest width a group of ``n`` channels may reach this step."""
         step = max(1, math.floor(n * self.max_prune_fraction)) if self.max_prune_fraction > 0 else 0
-        return min(n, max(int(self.min_width), 1, n - step))
+        low = min(n, max(int(self.min_width), 1, n - step))
+        return low if low == n else min(n, self._up(low))
+
+    def _up(self, w: int) -> int:
+        """Smallest multiple of ``round_to`` at or above ``w``."""
+        return -(-w // self.round_to) * self.round_to
+
+    def _below(self, w: int) -> int:
+        """The next width a cut may take a group of ``w`` channels to (0: none)."""
+        return (w - 1) // self.round_to * self.round_to
+
+    def _grown(self, n: int, add: int, cap: int) -> int:
+        """Channels to add to a group of ``n``, at least ``add``, for a width that is a
+        multiple of ``round_to`` (or the cap)."""
+        return min(cap, self._up(n + add)) - n if add > 0 else 0
 
     def decide(
         self,
@@ -202,10 +235,16 @@ class Policy:
                     why = "hold (grown a few resizes ago)"
                 elif r == max(int(self.min_width), 1):
                     why = f"min_width={self.min_width}"
+                elif r == self.round_to or r == n:
+                    why = f"round_to={self.round_to}"
                 else:
                     why = f"max_prune_fraction={self.max_prune_fraction:g}"
                 kept_r = float(s.energy_kept[min(r, s.energy_kept.numel()) - 1])
                 msg += f"; limited to {r} by {why} (energy kept {kept_r:.6f})"
+            if self.round_to > 1 and r % self.round_to and r < n:
+                up = min(n, self._up(r))
+                msg += f"; rounded up to {up} (round_to={self.round_to})"
+                r = up
             draft.target[s.name] = r
             draft.reasons[s.name] = msg
             return
@@ -213,7 +252,7 @@ class Policy:
         share = float(sv[-1] ** 2 / (sv.pow(2).mean())) if s.total_energy > 0 else 0.0
         draft.target[s.name] = n
         if share >= self.grow_threshold and n < s.cap and self.grow_fraction > 0:
-            add = min(math.ceil(n * self.grow_fraction), s.cap - n)
+            add = self._grown(n, min(math.ceil(n * self.grow_fraction), s.cap - n), s.cap)
             below = float(s.energy_kept[n - 2]) if n > 1 else 0.0
             msg = (
                 f"all {n} directions needed (energy at rank {n - 1}: {below:.6f} < "
@@ -232,7 +271,7 @@ class Policy:
                     f"grow_threshold={self.grow_threshold:g}"
                 )
                 if self.fill_budget and self.grow_fraction > 0:
-                    add = min(math.ceil(n * self.grow_fraction), s.cap - n)
+                    add = self._grown(n, min(math.ceil(n * self.grow_fraction), s.cap - n), s.cap)
                     draft.fills.append((-share, s.name, n, add))
             draft.reasons[s.name] = f"all {n} directions needed (eps={eps:g}); {why}"
 
@@ -284,7 +323,10 @@ class Policy:
                 continue
             plan[name] = old
             k, c, b = over[0]
-            took = self._fill_one(name, old, w - old, ceilings, plan) if self.fill_budget else 0
+            cap = by_name[name].cap
+            took = (
+                self._fill_one(name, old, w - old, ceilings, plan, cap) if self.fill_budget else 0
+            )
             if took:
                 draft.target[name] = old + took
                 costs = self._costs_text(ceilings, plan)
@@ -299,7 +341,7 @@ class Policy:
         for _, name, n, add in sorted(draft.fills):
             if plan[name] != n:  # cut to fit a ceiling this step
                 continue
-            took = self._fill_one(name, n, add, ceilings, plan)
+            took = self._fill_one(name, n, add, ceilings, plan, by_name[name].cap)
             if took:
                 draft.target[name] = n + took
                 costs = self._costs_text(ceilings, plan)
@@ -328,23 +370,25 @@ class Policy:
 
         what = " and ".join(f"{k}={b:.6g}" for k, _, b in ceilings)
         while not fits():
-            live = [n for n in names if plan[n] > draft.floors[n]]
+            live = [n for n in names if self._below(plan[n]) >= max(draft.floors[n], 1)]
             if not live:
                 self._not_reached(spectra, draft, what, [fn(plan) for _, fn, _ in ceilings])
                 break
             n = max(live, key=lambda m: (plan[m] / ref[m], ref[m], m))
-            plan[n] -= 1
+            plan[n] = self._below(plan[n])
         if self.fill_budget and self.grow_fraction > 0 and plan == start:
-            most = {n: min(by_name[n].cap, plan[n] + math.ceil(plan[n] * self.grow_fraction))
+            most = {n: plan[n] + self._grown(plan[n], math.ceil(plan[n] * self.grow_fraction),
+                                             by_name[n].cap)
                     for n in names}  # fmt: skip
             while True:
                 room = [n for n in names if plan[n] < most[n]]
                 if not room:
                     break
                 n = min(room, key=lambda m: (plan[m] / ref[m], -ref[m], m))
-                plan[n] += 1
+                was = plan[n]
+                plan[n] = min(most[n], self._up(was + 1))
                 if not fits():
-                    plan[n] -= 1
+                    plan[n] = was
                     break
         for n in names:
             if plan[n] != start[n]:
@@ -369,11 +413,15 @@ class Policy:
         """Every cost of ``plan`` against its ceiling, for a decision's reason."""
         return ", ".join(f"{k} {fn(plan):.6g} <= {b:.6g}" for k, fn, b in ceilings)
 
-    @staticmethod
-    def _fill_one(name: str, n: int, add: int, ceilings, plan: dict[str, int]) -> int:
+    def _fill_one(
+        self, name: str, n: int, add: int, ceilings, plan: dict[str, int], cap: int
+    ) -> int:
         """The most channels, at most ``add``, that group ``name`` (``n`` wide) can take with
-        every cost within its ceiling; ``plan`` updated in place."""
+        every cost within its ceiling, for a width that is a multiple of ``round_to`` (or
+        ``cap``); ``plan`` updated in place."""
         for k in range(add, 0, -1):
+            if (n + k) % self.round_to and n + k != cap:
+                continue
             plan[name] = n + k
             if all(fn(plan) <= b for _, fn, b in ceilings):
                 return k
@@ -391,10 +439,11 @@ class Policy:
 
         def score(name: str) -> float | None:  # relative energy lost per unit of cost saved
             w = plan[name]
-            if w <= floors[name]:
+            low = self._below(w)
+            if low < max(floors[name], 1):
                 return None
             cur = costs()
-            plan[name] = w - 1
+            plan[name] = low
             after = costs()
             plan[name] = w
             if len(ceilings) == 1:
@@ -405,13 +454,14 @@ class Policy:
             if saved <= 0:
                 return None
             s = by_name[name]
-            if s.total_energy <= 0 or w > s.energy.numel():
+            if s.total_energy <= 0 or low >= s.energy.numel():
                 return 0.0 / saved
-            return float(s.energy[w - 1]) / s.total_energy / saved
+            return float(s.energy[low:w].sum()) / s.total_energy / saved
 
         def fits(cur: list[float]) -> bool:
             return all(c <= b for c, (_, _, b) in zip(cur, ceilings, strict=True))
 
+        start = dict(plan)
         heap = [(sc, name) for name in by_name if (sc := score(name)) is not None]
         heapq.heapify(heap)
         cur = costs()
@@ -423,13 +473,50 @@ class Policy:
             if heap and fresh > heap[0][0] + 1e-18:
                 heapq.heappush(heap, (fresh, name))
                 continue
-            plan[name] -= 1
-            taken[name] = taken.get(name, 0) + 1
+            low = self._below(plan[name])
+            taken[name] = taken.get(name, 0) + plan[name] - low
+            plan[name] = low
             cur = costs()
             nxt = score(name)
             if nxt is not None:
                 heapq.heappush(heap, (nxt, name))
+        if self.round_to > 1 and fits(cur):
+            cur = self._give_back(by_name, ceilings, plan, taken, start, fits)
         return taken, cur
+
+    def _give_back(self, by_name, ceilings, plan, taken, start, fits):
+        """After a cut in blocks of ``round_to``: the last block may have saved far more than
+        the ceiling needed, so give back, one block at a time and the most energy per unit of
+        cost first, the blocks cut this step that fit. ``plan`` and ``taken`` updated in place;
+        returns the costs reached."""
+        while True:
+            cur = [fn(plan) for _, fn, _ in ceilings]
+            best = None
+            for name, k in taken.items():
+                if k <= 0:
+                    continue
+                w = plan[name]
+                up = min(start[name], self._up(w + 1))
+                plan[name] = up
+                after = [fn(plan) for _, fn, _ in ceilings]
+                plan[name] = w
+                if not fits(after):
+                    continue
+                added = sum(
+                    (a - c) / b for c, a, (_, _, b) in zip(cur, after, ceilings, strict=True)
+                )
+                s = by_name[name]
+                back = float(s.energy[w:up].sum()) / s.total_energy if s.total_energy > 0 else 0.0
+                key = (back / added if added > 0 else math.inf, name)
+                if best is None or key > best[0]:
+                    best = (key, name, up)
+            if best is None:
+                return cur
+            _, name, up = best
+            taken[name] -= up - plan[name]
+            plan[name] = up
+            if not taken[name]:
+                del taken[name]
 
 
 @dataclass

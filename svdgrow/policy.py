@@ -239,6 +239,8 @@ class Policy:
                     why = f"round_to={self.round_to}"
                 else:
                     why = f"max_prune_fraction={self.max_prune_fraction:g}"
+                    if self.round_to > 1:
+                        why += f", rounded up to a multiple of round_to={self.round_to}"
                 kept_r = float(s.energy_kept[min(r, s.energy_kept.numel()) - 1])
                 msg += f"; limited to {r} by {why} (energy kept {kept_r:.6f})"
             if self.round_to > 1 and r % self.round_to and r < n:

@@ -4,6 +4,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -233,6 +235,9 @@ def test_invalid_policies():
         {"max_prune_fraction": 1.5},
         {"budget_kind": "watts"},
         {"budget": -1},
+        {"round_to": 0},
+        {"round_to": 2.5},
+        {"round_to": True},
     ):
         with pytest.raises(ValueError):
             Policy(**kw)
@@ -378,3 +383,117 @@ def test_uniform_allocation_cuts_every_group_to_one_fraction_of_its_reference():
     assert all(d.action == "keep" for d in pol.decide(now, cost=cost, widths=small, budget=1e9))
     with pytest.raises(ValueError, match="allocation must be one of 'spectrum', 'uniform'"):
         Policy(allocation="even")
+
+
+# ------------------------------------------------------------------------------------------------
+# round_to: widths in multiples of q
+
+
+def test_round_to_rounds_the_energy_rule_up_and_never_prunes_at_or_below_q():
+    s = spec("g", [10.0] * 5 + [1e-4] * 27)  # rank 5 of 32
+    free = dict(energy_eps=1e-3, min_width=1, max_prune_fraction=1.0)
+    assert one(Policy(**free), s).new_width == 5
+    d = one(Policy(**free, round_to=8), s)
+    assert (d.action, d.new_width) == ("prune", 8) and "limited to 8 by round_to=8" in d.reason
+    # a group of q channels or fewer stays; one not a multiple keeps its width until it moves
+    assert one(Policy(**free, round_to=8), spec("g", [10.0] + [1e-4] * 7)).action == "keep"
+    assert one(Policy(**free, round_to=8), spec("g", [10.0] + [1e-4] * 5)).action == "keep"
+    d = one(Policy(**free, round_to=8), spec("g", [10.0] * 8 + [1e-4] * 11))  # 19 wide, rank 8
+    assert d.new_width == 8
+    d = one(Policy(**free, round_to=8), spec("g", [1.0] * 18 + [0.3]))  # all needed, no grow
+    assert (d.action, d.new_width) == ("keep", 19)
+    # the floor is rounded up too: 24 channels, at most half per step -> 12 -> 16
+    d = one(Policy(energy_eps=1e-3, min_width=1, max_prune_fraction=0.5, round_to=8),
+            spec("g", [10.0] + [1e-4] * 23))  # fmt: skip
+    assert d.new_width == 16 and "round_to=8" in d.reason
+
+
+def test_round_to_grows_to_a_multiple_or_the_cap():
+    flat = [1.0] * 10
+    pol = Policy(energy_eps=1e-3, grow_threshold=0.5, grow_fraction=0.25, round_to=8)
+    assert one(pol, spec("g", flat, cap=100)).new_width == 16  # +ceil(2.5) = 13 -> 16
+    assert one(pol, spec("g", flat, cap=14)).new_width == 14
+    assert (
+        one(Policy(energy_eps=1e-3, grow_fraction=0.25), spec("g", flat, cap=100)).new_width == 13
+    )
+
+
+def test_round_to_fills_a_budget_in_blocks():
+    A = spec("A", [3, 2.5, 2, 1.5, 1.0, 0.9, 0.8, 0.7], cap=100, gid=0)
+    cost = lambda w: 10.0 * w["A"]  # noqa: E731
+    pol = Policy(energy_eps=1e-3, grow_threshold=0.9, grow_fraction=1.0, min_width=1,
+                 fill_budget=True, round_to=4)  # fmt: skip
+    (d,) = pol.decide([A], cost=cost, widths={"A": 8}, budget=150.0)  # 15 fits; 12 is a multiple
+    assert d.new_width == 12
+    (d,) = pol.decide([A], cost=cost, widths={"A": 8}, budget=110.0)  # 11 fits, 12 does not
+    assert d.new_width == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 48), min_size=1, max_size=5),
+    unit=st.lists(st.floats(1.0, 50.0), min_size=5, max_size=5),
+    q=st.sampled_from([1, 2, 4, 8]),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_round_to_budget_cut_property(widths, unit, q, frac, seed):
+    # every direction needed (no energy-rule prunes, no grows): only the budget moves widths.
+    # After the cut: the cost within the budget, every moved width a multiple of q and at least
+    # its floor, and no block cut this step could be given back and still fit
+    g = torch.Generator().manual_seed(seed)
+    spectra = [spec(f"g{i}", torch.rand(w, generator=g, dtype=torch.float64) + 0.5, cap=100, gid=i)
+               for i, w in enumerate(widths)]  # fmt: skip
+    names = [s.name for s in spectra]
+
+    def cost(w):
+        return sum(
+            u * w[n] + u * w[n] ** 2 / 16 for n, u in zip(names, unit[: len(names)], strict=True)
+        )
+
+    pol = Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=1.0, grow_threshold=2.0,
+                 round_to=q)  # fmt: skip
+    start = {s.name: s.width for s in spectra}
+    floors = {n: pol.floor(w) for n, w in start.items()}
+    budget = cost(floors) + frac * (cost(start) - cost(floors))
+    new = {
+        d.group: d.new_width for d in pol.decide(spectra, cost=cost, widths=start, budget=budget)
+    }
+    assert cost(new) <= budget + 1e-9
+    for n in names:
+        assert floors[n] <= new[n] <= start[n]
+        if new[n] != start[n]:
+            assert new[n] % q == 0
+            if q > 1:
+                up = min(start[n], (new[n] // q + 1) * q)
+                assert cost({**new, n: up}) > budget, (n, new, up)
+
+
+def test_round_to_uniform_allocation_cuts_in_blocks():
+    A = spec("A", [1.0] * 32, cap=100, gid=0)
+    B = spec("B", [1.0] * 24, cap=100, gid=1)
+    cost = lambda w: 5.0 * w["A"] + 3.0 * w["B"]  # noqa: E731
+    widths = {"A": 32, "B": 24}
+    pol = Policy(allocation="uniform", min_width=1, max_prune_fraction=1.0, round_to=8)
+    new = {d.group: d.new_width
+           for d in pol.decide([A, B], cost=cost, widths=widths, budget=150.0, reference=widths)}  # fmt: skip
+    assert cost(new) <= 150.0 and all(w % 8 == 0 for w in new.values())
+    assert new == {"A": 16, "B": 16}  # 80 + 48: one more block off A would leave 88
+
+
+def test_step_with_round_to_meets_the_budget_in_multiples():
+    torch.manual_seed(3)
+    m = ConvNet(c1=24, c2=20, act=nn.ReLU(), side=5, cin=2, classes=4, bias2=False)
+    x = torch.randn(4, 2, 5, 5)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    rs = Resizer(m, x, graph=convnet_graph(m), optimizer=opt,
+                 policy=Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=0.5, round_to=8))  # fmt: skip
+    p0, w0 = rs.param_count(), rs.widths()
+    for frac in (0.8, 0.5):
+        rep = rs.step(budget=frac * p0)
+        assert rep.params_after <= frac * p0
+        moved = {n: w for n, w in rs.widths().items() if w != w0[n]}
+        assert moved and all(w % 8 == 0 for w in moved.values()), rs.widths()
+    loss = m(x).square().mean()
+    loss.backward()
+    opt.step()  # the optimizer follows the new shapes

@@ -16,7 +16,8 @@ error of the difference combines both sides' seeds, Welch). It runs nothing::
         --uniform d5=$E/d5 --uniform d5=$E/fashion30k --out $E/versus_shapes
 
 A LABEL may be given with several folders (their cells are pooled; a cell key found twice is an
-error). Writes ``OUT.json`` (the machine, the folders, every row) and ``OUT.md``.
+error). ``--method LABEL=METHOD`` reads a searched label's METHOD cells instead of the default
+recipe's (a variant, e.g. ``--method d5-r8=f8s8``). Writes ``OUT.json`` (the machine, the folders, every row) and ``OUT.md``.
 """
 
 from __future__ import annotations
@@ -61,13 +62,16 @@ def pooled_groups(folders: list[Path]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def compare(searched: dict[str, dict], uniform: dict[str, dict]) -> list[dict]:
-    """One row per (searched label, dataset, budget, uniform label) where both have cells."""
+def compare(
+    searched: dict[str, dict], uniform: dict[str, dict], methods: dict[str, str] | None = None
+) -> list[dict]:
+    """One row per (searched label, dataset, budget, uniform label) where both have cells;
+    ``methods``: searched label -> the method to read (default: the dataset's recipe)."""
     rows = []
     for s_label, s_groups in searched.items():
         for ds, budget in sorted({(k[0], k[1]) for k in s_groups}):
-            method = frontier.recipe_method(s_groups, ds, budget)
-            if method is None:
+            method = (methods or {}).get(s_label) or frontier.recipe_method(s_groups, ds, budget)
+            if method is None or (ds, budget, method) not in s_groups:
                 continue
             rs = s_groups[ds, budget, method]
             params, acc, var, n = frontier._stats(rs)
@@ -94,7 +98,7 @@ def compare(searched: dict[str, dict], uniform: dict[str, dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> list[str]:
     lines = [
-        "| dataset | budget | searched from | recipe | seeds | params | test acc (mean ± sd) "
+        "| dataset | budget | searched from | method | seeds | params | test acc (mean ± sd) "
         "| uniform narrowing of | its sizes (params: acc, seeds) | uniform at that size "
         "| searched - uniform (points) | SE | diff/SE |",
         "|---|---:|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
@@ -119,14 +123,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="a frontier.py --out folder whose default-recipe cells to compare")  # fmt: skip
     p.add_argument("--uniform", action="append", default=[], metavar="LABEL=DIR",
                    help="a frontier.py --out folder whose uniform narrowing to compare with")  # fmt: skip
+    p.add_argument("--method", action="append", default=[], metavar="LABEL=METHOD",
+                   help="read a --searched label's METHOD cells, not the default recipe's")  # fmt: skip
     p.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     if not args.searched or not args.uniform:
         p.error("give at least one --searched and one --uniform")
     s_dirs = _labelled(args.searched, "--searched")
     u_dirs = _labelled(args.uniform, "--uniform")
+    methods = {}
+    for m in args.method:
+        label, sep, name = m.partition("=")
+        if not sep or label not in s_dirs or not name:
+            p.error(f"--method takes LABEL=METHOD with a LABEL given to --searched, got {m!r}")
+        methods[label] = name
     rows = compare({k: pooled_groups(v) for k, v in s_dirs.items()},
-                   {k: pooled_groups(v) for k, v in u_dirs.items()})  # fmt: skip
+                   {k: pooled_groups(v) for k, v in u_dirs.items()}, methods)  # fmt: skip
     meta = frontier.machine()
     command = "python benchmarks/versus_shapes.py " + shlex.join(
         sys.argv[1:] if argv is None else argv
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in u_dirs.items())
         + ".",
         "",
-        "Each default-recipe set against uniform narrowing of each large network, interpolated "
+        "Each default-recipe set (or the method `--method` names) against uniform narrowing of each large network, interpolated "
         "(log-linear in parameters) to the recipe's mean size; SE: standard error of the "
         "difference (both sides' seeds):",
         "",

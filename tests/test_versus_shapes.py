@@ -80,3 +80,20 @@ def test_bad_arguments_say_what_to_do(tmp_path, capsys):
         vs.main(["--searched", f"m={tmp_path}", "--uniform", f"m={a}", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="in two folders of one label"):
         vs.pooled_groups([own, own])
+
+
+def test_method_reads_a_variant_instead_of_the_recipe(tmp_path, capsys):
+    own, a, _ = _folders(tmp_path)
+    for s, acc in enumerate((0.9950, 0.9952)):  # a variant beside the recipe, in its own folder
+        _cell(tmp_path / "v", f"mnist-6000-m1k8-s{s}", 5700, acc)
+    groups = {"own": vs.pooled_groups([own]), "v": vs.pooled_groups([tmp_path / "v"])}
+    rows = vs.compare(groups, {"d": vs.pooled_groups([a])}, {"v": "m1k8"})
+    assert [(r["searched"], r["method"], r["seeds"]) for r in rows] == [
+        ("own", RECIPE, 3), ("v", "m1k8", 2)]  # fmt: skip
+    assert rows[1]["acc"] == pytest.approx(99.51)
+    # a label without the method's cells gives no row (nor does v without its --method)
+    assert vs.compare(groups, {"d": vs.pooled_groups([a])}, {"own": "m1k8"}) == []
+    with pytest.raises(SystemExit):
+        vs.main(["--searched", f"m={own}", "--uniform", f"d={a}", "--method", "x=m1k8",
+                 "--out", str(tmp_path / "x")])  # fmt: skip
+    assert "--method takes LABEL=METHOD with a LABEL given to --searched" in capsys.readouterr().err

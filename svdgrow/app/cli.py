@@ -214,6 +214,10 @@ def _resizing(g: Any) -> None:
           "convolutions (by default they are scaled back after every resize: same function, "
           "but inflated rows would all but stop learning)", dest="renorm",
           action="store_false")  # fmt: skip
+    _flag(g, "--round-to", "keep every width a resize moves a layer to on a multiple of N "
+          "(convolution kernels run blocks of 8 or 16 channels: an aligned network trains "
+          "faster for its FLOPs; benchmarks/bench_widths.py); 1 = any width", type=int,
+          metavar="N")  # fmt: skip
     _flag(g, "--policy", "extra svdgrow.Policy(...) settings as a JSON object, e.g. "
           "'{\"min_width\": 4}'", metavar="JSON")  # fmt: skip
 

@@ -95,6 +95,9 @@ class TrainConfig:
         renorm: after every resize, scale the rows of BatchNorm-followed convolutions whose
             shape changed back to their RMS norm from before the resize.
         policy: extra keyword arguments for ``svdgrow.Policy(...)``.
+        round_to: every width a resize moves a group to is a multiple of this
+            (``svdgrow.Policy``'s ``round_to``: convolutions run faster on aligned widths; 1:
+            any width).
         augment: random shifts of up to ``shift`` pixels on the training batches.
         shift: largest augmentation shift in pixels.
         data_dir: dataset root (None: search $SVDGROW_DATA, ./data, ../shared/data).
@@ -139,6 +142,7 @@ class TrainConfig:
     mode: str = "data"
     spectrum: str = "weights"
     hold_grown: int = 0
+    round_to: int = 1
     target_params: int | None = None
     target_mflops: float | None = None
     shrink_steps: int = 600
@@ -240,6 +244,13 @@ class TrainConfig:
         kwargs = dict(self.policy)
         if self.energy_eps is not None:
             kwargs.setdefault("energy_eps", self.energy_eps)
+        if self.round_to != 1:
+            if kwargs.get("round_to", self.round_to) != self.round_to:
+                raise ValueError(
+                    f"--round-to {self.round_to} and --policy round_to={kwargs['round_to']} "
+                    "disagree: give one of them"
+                )
+            kwargs["round_to"] = self.round_to
         for key, value in kwargs.items():
             numeric = isinstance(defaults[key], (int, float)) and not isinstance(
                 defaults[key], bool
@@ -318,6 +329,7 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("mode", lambda v: v in ("weights", "data"), "weights or data"),
     ("spectrum", lambda v: v in ("weights", "features"), "weights or features"),
     ("hold_grown", lambda v: _count(v) and v >= 0, "an integer >= 0 (resizes)"),
+    ("round_to", lambda v: _count(v) and v >= 1, "an integer >= 1 (1: any width)"),
     ("epochs", lambda v: _count(v) and v >= 1, "an integer >= 1"),
     ("batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),
     ("eval_batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),

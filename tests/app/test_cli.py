@@ -39,7 +39,7 @@ def test_help_defaults_come_from_train_config():
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             assert action.help.endswith(f"(default {value})"), action.dest
             checked += 1
-    assert checked == 23  # every flag with a str/number default (--resize-backoff is the 23rd)
+    assert checked == 24  # every flag with a str/number default (--round-to is the 24th)
     lr = next(a for a in _train_parser()._actions if a.dest == "lr")
     assert lr.help.endswith("(default 0.05 sgd, 0.002 adam, 0.002 adamw)")
 
@@ -248,6 +248,12 @@ CASES = {
         "energy_eps must be a number, got 'x'",
     ),
     "policy range": (lambda c: c.train("--policy", '{"min_width": 0}'), "min_width must be"),
+    "policy round_to": (lambda c: c.train("--policy", '{"round_to": 0}'), "round_to must be"),
+    "round-to 0": (lambda c: c.train("--round-to", "0"), "--round-to must be an integer >= 1"),
+    "round-to disagrees": (
+        lambda c: c.train("--round-to", "8", "--policy", '{"round_to": 4}'),
+        "--round-to 8 and --policy round_to=4 disagree",
+    ),
     # --spec
     "spec blocks not a list": (lambda c: c.train("--spec", c.spec(blocks=3)), "a list of block"),
     "spec block not an object": (lambda c: c.train("--spec", c.spec(blocks=[3])), "must be an"),

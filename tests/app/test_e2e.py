@@ -178,3 +178,15 @@ def test_baseline_from_run(run_a, tmp_path):
     epochs = _events(run_c, "epoch")
     assert len(epochs) == 3 and not _events(run_c, "resize")
     assert {e["params"] for e in epochs} == {_events(run_a, "epoch")[-1]["params"]}
+
+
+def test_round_to_keeps_every_moved_width_on_a_multiple(args, tmp_path):
+    run = tmp_path / "r8"
+    assert main([*args, "--round-to", "4", "--run-dir", str(run)]) == 0
+    assert '"round_to": 4' in (run / "config.json").read_text()
+    start = _events(run, "start")[0]["widths"]["groups"]
+    resizes = _events(run, "resize")
+    assert resizes and resizes[-1]["params"] <= 8000
+    for e in resizes:
+        moved = {g: w for g, w in e["widths"]["groups"].items() if w != start[g]}
+        assert moved and all(w % 4 == 0 for w in moved.values()), e["widths"]["groups"]

@@ -300,15 +300,18 @@ class Policy:
         what = " and ".join(f"{k}={b:.6g}" for k, _, b in ceilings)
         start = [fn(plan) for _, fn, _ in ceilings]
         if any(c > b for c, (_, _, b) in zip(start, ceilings, strict=True)):
-            taken, cur = self._cut_to_budget(by_name, ceilings, plan, draft.floors)
+            taken, cur, last = self._cut_to_budget(by_name, ceilings, plan, draft.floors)
             planned = ", ".join(f"{c:.6g}" for c in start)
             for name, k in taken.items():
                 s = by_name[name]
                 n_kept = s.energy_kept.numel()
                 kept = float(s.energy_kept[min(plan[name], n_kept) - 1]) if n_kept else 1.0
+                how = f"lowest energy lost per {kinds} saved"
+                if name == last:
+                    how += " (the last block: the least energy of those that fit alone)"
                 draft.reasons[name] += (
-                    f"; budget {what} (planned {planned}): {k} more channel(s) removed, lowest "
-                    f"energy lost per {kinds} saved -> {plan[name]} (energy kept {kept:.6f})"
+                    f"; budget {what} (planned {planned}): {k} more channel(s) removed, {how} -> "
+                    f"{plan[name]} (energy kept {kept:.6f})"
                 )
                 draft.target[name] = plan[name]
             if any(c > b for c, (_, _, b) in zip(cur, ceilings, strict=True)):
@@ -434,8 +437,9 @@ class Policy:
     def _cut_to_budget(self, by_name, ceilings, plan: dict[str, int], floors: dict[str, int]):
         """Remove single channels from ``plan`` (in place), cheapest first, until it fits
         every ceiling or every group is at its floor (``floors``, by name). Returns (channels
-        taken per group, the costs reached)."""
+        taken per group, the costs reached, the group :meth:`_last_block` chose or None)."""
         taken: dict[str, int] = {}
+        finisher = None
 
         def costs() -> list[float]:
             return [fn(plan) for _, fn, _ in ceilings]
@@ -475,7 +479,7 @@ class Policy:
                 else None
             )
             if last is not None:
-                name = last
+                name = finisher = last
             else:
                 _, name = heapq.heappop(heap)
                 fresh = score(name)
@@ -493,7 +497,7 @@ class Policy:
                 heapq.heappush(heap, (nxt, name))
         if self.round_to > 1 and fits(cur):
             cur = self._give_back(by_name, ceilings, plan, taken, start, fits)
-        return taken, cur
+        return taken, cur, finisher
 
     def _last_block(self, by_name, ceilings, plan, floors, fits) -> str | None:
         """With ``round_to`` > 1: of the groups whose next block alone brings every cost within

@@ -510,8 +510,9 @@ def test_round_to_finishes_the_cut_with_the_least_energy_block_that_fits():
     kw = dict(cost=cost, widths=widths, budget=cost(widths) - 10.0)
     pol = Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=1.0, grow_threshold=2.0,
                  round_to=8)  # fmt: skip
-    new = {d.group: d.new_width for d in pol.decide([A, B], **kw)}
-    assert new == {"A": 16, "B": 8}
+    dA, dB = pol.decide([A, B], **kw)
+    assert (dA.new_width, dB.new_width) == (16, 8)
+    assert "the last block: the least energy of those that fit alone" in dB.reason
     pol.round_to = 1  # one channel at a time: A's channels are the cheapest per cost, 1 suffices
     new = {d.group: d.new_width for d in pol.decide([A, B], **kw)}
     assert new == {"A": 15, "B": 16}

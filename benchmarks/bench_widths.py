@@ -40,6 +40,7 @@ from svdgrow.app.models import build_model, count_flops, count_params  # noqa: E
 R = "benchmarks/results"
 DEFAULT_RUNS = [
     f"{R}/explore_depth6k_cpu/d5fashion60k/runs/fashion-mnist-60000-f8s-s2",
+    f"{R}/explore_depth6k_cpu/d5fashion60k_r8b/runs/fashion-mnist-60000-f8s8-s1",
     f"{R}/explore_depth6k_cpu/fashion60k/runs/fashion-mnist-60000-uniform-s0",
     f"{R}/explore_depth6k_cpu/fashion60k/runs/fashion-mnist-60000-uniform2-s0",
     f"{R}/frontier_cpu/runs/fashion-mnist-60000-f8s-s0",

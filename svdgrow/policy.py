@@ -284,8 +284,7 @@ class Policy:
         group that loses the least relative energy per unit of cost saved (each cost still
         above its ceiling counted relative to that ceiling; with one ceiling, per unit of that
         cost), via a lazy heap: a popped score is recomputed and pushed back when it went
-        stale; never below a group's :meth:`floor` (with ``round_to`` > 1 a block at a time,
-        the last one chosen by :meth:`_last_block`, then :meth:`_give_back`). Grow options are then taken, strongest
+        stale; never below a group's :meth:`floor`. Grow options are then taken, strongest
         first, while every cost stays within its ceiling (one that does not fit is skipped;
         with ``fill_budget`` it takes what fits and the rest wait, then the fills likewise).
 
@@ -300,18 +299,15 @@ class Policy:
         what = " and ".join(f"{k}={b:.6g}" for k, _, b in ceilings)
         start = [fn(plan) for _, fn, _ in ceilings]
         if any(c > b for c, (_, _, b) in zip(start, ceilings, strict=True)):
-            taken, cur, last = self._cut_to_budget(by_name, ceilings, plan, draft.floors)
+            taken, cur = self._cut_to_budget(by_name, ceilings, plan, draft.floors)
             planned = ", ".join(f"{c:.6g}" for c in start)
             for name, k in taken.items():
                 s = by_name[name]
                 n_kept = s.energy_kept.numel()
                 kept = float(s.energy_kept[min(plan[name], n_kept) - 1]) if n_kept else 1.0
-                how = f"lowest energy lost per {kinds} saved"
-                if name == last:
-                    how += " (the last block: the least energy of those that fit alone)"
                 draft.reasons[name] += (
-                    f"; budget {what} (planned {planned}): {k} more channel(s) removed, {how} -> "
-                    f"{plan[name]} (energy kept {kept:.6f})"
+                    f"; budget {what} (planned {planned}): {k} more channel(s) removed, lowest "
+                    f"energy lost per {kinds} saved -> {plan[name]} (energy kept {kept:.6f})"
                 )
                 draft.target[name] = plan[name]
             if any(c > b for c, (_, _, b) in zip(cur, ceilings, strict=True)):
@@ -437,9 +433,8 @@ class Policy:
     def _cut_to_budget(self, by_name, ceilings, plan: dict[str, int], floors: dict[str, int]):
         """Remove single channels from ``plan`` (in place), cheapest first, until it fits
         every ceiling or every group is at its floor (``floors``, by name). Returns (channels
-        taken per group, the costs reached, the group :meth:`_last_block` chose or None)."""
+        taken per group, the costs reached)."""
         taken: dict[str, int] = {}
-        finisher = None
 
         def costs() -> list[float]:
             return [fn(plan) for _, fn, _ in ceilings]
@@ -473,21 +468,13 @@ class Policy:
         heapq.heapify(heap)
         cur = costs()
         while not fits(cur) and heap:
-            last = (
-                self._last_block(by_name, ceilings, plan, floors, fits)
-                if self.round_to > 1
-                else None
-            )
-            if last is not None:
-                name = finisher = last
-            else:
-                _, name = heapq.heappop(heap)
-                fresh = score(name)
-                if fresh is None:
-                    continue
-                if heap and fresh > heap[0][0] + 1e-18:
-                    heapq.heappush(heap, (fresh, name))
-                    continue
+            _, name = heapq.heappop(heap)
+            fresh = score(name)
+            if fresh is None:
+                continue
+            if heap and fresh > heap[0][0] + 1e-18:
+                heapq.heappush(heap, (fresh, name))
+                continue
             low = self._below(plan[name])
             taken[name] = taken.get(name, 0) + plan[name] - low
             plan[name] = low
@@ -497,35 +484,7 @@ class Policy:
                 heapq.heappush(heap, (nxt, name))
         if self.round_to > 1 and fits(cur):
             cur = self._give_back(by_name, ceilings, plan, taken, start, fits)
-        return taken, cur, finisher
-
-    def _last_block(self, by_name, ceilings, plan, floors, fits) -> str | None:
-        """With ``round_to`` > 1: of the groups whose next block alone brings every cost within
-        its ceiling, the one whose block carries the least relative energy (ties: the one that
-        saves least), or None. Once one block finishes the cut, what it saves beyond the
-        ceiling buys nothing, so the last block is chosen by energy lost, not by energy lost per
-        cost saved (which would favour a large block and leave the network well below its
-        budget)."""
-        best = None
-        for name, s in by_name.items():
-            w = plan[name]
-            low = self._below(w)
-            if low < max(floors[name], 1):
-                continue
-            before = [fn(plan) for _, fn, _ in ceilings]
-            plan[name] = low
-            after = [fn(plan) for _, fn, _ in ceilings]
-            plan[name] = w
-            if not fits(after):
-                continue
-            lost = float(s.energy[low:w].sum()) / s.total_energy if s.total_energy > 0 else 0.0
-            saved = sum(
-                (c - a) / b for c, a, (_, _, b) in zip(before, after, ceilings, strict=True)
-            )
-            key = (lost, saved, name)
-            if best is None or key < best:
-                best = key
-        return None if best is None else best[2]
+        return taken, cur
 
     def _give_back(self, by_name, ceilings, plan, taken, start, fits):
         """After a cut in blocks of ``round_to``: the last block may have saved far more than

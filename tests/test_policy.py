@@ -498,21 +498,3 @@ def test_step_with_round_to_meets_the_budget_in_multiples():
     loss.backward()
     opt.step()  # the optimizer follows the new shapes
 
-
-def test_round_to_finishes_the_cut_with_the_least_energy_block_that_fits():
-    # the budget needs 10 units cut. A's block has the best energy per cost (0.01 / 100) but
-    # would leave the network 90 below its budget; B's block alone also fits (12) and loses
-    # less energy in all (0.005): the cut takes B's. With q = 1 the order is the plain ratio.
-    A = spec("A", [1.0] * 8 + [0.1] * 8, cap=100, gid=0)  # its last 8: 8 * 0.01 / 8.8 = 0.0091
-    B = spec("B", [1.0] * 8 + [0.07] * 8, cap=100, gid=1)  # its last 8: 0.0392 / 8.0392 = 0.0049
-    cost = lambda w: 12.5 * w["A"] + 1.5 * w["B"]  # noqa: E731
-    widths = {"A": 16, "B": 16}
-    kw = dict(cost=cost, widths=widths, budget=cost(widths) - 10.0)
-    pol = Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=1.0, grow_threshold=2.0,
-                 round_to=8)  # fmt: skip
-    dA, dB = pol.decide([A, B], **kw)
-    assert (dA.new_width, dB.new_width) == (16, 8)
-    assert "the last block: the least energy of those that fit alone" in dB.reason
-    pol.round_to = 1  # one channel at a time: A's channels are the cheapest per cost, 1 suffices
-    new = {d.group: d.new_width for d in pol.decide([A, B], **kw)}
-    assert new == {"A": 15, "B": 16}

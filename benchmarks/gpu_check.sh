@@ -14,6 +14,8 @@
 #   syncs.md/json  benchmarks/gpu_syncs.py: host synchronisations of the ops and of Resizer.step
 #   bench_svd.txt  benchmarks/bench_svd.py --device cuda (and the JSON/markdown it wrote)
 #   bench_resize*  benchmarks/bench_resize.py --device cuda: resize step vs training step
+#   bench_widths*  benchmarks/bench_widths.py --device cuda: found widths against the same
+#                  widths on multiples of 8 (does alignment matter on the GPU too?)
 #   mnist_gpu*/    the main job (svdgrow train --dataset mnist) plain and --amp, with
 #                  `svdgrow summary` (time split: batches, steps, resize checks, evaluation)
 #   fashion_gpu/   2 epochs of the Fashion-MNIST recipe (its feature spectra on the GPU)
@@ -24,7 +26,7 @@
 # when present). Nothing is downloaded (pip --no-index --no-deps).
 # Environment: MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0, Hopper), PYTHON (python, else
 # python3), BUDGET (540), DATA (data_gz), STEPS (default "build pytest syncs bench_svd
-# bench_resize train": a second call on the still-warm machine can run what the first cut,
+# bench_resize bench_widths train": a second call on the still-warm machine can run what the first cut,
 # e.g. STEPS="train" once the build is installed there); for a dry run of the script itself on a machine without a GPU:
 # DEVICE=cpu SKIP_BUILD=1 EPOCHS=1 (the CUDA-only steps then fail fast or skip).
 set -uo pipefail
@@ -39,7 +41,7 @@ if [ -x .venv/bin/python ]; then
   . .venv/bin/activate
 fi
 PY=${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}
-STEPS=${STEPS:-build pytest syncs bench_svd bench_resize train}
+STEPS=${STEPS:-build pytest syncs bench_svd bench_resize bench_widths train}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # CUDA toolkit root; nvcc on PATH may be a wrapper script (as in scripts/setup.sh).
@@ -115,6 +117,8 @@ want bench_svd && step bench_svd 90 bench_svd.txt "$PY" benchmarks/bench_svd.py 
   --out "$OUT/bench_svd_$DEVICE.json"
 want bench_resize && step bench_resize 90 bench_resize.txt "$PY" benchmarks/bench_resize.py --device "$DEVICE" \
   --quality-steps 0 --out "$OUT/bench_resize_$DEVICE"
+want bench_widths && step bench_widths 40 bench_widths.txt "$PY" benchmarks/bench_widths.py \
+  --device "$DEVICE" --out "$OUT/bench_widths_$DEVICE"
 
 # The main job (README command 1) on the GPU, plain and with --amp, and the Fashion recipe.
 DATA=${DATA:-data_gz}

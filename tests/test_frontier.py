@@ -382,8 +382,9 @@ def _table_rows(lines: list[str], after: str | None) -> list[str]:
         ("frontier_cpu/frontier.md", None),
         ("frontier_cpu_30ep/frontier.md", "The default recipe"),
         ("explore_depth6k_cpu/versus_shapes.md", None),
+        ("explore_depth6k_cpu/versus_shapes_r8.md", None),
     ],
-    ids=["every-table", "30-epoch-recipe-table", "versus-shapes"],
+    ids=["every-table", "30-epoch-recipe-table", "versus-shapes", "versus-shapes-round-to"],
 )
 def test_the_readme_shows_the_committed_frontier_tables(table, after):
     # README.md copies frontier_cpu/frontier.md's tables, the 30-epoch frontier's recipe table

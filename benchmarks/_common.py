@@ -1,5 +1,8 @@
-"""What the benchmark scripts share: the name of the machine they ran on."""
+"""What the benchmark scripts share: the name of the machine they ran on, and writing a
+result's JSON and markdown."""
 
+import json
+import os
 import platform
 
 
@@ -13,3 +16,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_results(stem: str, res: dict, text: list[str]) -> None:
+    """``res`` to ``stem.json`` and the table lines ``text`` to ``stem.md``."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(text) + "\n")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -50,7 +49,7 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
+from _common import cpu_name, write_results  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 from svdgrow.app import models  # noqa: E402
 from svdgrow.app.data import load_dataset  # noqa: E402
 from svdgrow.policy import Policy  # noqa: E402
@@ -386,11 +385,7 @@ def main(argv=None) -> dict:
     stem = args.out or os.path.join(
         ROOT, "benchmarks", "results", f"bench_resize_{device.type}{suffix}"
     )
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(text) + "\n")
+    write_results(stem, res, text)
     return res
 
 

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
+from _common import cpu_name, write_results  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 from svdgrow.app.models import build_model, count_flops, count_params  # noqa: E402
 
 R = "benchmarks/results"
@@ -162,11 +162,7 @@ def main(argv=None) -> dict:
     print("\n".join(text))
     suffix = "_1thread" if res["threads"] == 1 and device.type == "cpu" else ""
     stem = args.out or str(ROOT / "benchmarks" / "results" / f"bench_widths_{device.type}{suffix}")
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(text) + "\n")
+    write_results(stem, res, text)
     return res
 
 

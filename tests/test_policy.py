@@ -497,4 +497,3 @@ def test_step_with_round_to_meets_the_budget_in_multiples():
     loss = m(x).square().mean()
     loss.backward()
     opt.step()  # the optimizer follows the new shapes
-

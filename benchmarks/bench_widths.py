@@ -32,7 +32,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+try:  # installed (or on PYTHONPATH); the checkout goes on sys.path only when it is not, since
+    import svdgrow  # noqa: F401  processes spawned later (tests' DDP workers) inherit sys.path
+except ImportError:  # and the checkout's svdgrow has no built extension
+    sys.path.insert(0, str(ROOT))
 
 from _common import cpu_name, write_results  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 from svdgrow.app.models import build_model, count_flops, count_params  # noqa: E402

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-if not (_DIR / "bench_widths.py").is_file():  # an installed package without benchmarks/
-    pytest.skip("benchmarks/bench_widths.py is not beside the tests", allow_module_level=True)
-sys.path.insert(0, str(_DIR))
-_spec = importlib.util.spec_from_file_location("bench_widths", _DIR / "bench_widths.py")
-bw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bw)
+bw = load_benchmark("bench_widths")
 
 SPEC = {"arch": "resnet", "in_channels": 1, "num_classes": 10, "input_size": 28, "bn": True,
         "stem": 5, "blocks": [{"mid": 13, "out": 11, "stride": 2, "projection": True}]}  # fmt: skip

@@ -4,7 +4,6 @@ interpolated comparison, results read back from run folders, cells claimed by lo
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import json
 import math
 import os
@@ -13,16 +12,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from benchmark_scripts import BENCHMARKS, load_benchmark
 
 from svdgrow.app.config import RECIPES, TrainConfig
 from svdgrow.app.models import count_params, narrow_spec, preset_spec
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
-if not _PATH.is_file():  # an installed package without the repository's benchmarks/
-    pytest.skip("benchmarks/frontier.py is not beside the tests", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("frontier", _PATH)
-frontier = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(frontier)
+frontier = load_benchmark("frontier")
+_PATH = BENCHMARKS / "frontier.py"
 
 
 @pytest.mark.parametrize("target", [3000, 5815, 12000])
@@ -166,10 +162,7 @@ def test_a_claimed_cell_is_busy(tmp_path):
 def test_queue_file_stages(tmp_path):
     """benchmarks/frontier_queue.py: one stage per line, comments and blank lines skipped,
     quoted --variant flags kept whole; and the committed queue parses into frontier's CLI."""
-    qpath = _PATH.parent / "frontier_queue.py"
-    spec = importlib.util.spec_from_file_location("frontier_queue", qpath)
-    queue = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(queue)
+    queue = load_benchmark("frontier_queue")
     f = tmp_path / "q.txt"
     f.write_text(
         '# a comment\n\n--budgets 3000 --variant "a=--x 1 --y 2" --seeds 0\n  # indented\n'
@@ -187,10 +180,7 @@ def test_queue_file_stages(tmp_path):
 def test_queue_stops_when_a_stage_fails_at_once(tmp_path, monkeypatch, capsys):
     """A stage whose copy dies at once (here: an unknown flag) stops the queue with the log
     named, rather than the next stage starting beside the other copy."""
-    qpath = _PATH.parent / "frontier_queue.py"
-    spec = importlib.util.spec_from_file_location("frontier_queue", qpath)
-    queue = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(queue)
+    queue = load_benchmark("frontier_queue")
     monkeypatch.setattr(queue, "running_copies", lambda: 0)
     f = tmp_path / "q.txt"
     f.write_text("--no-such-flag 1\n--dataset mnist --budgets 3000 --methods uniform\n")

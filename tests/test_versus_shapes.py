@@ -3,21 +3,14 @@ other frontier folders (other large networks), computed as frontier.py computes 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-if not (_DIR / "versus_shapes.py").is_file():  # an installed package without benchmarks/
-    pytest.skip("benchmarks/versus_shapes.py is not beside the tests", allow_module_level=True)
-sys.path.insert(0, str(_DIR))
-_spec = importlib.util.spec_from_file_location("versus_shapes", _DIR / "versus_shapes.py")
-vs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vs)
+vs = load_benchmark("versus_shapes")
 frontier = vs.frontier
 RECIPE = frontier.RECIPE_METHOD["mnist"][0]
 

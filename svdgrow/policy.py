@@ -83,6 +83,14 @@ class Policy:
             ``round_to`` channels is not pruned. A budget is met in blocks: the cut removes a
             block at a time (down to the next multiple), then gives back, most energy per unit
             of cost first, the blocks that still fit. 1 (the default): any width.
+        align: with ``round_to > 1``, move every group whose width is not a multiple (and is
+            above ``round_to`` and below its cap) to one this step, even when no rule moves
+            it: first down to the multiple below (never below its floor), then, after the
+            budget's cut and the grow options, back up to the multiple above its width (past
+            it a grow) while every cost stays within its ceiling, most energy given back per
+            unit of cost first. For aligning once, e.g. when a budget schedule that ran on
+            free widths ends (``svdgrow train --round-after-shrink``). Ignored with
+            ``allocation="uniform"``.
     """
 
     energy_eps: float = 1e-2
@@ -96,6 +104,7 @@ class Policy:
     fill_budget: bool = False
     allocation: str = "spectrum"
     round_to: int = 1
+    align: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.energy_eps < 1.0:
@@ -208,10 +217,16 @@ class Policy:
         if not ceilings:
             for _, name, w, _ in draft.grows:
                 draft.target[name] = w
-        elif self.allocation == "uniform":
-            self._fit_uniform(spectra, draft, ceilings, {**widths}, reference or {})
+        if self.allocation == "uniform":
+            if ceilings:
+                self._fit_uniform(spectra, draft, ceilings, {**widths}, reference or {})
         else:
-            self._fit_budget(spectra, draft, ceilings, {**widths, **draft.target})
+            down = self._align_down(spectra, draft) if self.align and self.round_to > 1 else {}
+            plan = {**(widths or {}), **draft.target}
+            if ceilings:
+                self._fit_budget(spectra, draft, ceilings, plan)
+            if down:
+                self._align_up(spectra, draft, ceilings, plan, down)
         out = []
         for s in spectra:
             w = draft.target[s.name]
@@ -400,6 +415,67 @@ class Policy:
                     f"; budget {what}: {abs(start[n] - plan[n])} channel(s) {verb}, uniformly "
                     f"-> {plan[n]} ({plan[n] / ref[n]:.4f} of reference width {ref[n]})"
                 )
+
+    def _align_down(self, spectra, draft: _Draft) -> dict[str, int]:
+        """``align``: every group no rule moved whose width is not a multiple of ``round_to``
+        (above ``round_to``, below its cap) goes down to the multiple below, unless that is
+        below its floor. Returns group name -> the aligned width, for :meth:`_align_up`."""
+        q = self.round_to
+        down = {}
+        for s in spectra:
+            n = s.width
+            if draft.target[s.name] != n or n % q == 0 or n <= q or n >= s.cap:
+                continue
+            if n // q * q < draft.floors[s.name]:
+                draft.reasons[s.name] += (
+                    f"; not aligned to round_to={q} (floor {draft.floors[s.name]})"
+                )
+                continue
+            down[s.name] = draft.target[s.name] = n // q * q
+        return down
+
+    def _align_up(self, spectra, draft: _Draft, ceilings, plan: dict[str, int], down) -> None:
+        """``align``, after the budget: give the groups :meth:`_align_down` moved (and nothing
+        moved since) the multiple above their width instead, one at a time, the most energy
+        given back per unit of cost first, while every cost stays within its ceiling; then
+        say in each one's reason where it went."""
+        by_name = {s.name: s for s in spectra}
+        left = {n for n, w in down.items() if plan[n] == w}
+        still = set(left)
+        while left:
+            cur = [fn(plan) for _, fn, _ in ceilings]
+            best = None
+            for name in sorted(left):
+                s = by_name[name]
+                w, up = plan[name], min(s.cap, self._up(s.width))
+                plan[name] = up
+                after = [fn(plan) for _, fn, _ in ceilings]
+                plan[name] = w
+                if any(a > b for a, (_, _, b) in zip(after, ceilings, strict=True)):
+                    continue
+                added = sum(
+                    (a - c) / b for c, a, (_, _, b) in zip(cur, after, ceilings, strict=True)
+                )
+                back = (
+                    float(s.energy[w : s.width].sum()) / s.total_energy
+                    if s.total_energy > 0
+                    else 0.0
+                )
+                key = back / added if added > 0 else math.inf
+                if best is None or key > best[0]:
+                    best = (key, name, up)
+            if best is None:
+                break
+            _, name, up = best
+            left.discard(name)
+            plan[name] = draft.target[name] = up
+        for name in sorted(still):
+            n, w = by_name[name].width, plan[name]
+            how = "up, within" if w > n else "up would exceed"
+            costs = self._costs_text(ceilings, plan) if ceilings else "no budget"
+            draft.reasons[name] += (
+                f"; aligned to round_to={self.round_to}: {n} -> {w} ({how} the budget: {costs})"
+            )
 
     @staticmethod
     def _not_reached(spectra, draft: _Draft, what: str, costs: list[float]) -> None:

@@ -501,3 +501,90 @@ def test_step_with_round_to_meets_the_budget_in_multiples():
     loss = m(x).square().mean()
     loss.backward()
     opt.step()  # the optimizer follows the new shapes
+
+
+# align: every group moved to a multiple of round_to at once (svdgrow train --round-after-shrink)
+
+
+def test_align_moves_every_group_down_or_up_within_the_budget():
+    A = spec("A", [1.0] * 20, cap=100, gid=0)
+    B = spec("B", [3.0] * 13, cap=100, gid=1)  # more energy per channel: restored first
+    C = spec("C", [1.0] * 5, cap=100, gid=2)  # at or below round_to: left as it is
+    cost = lambda w: 5 * w["A"] + 3 * w["B"] + w["C"]  # noqa: E731
+    widths = {"A": 20, "B": 13, "C": 5}  # cost 144
+    pol = Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=0.5, grow_fraction=0.0,
+                 round_to=8, align=True)  # fmt: skip
+
+    def new(**kw):
+        return {d.group: d.new_width for d in pol.decide([A, B, C], cost=cost, widths=widths, **kw)}
+
+    assert new(budget=144.0) == {"A": 16, "B": 16, "C": 5}  # B up (133); A up would be 173
+    assert new(budget=184.0) == {"A": 24, "B": 16, "C": 5}  # both up: grows past the widths
+    assert new(budget=132.0) == {"A": 16, "B": 8, "C": 5}  # B up would be 133
+    assert new() == {"A": 24, "B": 16, "C": 5}  # no budget: up
+    (d,) = [
+        d for d in pol.decide([A, B, C], cost=cost, widths=widths, budget=144.0) if d.group == "B"
+    ]
+    assert d.action == "grow" and "aligned to round_to=8: 13 -> 16" in d.reason
+    # off unless asked, with round_to=1, and with allocation="uniform"
+    for p in (Policy(energy_eps=1e-6, grow_fraction=0.0, round_to=8),
+              Policy(energy_eps=1e-6, grow_fraction=0.0, align=True),
+              Policy(energy_eps=1e-6, grow_fraction=0.0, round_to=8, align=True,
+                     allocation="uniform")):  # fmt: skip
+        out = p.decide([A, B, C], cost=cost, widths=widths, budget=144.0, reference=widths)
+        assert [d.new_width for d in out] == [20, 13, 5]
+
+
+def test_align_never_goes_below_a_floor_or_a_hold():
+    A = spec("A", [1.0] * 20, cap=100, gid=0)
+    pol = Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=0.5, grow_fraction=0.0,
+                 round_to=8, align=True)  # fmt: skip
+    cost = lambda w: float(w["A"])  # noqa: E731
+    (d,) = pol.decide([A], cost=cost, widths={"A": 20}, budget=20.0, hold={"A": 20})
+    assert d.new_width == 20 and "not aligned to round_to=8 (floor 20)" in d.reason
+    (d,) = pol.decide([A], cost=cost, widths={"A": 20}, budget=20.0)
+    assert d.new_width == 16
+    capped = spec("A", [1.0] * 20, cap=21)  # the multiple above is past the cap: up is the cap
+    (d,) = pol.decide([capped], cost=cost, widths={"A": 20}, budget=21.0)
+    assert d.new_width == 21
+    (d,) = pol.decide([capped], cost=cost, widths={"A": 20}, budget=20.5)
+    assert d.new_width == 16
+    (d,) = pol.decide([spec("A", [1.0] * 20, cap=20)], cost=cost, widths={"A": 20}, budget=21.0)
+    assert d.new_width == 20  # at its cap: left as it is
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 48), min_size=1, max_size=5),
+    unit=st.lists(st.floats(1.0, 50.0), min_size=5, max_size=5),
+    q=st.sampled_from([2, 4, 8]),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_align_property(widths, unit, q, frac, seed):
+    # a budget between every group down and every group up: after align every group above q
+    # is on the multiple below or above its width, the cost within the budget, and no group
+    # left below could still go up and fit
+    g = torch.Generator().manual_seed(seed)
+    spectra = [spec(f"g{i}", torch.rand(w, generator=g, dtype=torch.float64) + 0.5, cap=100, gid=i)
+               for i, w in enumerate(widths)]  # fmt: skip
+    names = [s.name for s in spectra]
+
+    def cost(w):
+        return sum(u * w[n] for n, u in zip(names, unit[: len(names)], strict=True))
+
+    start = {s.name: s.width for s in spectra}
+    moves = {n: w > q and w % q for n, w in start.items()}
+    lo = {n: w // q * q if moves[n] else w for n, w in start.items()}
+    hi = {n: -(-w // q) * q if moves[n] else w for n, w in start.items()}
+    budget = cost(lo) + frac * (cost(hi) - cost(lo))
+    pol = Policy(energy_eps=1e-6, min_width=1, max_prune_fraction=1.0, grow_fraction=0.0,
+                 round_to=q, align=True)  # fmt: skip
+    new = {
+        d.group: d.new_width for d in pol.decide(spectra, cost=cost, widths=start, budget=budget)
+    }
+    assert cost(new) <= budget + 1e-9
+    for n in names:
+        assert new[n] in (lo[n], hi[n]), (n, start[n], new[n])
+        if new[n] == lo[n] != hi[n]:
+            assert cost({**new, n: hi[n]}) > budget + 1e-9, (n, new)

@@ -218,6 +218,9 @@ def _resizing(g: Any) -> None:
           "(convolution kernels run blocks of 8 or 16 channels: an aligned network trains "
           "faster for its FLOPs; benchmarks/bench_widths.py); 1 = any width", type=int,
           metavar="N")  # fmt: skip
+    _flag(g, "--round-after-shrink", "with --round-to: free widths while the budget schedule "
+          "runs, then every layer moved to a multiple of N (down or up, within the budget) at "
+          "the first resize after it", action="store_true")  # fmt: skip
     _flag(g, "--policy", "extra svdgrow.Policy(...) settings as a JSON object, e.g. "
           "'{\"min_width\": 4}'", metavar="JSON")  # fmt: skip
 

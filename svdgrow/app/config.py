@@ -98,6 +98,11 @@ class TrainConfig:
         round_to: every width a resize moves a group to is a multiple of this
             (``svdgrow.Policy``'s ``round_to``: convolutions run faster on aligned widths; 1:
             any width).
+        round_after_shrink: with ``round_to > 1``, widths are free while the budget schedule
+            runs and ``round_to`` starts at the first resize after it, which moves every group
+            to a multiple (down or up, within the budget: ``Policy(align=True)``); the
+            schedule's cuts then choose among all widths and the epochs after it train
+            aligned widths.
         augment: random shifts of up to ``shift`` pixels on the training batches.
         shift: largest augmentation shift in pixels.
         data_dir: dataset root (None: search $SVDGROW_DATA, ./data, ../shared/data).
@@ -143,6 +148,7 @@ class TrainConfig:
     spectrum: str = "weights"
     hold_grown: int = 0
     round_to: int = 1
+    round_after_shrink: bool = False
     target_params: int | None = None
     target_mflops: float | None = None
     shrink_steps: int = 600
@@ -286,6 +292,9 @@ class TrainConfig:
         if self.target_mflops is not None and self.target_params is None:
             raise ValueError("--target-mflops is a second budget beside the parameter budget: "
                              "give --target-params too")  # fmt: skip
+        if self.round_after_shrink and (self.round_to == 1 or self.target_params is None):
+            raise ValueError("--round-after-shrink rounds widths when the budget schedule ends: "
+                             "give --round-to N (N > 1) and --target-params")  # fmt: skip
         if self.start_scale is not None and self.target_params is None:
             raise ValueError("--start-scale is a multiple of --target-params: give both")
         if self.target_params is not None and self.resize_every == 0:
@@ -330,6 +339,7 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("spectrum", lambda v: v in ("weights", "features"), "weights or features"),
     ("hold_grown", lambda v: _count(v) and v >= 0, "an integer >= 0 (resizes)"),
     ("round_to", lambda v: _count(v) and v >= 1, "an integer >= 1 (1: any width)"),
+    ("round_after_shrink", lambda v: isinstance(v, bool), "true or false"),
     ("epochs", lambda v: _count(v) and v >= 1, "an integer >= 1"),
     ("batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),
     ("eval_batch_size", lambda v: _count(v) and v >= 1, "an integer >= 1"),

@@ -224,6 +224,9 @@ def _maybe_resize(r: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
     shrinking = cfg.target_params is not None and r.step <= cfg.shrink_start + cfg.shrink_steps
     # the energy epsilon follows the schedule too (Policy has no per-step argument for it)
     r.resizer.policy.energy_eps = cfg.shrink_energy_eps if shrinking else r.eps_after
+    if cfg.round_after_shrink:  # free widths while it runs, then aligned (Policy.align)
+        r.resizer.policy.round_to = 1 if shrinking else cfg.round_to
+        r.resizer.policy.align = not shrinking
     params_before = count_params(r.model)
     if cfg.distill > 0 and r.teacher is None and budget is not None and budget < params_before:
         # the first shrinking resize: the network as it is now teaches the rest of the run

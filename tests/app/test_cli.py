@@ -254,6 +254,10 @@ CASES = {
         lambda c: c.train("--round-to", "8", "--policy", '{"round_to": 4}'),
         "--round-to 8 and --policy round_to=4 disagree",
     ),
+    "round-after-shrink alone": (
+        lambda c: c.train("--round-after-shrink", "--target-params", "5000"),
+        "--round-after-shrink rounds widths when the budget schedule ends: give --round-to N",
+    ),
     # --spec
     "spec blocks not a list": (lambda c: c.train("--spec", c.spec(blocks=3)), "a list of block"),
     "spec block not an object": (lambda c: c.train("--spec", c.spec(blocks=[3])), "must be an"),

@@ -190,3 +190,22 @@ def test_round_to_keeps_every_moved_width_on_a_multiple(args, tmp_path):
     for e in resizes:
         moved = {g: w for g, w in e["widths"]["groups"].items() if w != start[g]}
         assert moved and all(w % 4 == 0 for w in moved.values()), e["widths"]["groups"]
+
+
+def test_round_after_shrink_aligns_every_width_when_the_schedule_ends(args, tmp_path):
+    # free widths while the budget falls (steps 0-30), then one resize moves every group to a
+    # multiple of 4 (down or up) within the budget, and the widths stay on multiples after it
+    run = tmp_path / "r4end"
+    assert main([*args, "--round-to", "4", "--round-after-shrink", "--run-dir", str(run)]) == 0
+    assert '"round_after_shrink": true' in (run / "config.json").read_text()
+    resizes = _events(run, "resize")
+    during = [e["widths"]["groups"] for e in resizes if e["step"] <= 30]
+    after = [e for e in resizes if e["step"] > 30]
+    assert any(w % 4 for g in during for w in g.values()), during
+    assert after, [e["step"] for e in resizes]
+    for e in after:
+        assert e["params"] <= 8000
+        widths = {g: w for g, w in e["widths"]["groups"].items() if g not in ("input", "head")}
+        assert all(w % 4 == 0 for w in widths.values()), e  # the fixed ends excepted
+    reasons = " ".join(str(e) for e in after)
+    assert "aligned to round_to=4" in reasons

@@ -137,6 +137,8 @@ class Policy:
                 f"round_to must be a whole number >= 1 (1: any width), got {self.round_to!r}"
             )
         self.round_to = int(self.round_to)
+        if self.align and self.round_to == 1:
+            raise ValueError("align=True moves widths to multiples of round_to: give round_to > 1")
         if self.flops_budget is not None and self.budget_kind != "params":
             raise ValueError(
                 "flops_budget is a second ceiling beside a parameter budget; with "

@@ -526,9 +526,10 @@ def test_align_moves_every_group_down_or_up_within_the_budget():
         d for d in pol.decide([A, B, C], cost=cost, widths=widths, budget=144.0) if d.group == "B"
     ]
     assert d.action == "grow" and "aligned to round_to=8: 13 -> 16" in d.reason
-    # off unless asked, with round_to=1, and with allocation="uniform"
+    # off unless asked, and with allocation="uniform"; an error without round_to
+    with pytest.raises(ValueError, match="align=True moves widths to multiples of round_to"):
+        Policy(align=True)
     for p in (Policy(energy_eps=1e-6, grow_fraction=0.0, round_to=8),
-              Policy(energy_eps=1e-6, grow_fraction=0.0, align=True),
               Policy(energy_eps=1e-6, grow_fraction=0.0, round_to=8, align=True,
                      allocation="uniform")):  # fmt: skip
         out = p.decide([A, B, C], cost=cost, widths=widths, budget=144.0, reference=widths)

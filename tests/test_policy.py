@@ -429,6 +429,13 @@ def test_round_to_fills_a_budget_in_blocks():
     assert d.new_width == 8
 
 
+def random_spectra(widths, seed):
+    """One group per width (cap 100), singular values uniform in [0.5, 1.5), unsorted."""
+    g = torch.Generator().manual_seed(seed)
+    return [spec(f"g{i}", torch.rand(w, generator=g, dtype=torch.float64) + 0.5, cap=100, gid=i)
+            for i, w in enumerate(widths)]  # fmt: skip
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     widths=st.lists(st.integers(1, 48), min_size=1, max_size=5),
@@ -442,9 +449,7 @@ def test_round_to_budget_cut_property(widths, unit, q, frac, seed):
     # every direction needed (no energy-rule prunes, no grows): only the budget moves widths.
     # After the cut: the cost within the budget, every moved width a multiple of q and at least
     # its floor, and no block cut this step could be given back and still fit
-    g = torch.Generator().manual_seed(seed)
-    spectra = [spec(f"g{i}", torch.rand(w, generator=g, dtype=torch.float64) + 0.5, cap=100, gid=i)
-               for i, w in enumerate(widths)]  # fmt: skip
+    spectra = random_spectra(widths, seed)
     names = [s.name for s in spectra]
 
     def cost(w):
@@ -566,9 +571,7 @@ def test_align_property(widths, unit, q, frac, seed):
     # a budget between every group down and every group up: after align every group above q
     # is on the multiple below or above its width, the cost within the budget, and no group
     # left below could still go up and fit
-    g = torch.Generator().manual_seed(seed)
-    spectra = [spec(f"g{i}", torch.rand(w, generator=g, dtype=torch.float64) + 0.5, cap=100, gid=i)
-               for i, w in enumerate(widths)]  # fmt: skip
+    spectra = random_spectra(widths, seed)
     names = [s.name for s in spectra]
 
     def cost(w):

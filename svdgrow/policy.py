@@ -438,41 +438,20 @@ class Policy:
 
     def _align_up(self, spectra, draft: _Draft, ceilings, plan: dict[str, int], down) -> None:
         """``align``, after the budget: give the groups :meth:`_align_down` moved (and nothing
-        moved since) the multiple above their width instead, one at a time, the most energy
-        given back per unit of cost first, while every cost stays within its ceiling; then
-        say in each one's reason where it went."""
+        moved since) the multiple above their width instead, the blocks that fit given back
+        as after a cut (:meth:`_give_back`: most energy per unit of cost first); then say in
+        each one's reason where it went."""
         by_name = {s.name: s for s in spectra}
-        left = {n for n, w in down.items() if plan[n] == w}
-        still = set(left)
-        while left:
-            cur = [fn(plan) for _, fn, _ in ceilings]
-            best = None
-            for name in sorted(left):
-                s = by_name[name]
-                w, up = plan[name], min(s.cap, self._up(s.width))
-                plan[name] = up
-                after = [fn(plan) for _, fn, _ in ceilings]
-                plan[name] = w
-                if any(a > b for a, (_, _, b) in zip(after, ceilings, strict=True)):
-                    continue
-                added = sum(
-                    (a - c) / b for c, a, (_, _, b) in zip(cur, after, ceilings, strict=True)
-                )
-                back = (
-                    float(s.energy[w : s.width].sum()) / s.total_energy
-                    if s.total_energy > 0
-                    else 0.0
-                )
-                key = back / added if added > 0 else math.inf
-                if best is None or key > best[0]:
-                    best = (key, name, up)
-            if best is None:
-                break
-            _, name, up = best
-            left.discard(name)
-            plan[name] = draft.target[name] = up
+        still = {n for n, w in down.items() if plan[n] == w}
+        up = {n: min(by_name[n].cap, self._up(by_name[n].width)) for n in still}
+
+        def fits(cur: list[float]) -> bool:
+            return all(c <= b for c, (_, _, b) in zip(cur, ceilings, strict=True))
+
+        self._give_back(by_name, ceilings, plan, {n: up[n] - plan[n] for n in still}, up, fits)
         for name in sorted(still):
             n, w = by_name[name].width, plan[name]
+            draft.target[name] = w
             how = "up, within" if w > n else "up would exceed"
             costs = self._costs_text(ceilings, plan) if ceilings else "no budget"
             draft.reasons[name] += (
@@ -567,7 +546,8 @@ class Policy:
     def _give_back(self, by_name, ceilings, plan, taken, start, fits):
         """After a cut in blocks of ``round_to``: the last block may have saved far more than
         the ceiling needed, so give back, one block at a time and the most energy per unit of
-        cost first, the blocks cut this step that fit. ``plan`` and ``taken`` updated in place;
+        cost first, the blocks cut this step that fit (``align`` gives back its blocks, up to
+        ``start``, the same way). ``plan`` and ``taken`` updated in place;
         returns the costs reached."""
         while True:
             cur = [fn(plan) for _, fn, _ in ceilings]
